@@ -1,0 +1,34 @@
+# `make test` and `make demo` do all the set-up on a fresh machine: when no virtualenv is active
+# they create .venv, install the project with its test dependencies, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+  VENV := $(VIRTUAL_ENV)
+else
+  VENV := .venv
+endif
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mathgrpo-installed
+
+.PHONY: install test demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when a requirements file or pyproject.toml changes.
+$(STAMP): $(BIN)/python requirements.txt requirements-test.txt pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

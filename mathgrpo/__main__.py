@@ -1,0 +1,66 @@
+"""Command line: `python -m mathgrpo {convert,parity} ...` (more commands arrive with their modules)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mathgrpo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="HF safetensors ⇄ Orbax params checkpoint")
+    direction = convert.add_subparsers(dest="direction", required=True)
+    to_orbax = direction.add_parser("hf-to-orbax", help="HF model directory → Orbax checkpoint")
+    to_orbax.add_argument("--hf-dir", required=True)
+    to_orbax.add_argument("--out", required=True, help="new checkpoint directory")
+    to_orbax.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                          help="dtype of the stored params (default: fp32 master weights)")
+    to_hf = direction.add_parser("orbax-to-hf", help="Orbax checkpoint → HF model directory")
+    to_hf.add_argument("--ckpt", required=True)
+    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    to_hf.add_argument("--max-shard-size", default="5GB", type=_parse_size,
+                       help="size limit of one safetensors file (e.g. 5GB, 500MB)")
+
+    parity = commands.add_parser("parity", help="compare logits with PyTorch transformers on a random batch")
+    parity.add_argument("--hf-dir", required=True)
+    parity.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parity.add_argument("--batch", type=int, default=2)
+    parity.add_argument("--seq", type=int, default=16)
+    parity.add_argument("--seed", type=int, default=0)
+    parity.add_argument("--attention", default="reference", choices=["reference", "blockwise", "cudnn"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from mathgrpo import checkpoint
+
+        if args.direction == "hf-to-orbax":
+            config = checkpoint.hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
+        else:
+            config = checkpoint.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype,
+                                            max_shard_bytes=args.max_shard_size)
+        print(f"wrote {args.out} ({config.num_hidden_layers} layers, hidden {config.hidden_size})")
+        return 0
+    if args.command == "parity":
+        from mathgrpo import parity
+
+        return parity.main(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

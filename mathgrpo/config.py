@@ -1,0 +1,315 @@
+"""Configs: frozen dataclasses mirrored 1:1 by YAML, built strictly (unknown keys and wrong types raise).
+
+`ModelConfig` uses the field names of Hugging Face's `Qwen3Config` for the architecture, so a preset
+YAML reads like the model's `config.json`, and `ModelConfig.from_hf` is the source of truth for shapes.
+The runtime fields after them (dtypes, attention implementation, scan, remat) are ours.
+
+`load_config(path, overrides)` reads YAML, applies dotted `a.b=value` overrides (each value parsed as
+YAML), and builds the dataclass tree with `from_dict`, which names the offending key on any error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+ATTENTION_IMPLEMENTATIONS = ("reference", "blockwise", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: the message names the key and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict dataclass construction from plain dicts (YAML / JSON).
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp` and converts lists to tuples and dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from `data`; unknown or missing keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[prefix + k for k in unknown]} in {cls.__name__}; "
+            f"expected some of {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {prefix + name!r} in {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """The plain-dict (YAML/JSON-ready) form of a dataclass tree; tuples become lists."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Applies `a.b.c=value` overrides to a nested dict; each value is parsed as YAML."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        path, raw = override.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {key!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model.
+
+QWEN3_REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A dense Qwen3 decoder. Architecture fields carry the names of HF `Qwen3Config`."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # N
+    num_key_value_heads: int  # K
+    head_dim: int  # H (Qwen3: not hidden_size / heads in general)
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    # Runtime (ours, not HF): precision, attention implementation, layer scan and remat.
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"  # matmul inputs; norms, softmax and log-softmax stay fp32
+    attention: str = "reference"  # one of ATTENTION_IMPLEMENTATIONS
+    attention_block_size: int = 512  # query block of the blockwise implementation
+    scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "attention_block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"model.num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embedding)")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected one of {DTYPES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+
+    @property
+    def group_size(self) -> int:  # G = N / K
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict | str | os.PathLike, **runtime) -> "ModelConfig":
+        """Reads a HF Qwen3 `config.json` (a dict, the file, or its directory).
+
+        Accepts both the classic layout (`rope_theta` at the top) and transformers 5's
+        `rope_parameters`. Anything that is not a dense Qwen3 stops here with the reason.
+        """
+        if not isinstance(hf, dict):
+            path = os.fspath(hf)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
+            with open(path) as f:
+                hf = json.load(f)
+        model_type = hf.get("model_type")
+        architectures = hf.get("architectures") or []
+        if model_type != "qwen3" and "Qwen3ForCausalLM" not in architectures:
+            raise ConfigError(
+                f"not a dense Qwen3 config: model_type={model_type!r}, architectures={architectures}; "
+                "expected model_type 'qwen3' (Qwen3ForCausalLM)"
+            )
+        missing = [k for k in QWEN3_REQUIRED_HF_KEYS if k not in hf]
+        if missing:
+            raise ConfigError(f"Qwen3 config.json lacks {missing}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={hf['hidden_act']!r}; Qwen3 uses 'silu'")
+        if hf.get("attention_bias", False):
+            raise ConfigError("attention_bias=true is not Qwen3 (its projections have no bias)")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError("use_sliding_window=true is not supported (dense Qwen3 uses full attention)")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling")
+        rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
+        if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+            raise ConfigError(f"rope scaling {scaling or rope} is not supported; expected default RoPE")
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            **runtime,
+        )
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict:
+        """A HF `config.json` dict for `Qwen3ForCausalLM` (classic layout, read by transformers 4 and 5)."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "use_cache": True,
+            "torch_dtype": dtype,
+        }
+
+    def architecture(self) -> dict:
+        """The HF-derived fields only (what a preset YAML holds)."""
+        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "scan_layers",
+                   "remat_policy"}
+        return {k: v for k, v in to_dict(self).items() if k not in runtime}
+
+
+def load_model_config(path: str | os.PathLike, overrides: tuple[str, ...] = ()) -> ModelConfig:
+    """A model preset YAML (configs/models/*.yaml) with optional `key=value` overrides."""
+    return from_dict(ModelConfig, apply_overrides(read_yaml(path), list(overrides)), prefix="model.")

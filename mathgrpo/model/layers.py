@@ -1,0 +1,203 @@
+"""Building blocks of the Qwen3 decoder: projections with logical axes, RMSNorm, RoPE, attention.
+
+Dimension legend (used in einsum strings and shape comments across mathgrpo):
+B batch · T query length · S key/cache length · D model width · N query heads · K kv heads ·
+G = N/K · H head dim · F MLP hidden · V vocab · L layers.
+
+Attention masking is expressed by segment ids and slot indices, never by a materialized mask passed
+around: query t of row b may attend key s iff `kv_segment[b, s] == q_segment[b, t] != 0` and
+`kv_index[s] <= q_index[t]`. Segment 0 is padding. This one rule covers packed rows (several
+sequences, causal within each), left or right padding, and a KV cache whose empty slots have
+segment 0. Each attention implementation builds the mask for the block it works on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# Large negative instead of -inf: a fully masked query row (padding) stays finite, so no NaN reaches
+# the gradients; its output is garbage that the loss masks out.
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class Proj(nn.Module):
+    """A bias-free projection `einsum(x, kernel)` whose kernel carries logical axis names.
+
+    The kernel is stored in `param_dtype` (fp32 master weights) and cast to `compute_dtype` at use.
+    """
+
+    equation: str  # e.g. "BTD,DNH->BTNH"
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    param_dtype: str
+    compute_dtype: str
+    init_std: float
+    out_dtype: str | None = None  # e.g. "float32" for the logits: fp32 accumulation and output
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            self.shape,
+            dtype_of(self.param_dtype),
+        )
+        compute = dtype_of(self.compute_dtype)
+        out_dtype = dtype_of(self.out_dtype) if self.out_dtype else None
+        return jnp.einsum(self.equation, x.astype(compute), kernel.astype(compute),
+                          preferred_element_type=out_dtype)
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen3RMSNorm: statistics in fp32, cast back to the compute dtype, *then* times the weight."""
+
+    eps: float
+    axis_name: str
+    param_dtype: str
+    compute_dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            dtype_of(self.param_dtype),
+        )
+        compute = dtype_of(self.compute_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(compute) * normed.astype(compute)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half (non-interleaved) RoPE, as HF: angles in fp32, cos/sin cast to x's dtype.
+
+    Args:
+      x: [B, T, n, H] queries or keys.
+      positions: [B, T] integer positions.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_segment, kv_segment, q_index, kv_index) -> jax.Array:
+    """[B, T, S] bool: same non-zero segment and key slot not after the query slot."""
+    same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+    causal = kv_index[None, None, :] <= q_index[None, :, None]
+    return same & causal
+
+
+def reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
+    """Plain softmax attention, [B, K, G, T, S] scores in fp32. The reference every path must match.
+
+    Args:
+      q: [B, T, N, H] (already scaled is NOT assumed; scale is H^-0.5 here).
+      k, v: [B, S, K, H].
+      q_segment: [B, T]; kv_segment: [B, S]; q_index: [T]; kv_index: [S].
+    Returns: [B, T, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * H**-0.5
+    mask = attention_mask(q_segment, kv_segment, q_index, kv_index)  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def blockwise_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *, block_size: int):
+    """Memory-efficient attention in pure JAX: queries in blocks of `block_size`.
+
+    Each block's scores are [B, K, G, block, S]; the block body is rematerialized in the backward
+    pass (`jax.checkpoint`), so neither pass keeps more than one block's scores alive:
+    memory O(T·block), not O(T²). Runs anywhere (the CPU path and the GPU fallback).
+    """
+    B, T, N, H = q.shape
+    if T <= block_size:
+        return reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+    num_blocks = -(-T // block_size)
+    pad = num_blocks * block_size - T
+    if pad:  # padded queries get segment 0: they attend nothing and are cut off below
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_segment = jnp.pad(q_segment, ((0, 0), (0, pad)))
+        q_index = jnp.pad(q_index, (0, pad))
+    q_blocks = q.reshape(B, num_blocks, block_size, N, H).swapaxes(0, 1)  # [nb, B, bq, N, H]
+    segment_blocks = q_segment.reshape(B, num_blocks, block_size).swapaxes(0, 1)  # [nb, B, bq]
+    index_blocks = q_index.reshape(num_blocks, block_size)  # [nb, bq]
+
+    @jax.checkpoint
+    def one_block(args):
+        q_block, segment_block, index_block = args
+        return reference_attention(q_block, k, v, segment_block, kv_segment, index_block, kv_index)
+
+    out = jax.lax.map(one_block, (q_blocks, segment_blocks, index_blocks))  # [nb, B, bq, N, H]
+    return out.swapaxes(0, 1).reshape(B, num_blocks * block_size, N, H)[:, :T]
+
+
+def cudnn_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
+    """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU only; bf16/fp16 inputs).
+
+    The segment/causal rule is passed as a boolean mask broadcast over heads.
+    """
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(
+            f"model.attention='cudnn' needs a CUDA GPU, but JAX's backend is {jax.default_backend()!r}; "
+            "use 'blockwise' (memory-efficient, any backend) or 'reference'"
+        )
+    dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    mask = attention_mask(q_segment, kv_segment, q_index, kv_index)[:, None]  # [B, 1, T, S]
+    out = jax.nn.dot_product_attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask, implementation="cudnn"
+    )
+    return out.astype(q.dtype)
+
+
+def attend(implementation: str, block_size: int) -> Callable:
+    """The attention function behind the `model.attention` switch."""
+    if implementation == "reference":
+        return reference_attention
+    if implementation == "blockwise":
+        return lambda *args: blockwise_attention(*args, block_size=block_size)
+    if implementation == "cudnn":
+        return cudnn_attention
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def remat_policy(name: str):
+    """Named remat policies for the decoder layer (`model.remat_policy`); None means no remat."""
+    policies = jax.checkpoint_policies
+    if name == "none":
+        return None
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "save_qkv_proj":
+        return policies.save_only_these_names("query_proj", "key_proj", "value_proj")
+    if name == "save_attention_out":
+        return policies.save_only_these_names("attention_out")
+    raise ValueError(f"unknown remat policy {name!r}")
+
+
+__all__ = [
+    "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention",
+    "blockwise_attention", "cudnn_attention", "attend", "remat_policy", "checkpoint_name",
+]

@@ -1,0 +1,277 @@
+"""The Qwen3 dense decoder in Flax linen, used purely functionally, and its explicit KV cache.
+
+Follows HF `modeling_qwen3.py` (recipe_spec §5.2): pre-norm blocks; grouped-query attention whose
+per-head q/k RMSNorm comes *before* RoPE; rotate-half RoPE; SwiGLU MLP; no biases; tied or untied
+LM head. Parameter names follow HF (`q_proj`, `k_norm`, `input_layernorm`), so `hf_io`'s table is
+identity plus reshapes. Legend in `layers.py`.
+
+Departures from HF, each deliberate:
+- Kernels are stored einsum-ready ([D, N, H] for q_proj, [N, H, D] for o_proj) instead of HF's
+  [out, in] matrices; `hf_io` converts.
+- Layers are stacked on a leading L axis (`nn.scan`), whether or not the forward scans
+  (`scan_layers=False` unrolls the same scan), so the parameter layout never depends on a flag.
+- Matmuls accumulate in fp32 (`preferred_element_type`) and the logits come out in fp32.
+- Attention masking is by segment ids (several sequences packed in one row), not an [B, T, S] mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mathgrpo.config import ModelConfig
+from mathgrpo.model.layers import Proj, RMSNorm, apply_rope, attend, checkpoint_name, dtype_of, remat_policy
+
+Params = Any  # a pytree of arrays, nested like the linen modules
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written in place at `index` (prompts are left-padded so all
+    rows write the same slot). Empty slots have segment id 0 and are never attended."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    segment_ids: jax.Array  # [B, S] int32
+    index: jax.Array  # [] int32: the next slot to write
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
+    dtype = dtype_of(dtype or config.compute_dtype)
+    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _proj(config: ModelConfig, equation, shape, axes, name):
+    return Proj(equation, shape, axes, config.param_dtype, config.compute_dtype,
+                config.initializer_range, name=name)
+
+
+def _norm(config: ModelConfig, axis_name: str, name: str):
+    return RMSNorm(config.rms_norm_eps, axis_name, config.param_dtype, config.compute_dtype, name=name)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index):
+        c = self.config
+        D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = _proj(c, "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), "q_proj")(x)
+        k = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
+        v = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        q = apply_rope(_norm(c, "head_dim", "q_norm")(q), positions, c.rope_theta)  # [B, T, N, H]
+        k = apply_rope(_norm(c, "head_dim", "k_norm")(k), positions, c.rope_theta)  # [B, T, K, H]
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv  # [B, S, K, H]
+            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, 1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, 1)
+            cache_kv = (cache_k, cache_v)
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)  # [B, S, K, H]
+        # The KV-cache decode step (few queries) always takes the plain path: flash kernels are for
+        # long query blocks, and the reference is exact there.
+        implementation = c.attention if cache_kv is None or x.shape[1] > 1 else "reference"
+        out = attend(implementation, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
+        out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
+        out = _proj(c, "BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), "o_proj")(out)
+        return out, cache_kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        D, F = c.hidden_size, c.intermediate_size
+        gate = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "gate_proj")(x)
+        up = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "up_proj")(x)
+        hidden = nn.silu(gate) * up  # [B, T, F]
+        return _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; signature `(carry, *xs) -> (carry, ys)` so `nn.scan` can stack it."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_index, cache_kv):
+        c = self.config
+        attn_out, cache_kv = Attention(c, name="self_attn")(
+            _norm(c, "embed", "input_layernorm")(x),
+            positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index,
+        )
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(_norm(c, "embed", "post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        return x, cache_kv
+
+
+class Qwen3(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        layer = DecoderLayer
+        policy = remat_policy(c.remat_policy)
+        if c.remat_policy != "none":
+            layer = nn.remat(layer, policy=policy, prevent_cse=False)
+        broadcast = nn.broadcast
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(broadcast, broadcast, broadcast, broadcast, broadcast, broadcast, 0),
+            length=c.num_hidden_layers,
+            unroll=1 if c.scan_layers else c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        self.embed_tokens = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.initializer_range), ("vocab", "embed")
+            ),
+            param_dtype=dtype_of(c.param_dtype),
+            dtype=dtype_of(c.compute_dtype),
+            name="embed_tokens",
+        )
+        self.norm = _norm(c, "embed", "norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = Proj("BTD,DV->BTV", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                c.param_dtype, c.compute_dtype, c.initializer_range, "float32")
+
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None,
+                 return_hidden: bool = False):
+        """Runs the decoder.
+
+        Args:
+          tokens, positions, segment_ids: [B, T] int. Segment 0 marks padding; several sequences in a
+            row are told apart by their segment ids, and positions restart for each.
+          cache: when given, the T new keys/values are written at `cache.index` and the queries attend
+            the whole cache; the returned cache has `index + T`.
+          return_hidden: return the final-normed hidden states [B, T, D] instead of logits
+            (the chunked log-prob pass applies the head itself, see `output_kernel`).
+        Returns: (logits [B, T, V] fp32 or hidden [B, T, D], cache or None).
+        """
+        T = tokens.shape[1]
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        if cache is None:
+            q_index = jnp.arange(T, dtype=jnp.int32)
+            kv_segment, kv_index, cache_index, cache_kv = segment_ids, q_index, jnp.zeros((), jnp.int32), None
+        else:
+            cache_index = cache.index
+            kv_segment = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, 1
+            )  # [B, S]
+            q_index = cache_index + jnp.arange(T, dtype=jnp.int32)
+            kv_index = jnp.arange(cache.max_length, dtype=jnp.int32)
+            cache_kv = (cache.k, cache.v)
+        x, cache_kv = self.layers(
+            x, positions, segment_ids, kv_segment, q_index, kv_index, cache_index, cache_kv
+        )
+        x = self.norm(x)
+        if cache is not None:
+            cache = KVCache(k=cache_kv[0], v=cache_kv[1], segment_ids=kv_segment, index=cache_index + T)
+        if return_hidden:
+            return x, cache
+        return self.project(x), cache
+
+    def project(self, hidden):
+        """LM head: [B, T, D] → fp32 logits [B, T, V] (tied: the embedding matrix transposed)."""
+        if self.config.tie_word_embeddings:
+            compute = dtype_of(self.config.compute_dtype)
+            kernel = self.embed_tokens.embedding.T  # [D, V]
+            logits = jnp.einsum("BTD,DV->BTV", hidden.astype(compute), kernel.astype(compute),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden)  # [B, T, V] fp32
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional API: params in, arrays out.
+
+
+def _dummy_inputs(batch: int = 1, length: int = 1):
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return tokens, tokens, jnp.ones_like(tokens)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random params (HF's init: normal(initializer_range), norms at one), logical boxes removed."""
+    return nn.unbox(Qwen3(config).init(rng, *_dummy_inputs())["params"])
+
+
+def _boxed_abstract(config: ModelConfig):
+    return jax.eval_shape(lambda: Qwen3(config).init(jax.random.key(0), *_dummy_inputs())["params"])
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """ShapeDtypeStructs of every parameter; nothing is allocated."""
+    return nn.unbox(_boxed_abstract(config))
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """PartitionSpecs of logical axis names, one per parameter (mapped to the mesh in sharding.py)."""
+    return nn.get_partition_spec(_boxed_abstract(config))
+
+
+def forward(config: ModelConfig, params: Params, tokens, positions, segment_ids,
+            cache: KVCache | None = None, return_hidden: bool = False):
+    """`Qwen3(config).apply` on plain params; see `Qwen3.__call__`."""
+    return Qwen3(config).apply({"params": params}, tokens, positions, segment_ids, cache, return_hidden)
+
+
+def output_kernel(config: ModelConfig, params: Params) -> jax.Array:
+    """The LM head as a [D, V] matrix (tied: the embedding transposed)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """fp32 logits [B, T, V] of unpadded tokens [B, T] with default positions 0..T-1."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    out, _ = forward(config, params, tokens, positions, jnp.ones_like(tokens))
+    return out
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at each segment start of a row; padding (segment 0) gets 0.
+
+    E.g. segment ids [0 0 1 1 1 2 2] (left padding, then two packed sequences) → [0 0 0 1 2 0 1].
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    T = segment_ids.shape[-1]
+    index = jnp.arange(T)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    return jnp.where(segment_ids != 0, index - start_index, 0).astype(jnp.int32)
+
+
+def count_params(tree: Params) -> int:
+    return sum(int(functools.reduce(lambda a, b: a * b, leaf.shape, 1)) for leaf in jax.tree.leaves(tree))
