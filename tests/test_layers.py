@@ -1,0 +1,158 @@
+"""RoPE, RMSNorm and the attention implementations against numpy references written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mathgrpo.model.layers import (
+    RMSNorm,
+    apply_rope,
+    blockwise_attention,
+    cudnn_attention,
+    reference_attention,
+)
+
+
+def numpy_rope(x, positions, theta):
+    """HF Qwen3: inv_freq = 1/theta^(2i/H); emb = cat(freqs, freqs); x·cos + rotate_half(x)·sin."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, H, 2) / H)
+    freqs = positions[..., None] * inv_freq
+    emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
+    rotated = np.concatenate([-x[..., H // 2:], x[..., : H // 2]], -1)
+    return x * np.cos(emb) + rotated * np.sin(emb)
+
+
+def test_rope_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+    got = apply_rope(jnp.asarray(x), jnp.asarray(positions), 5000.0)
+    np.testing.assert_allclose(got, numpy_rope(x, positions, 5000.0), atol=1e-5)
+
+
+def test_rmsnorm_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32) * 3
+    weight = rng.normal(size=(16,)).astype(np.float32)
+    norm = RMSNorm(1e-5, "embed", "float32", "float32")
+    got = norm.apply({"params": {"weight": weight}}, jnp.asarray(x))
+    expected = weight * x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def numpy_attention(q, k, v, q_segment, kv_segment, q_index, kv_index):
+    """Loop over (b, t, n): softmax over the allowed keys only (none allowed → zeros)."""
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.zeros_like(q, dtype=np.float64)
+    for b in range(B):
+        for t in range(T):
+            allowed = [s for s in range(k.shape[1]) if kv_segment[b, s] == q_segment[b, t] != 0
+                       and kv_index[s] <= q_index[t]]
+            if not allowed:
+                continue
+            for n in range(N):
+                scores = np.array([q[b, t, n] @ k[b, s, n // G] for s in allowed]) / np.sqrt(H)
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                out[b, t, n] = sum(pi * v[b, s, n // G] for pi, s in zip(p, allowed))
+    return out
+
+
+def random_qkv(rng, B, T, S, N, K, H):
+    return (rng.normal(size=(B, T, N, H)).astype(np.float32), rng.normal(size=(B, S, K, H)).astype(np.float32),
+            rng.normal(size=(B, S, K, H)).astype(np.float32))
+
+
+def packed_segments(T):
+    """Row 0: left padding then one sequence; row 1: two packed sequences then right padding."""
+    segments = np.zeros((2, T), np.int32)
+    segments[0, 3:] = 1
+    segments[1, : T // 2] = 1
+    segments[1, T // 2: T - 2] = 2
+    return segments
+
+
+@pytest.mark.parametrize("N, K", [(4, 4), (4, 2), (8, 2)])
+def test_reference_attention_matches_numpy(N, K):
+    rng = np.random.default_rng(2)
+    T, H = 10, 8
+    q, k, v = random_qkv(rng, 2, T, T, N, K, H)
+    segments = packed_segments(T)
+    index = np.arange(T)
+    got = reference_attention(*map(jnp.asarray, (q, k, v, segments, segments, index, index)))
+    expected = numpy_attention(q, k, v, segments, segments, index, index)
+    valid = segments != 0
+    np.testing.assert_allclose(np.asarray(got)[valid], expected[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("T, block", [(37, 8), (64, 16), (16, 32)])
+def test_blockwise_equals_reference(T, block):
+    rng = np.random.default_rng(3)
+    q, k, v = map(jnp.asarray, random_qkv(rng, 2, T, T, 8, 2, 16))
+    segments = jnp.asarray(packed_segments(T))
+    index = jnp.arange(T)
+    args = (q, k, v, segments, segments, index, index)
+    expected = reference_attention(*args)
+    got = blockwise_attention(*args, block_size=block)
+    valid = np.asarray(segments) != 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=1e-5)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(segments[:, :, None, None] != 0, fn(q, k, v) ** 2, 0.0))
+
+    grads_expected = jax.grad(lambda *a: loss(lambda *x: reference_attention(*x, *args[3:]), *a), (0, 1, 2))(q, k, v)
+    grads_got = jax.grad(lambda *a: loss(lambda *x: blockwise_attention(*x, *args[3:], block_size=block), *a),
+                         (0, 1, 2))(q, k, v)
+    for g, e in zip(grads_got, grads_expected):
+        np.testing.assert_allclose(g, e, atol=1e-4)
+
+
+def test_blockwise_memory_is_linear_in_length():
+    """Forward+backward temporaries: the reference holds B·N·T·S fp32 scores (O(T²)); blockwise
+    holds one [B, N, block, S] block at a time. At T=4096, block=256 the reference's scores alone are
+    1·4·4096·4096·4 B = 268 MB; blockwise must stay under a quarter of the reference."""
+    B, T, N, K, H, block = 1, 4096, 4, 2, 16, 256
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.float32)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    idx = jax.ShapeDtypeStruct((T,), jnp.int32)
+
+    def temp_bytes(fn):
+        def loss(q, k, v, seg, idx):
+            return jnp.sum(fn(q, k, v, seg, seg, idx, idx))
+
+        compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, kv, kv, seg, idx).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    reference = temp_bytes(reference_attention)
+    blockwise = temp_bytes(lambda *a: blockwise_attention(*a, block_size=block))
+    assert reference >= B * N * T * T * 4, reference
+    assert blockwise < reference / 4, (blockwise, reference)
+
+
+def test_cudnn_needs_a_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: the parity tests exercise cuDNN instead")
+    x = jnp.zeros((1, 4, 2, 8))
+    seg = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        cudnn_attention(x, x, x, seg, seg, jnp.arange(4), jnp.arange(4))
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_reference_on_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("no GPU")
+    rng = np.random.default_rng(4)
+    T = 128
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in random_qkv(rng, 2, T, T, 8, 2, 64))
+    segments = jnp.asarray(packed_segments(T))
+    index = jnp.arange(T)
+    args = (q, k, v, segments, segments, index, index)
+    valid = np.asarray(segments) != 0
+    got = np.asarray(cudnn_attention(*args), np.float32)[valid]
+    expected = np.asarray(reference_attention(*args), np.float32)[valid]
+    np.testing.assert_allclose(got, expected, atol=2e-2)

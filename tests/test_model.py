@@ -1,0 +1,135 @@
+"""The Qwen3 module: shapes on the real 4B config, packing, padding, KV cache, scan, remat, attention switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mathgrpo.config import ModelConfig, load_model_config
+from mathgrpo.model import (
+    abstract_params,
+    count_params,
+    forward,
+    init_cache,
+    init_params,
+    logical_axes,
+    logits,
+    positions_from_segments,
+)
+from tests.test_config import CONFIGS
+
+TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=2, head_dim=12, rope_theta=3000.0,
+                   param_dtype="float32", compute_dtype="float32", attention_block_size=4)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(TINY, jax.random.key(0))
+
+
+def test_real_4b_parameter_count_without_allocation():
+    """4,022,468,096 = V·D (tied) + L·(D·(N+2K)·H + N·H·D + 3·D·F + 2·H + 2·D) + D, with the 4B values."""
+    config = load_model_config(CONFIGS / "qwen3_4b_base.yaml")
+    V, D, F, L, N, K, H = 151936, 2560, 9728, 36, 32, 8, 128
+    derived = V * D + L * (D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * H + 2 * D) + D
+    assert derived == 4_022_468_096
+    abstract = abstract_params(config)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+    assert count_params(abstract) == derived
+    axes = logical_axes(config)
+    assert axes["layers"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
+        "layers", "embed", "q_heads", "head_dim")
+    assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) \
+        == jax.tree.structure(abstract)
+
+
+def test_positions_from_segments():
+    segments = jnp.array([[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(positions_from_segments(segments),
+                                  [[0, 0, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 0, 0]])
+
+
+def test_packed_row_equals_each_sequence_alone(params):
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, TINY.vocab_size, 7), rng.integers(0, TINY.vocab_size, 5)
+    packed = jnp.asarray(np.concatenate([a, b, [0, 0]]))[None]
+    segments = jnp.asarray([[1] * 7 + [2] * 5 + [0, 0]])
+    out, _ = forward(TINY, params, packed, positions_from_segments(segments), segments)
+    alone_a = logits(TINY, params, a[None])
+    alone_b = logits(TINY, params, b[None])
+    np.testing.assert_allclose(out[0, :7], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:12], alone_b[0], atol=1e-5)
+
+
+def test_left_padding_does_not_change_valid_positions(params):
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 9))
+    padded = np.concatenate([np.full((1, 4), 5), tokens], axis=1)
+    segments = jnp.asarray([[0] * 4 + [1] * 9])
+    out, _ = forward(TINY, params, jnp.asarray(padded), positions_from_segments(segments), segments)
+    np.testing.assert_allclose(out[:, 4:], logits(TINY, params, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["reference", "blockwise"])
+def test_prefill_then_decode_equals_full_forward(params, attention):
+    """Left-padded prompts of different lengths, prefilled, then N single-token steps with the cache."""
+    config = TINY.replace(attention=attention)
+    rng = np.random.default_rng(2)
+    prompt_lengths, bucket, steps = [3, 6], 6, 5
+    total = bucket + steps
+    sequences = [rng.integers(0, TINY.vocab_size, n + steps) for n in prompt_lengths]
+    tokens = np.zeros((2, total), np.int32)
+    segments = np.zeros((2, total), np.int32)
+    for row, (n, seq) in enumerate(zip(prompt_lengths, sequences)):
+        tokens[row, bucket - n:] = seq  # left padding
+        segments[row, bucket - n:] = 1
+    positions = positions_from_segments(jnp.asarray(segments))
+    full, _ = forward(config, params, jnp.asarray(tokens), positions, jnp.asarray(segments))
+
+    cache = init_cache(config, batch=2, max_length=total + 3)
+    step_logits = []
+    out, cache = forward(config, params, jnp.asarray(tokens[:, :bucket]), positions[:, :bucket],
+                         jnp.asarray(segments[:, :bucket]), cache)
+    step_logits.append(out)
+    for t in range(bucket, total):
+        out, cache = forward(config, params, jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1],
+                             jnp.asarray(segments[:, t:t + 1]), cache)
+        step_logits.append(out)
+    assert int(cache.index) == total
+    incremental = np.concatenate(step_logits, axis=1)
+    valid = segments != 0
+    np.testing.assert_allclose(incremental[valid], np.asarray(full)[valid], atol=1e-5)
+
+
+def test_attention_implementations_agree_in_the_model(params):
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 11)))
+    expected = logits(TINY, params, tokens)
+    got = logits(TINY.replace(attention="blockwise", attention_block_size=4), params, tokens)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_scan_and_unrolled_layers_agree(params):
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 8)))
+    np.testing.assert_allclose(logits(TINY.replace(scan_layers=False), params, tokens),
+                               logits(TINY, params, tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_qkv_proj", "save_attention_out"])
+def test_remat_policies_keep_gradients(params, policy):
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, TINY.vocab_size, (2, 8)))
+
+    def loss(config, p):
+        return jnp.mean(jax.nn.log_softmax(logits(config, p, tokens))[..., 0])
+
+    expected = jax.grad(lambda p: loss(TINY, p))(params)
+    got = jax.jit(jax.grad(lambda p: loss(TINY.replace(remat_policy=policy), p)))(params)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6), got, expected)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(params):
+    config = TINY.replace(compute_dtype="bfloat16")
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    out = logits(config, params, tokens)
+    assert out.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    np.testing.assert_allclose(out, logits(TINY, params, tokens), atol=0.05)
