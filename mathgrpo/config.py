@@ -322,3 +322,85 @@ class ModelConfig:
 def load_model_config(path: str | os.PathLike, overrides: tuple[str, ...] = ()) -> ModelConfig:
     """A model preset YAML (configs/models/*.yaml) with optional `key=value` overrides."""
     return from_dict(ModelConfig, apply_overrides(read_yaml(path), list(overrides)), prefix="model.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The algorithm and the optimizer (verl keys in comments; recipe values are the defaults).
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """GRPO loss and train-step knobs; symbols as in grpo.py's docstring."""
+
+    group_size: int = 8  # G, actor_rollout_ref.rollout.n
+    norm_adv_by_std: bool = True  # algorithm.norm_adv_by_std_in_grpo (False: Dr.GRPO)
+    adv_eps: float = 1e-6  # epsilon of the advantage's std
+    clip_ratio_low: float = 0.2  # ε_low, actor.clip_ratio_low
+    clip_ratio_high: float = 0.2  # ε_high, actor.clip_ratio_high
+    clip_ratio_c: float = 3.0  # c, actor.clip_ratio_c (dual clip)
+    loss_agg_mode: str = "token-mean"  # actor.loss_agg_mode
+    loss_scaling: str = "global"  # "global": mini-batch token mean; "verl_legacy": per-micro-batch weighting
+    importance_level: str = "token"  # "sequence": GSPO ratio
+    rollout_is: str | None = "token"  # algorithm.rollout_correction.rollout_is (None: off)
+    rollout_is_threshold: float = 2.0  # algorithm.rollout_correction.rollout_is_threshold
+    use_kl_loss: bool = False  # actor.use_kl_loss
+    kl_loss_coef: float = 0.001  # β, actor.kl_loss_coef
+    kl_loss_type: str = "low_var_kl"  # actor.kl_loss_type
+    entropy_coeff: float = 0.0  # α, actor.entropy_coeff
+    temperature: float = 1.0  # rollout temperature: log-probs are of logits / T
+    max_response_length: int = 7168  # data.max_response_length (horizon of seq-mean-token-sum-norm)
+    micro_batch_tokens: int = 32768  # actor.ppo_max_token_len_per_gpu: token budget of a micro-batch row
+    logprob_chunk_size: int = 512  # sequence chunk of the log-prob/entropy pass
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ConfigError(f"grpo.group_size must be >= 1, got {self.group_size}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ConfigError(f"grpo.loss_agg_mode={self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+        if self.loss_scaling not in ("global", "verl_legacy"):
+            raise ConfigError(f"grpo.loss_scaling={self.loss_scaling!r}; expected 'global' or 'verl_legacy'")
+        if self.loss_scaling == "verl_legacy" and self.loss_agg_mode != "token-mean":
+            raise ConfigError("grpo.loss_scaling='verl_legacy' reproduces the recipe's token-mean only; "
+                              f"got loss_agg_mode={self.loss_agg_mode!r}")
+        if self.importance_level not in ("token", "sequence"):
+            raise ConfigError(f"grpo.importance_level={self.importance_level!r}; expected 'token' or 'sequence'")
+        if self.importance_level == "sequence" and self.loss_agg_mode != "seq-mean-token-mean":
+            raise ConfigError("grpo.importance_level='sequence' (GSPO) aggregates by seq-mean-token-mean, as verl "
+                              f"forces; set grpo.loss_agg_mode accordingly (got {self.loss_agg_mode!r})")
+        if self.rollout_is not in (None, "token", "sequence"):
+            raise ConfigError(f"grpo.rollout_is={self.rollout_is!r}; expected null, 'token' or 'sequence'")
+        if self.kl_loss_type not in ("low_var_kl", "kl", "mse"):
+            raise ConfigError(f"grpo.kl_loss_type={self.kl_loss_type!r}; expected low_var_kl, kl or mse")
+        if self.clip_ratio_c <= 1.0:
+            raise ConfigError(f"grpo.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature must be > 0 for training log-probs, got {self.temperature}")
+        if self.micro_batch_tokens < 1 or self.logprob_chunk_size < 1:
+            raise ConfigError("grpo.micro_batch_tokens and grpo.logprob_chunk_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW after global-norm clipping (actor.optim.*, actor.grad_clip)."""
+
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8  # torch's default; verl does not pass it
+    weight_decay: float = 0.01  # on all parameters, as verl
+    clip_grad: float = 1.0
+    schedule: str = "constant"  # lr_scheduler_type: constant | cosine
+    warmup_steps: int = 0  # lr_warmup_steps (-1 in verl → ratio 0.0 → 0)
+    total_steps: int = 0  # horizon of the cosine schedule
+    min_lr_ratio: float = 0.0  # cosine floor
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ConfigError(f"optim.total_steps={self.total_steps} must exceed warmup_steps="
+                              f"{self.warmup_steps} for a cosine schedule")
+        if self.lr < 0 or self.clip_grad <= 0:
+            raise ConfigError("optim.lr must be >= 0 and optim.clip_grad > 0")

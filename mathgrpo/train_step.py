@@ -1,0 +1,223 @@
+"""The jitted GRPO train step: packed micro-batches, gradient accumulation, clipping, AdamW.
+
+`make_train_step(...)` returns one jitted `(TrainState, PackedBatch) -> (TrainState, outputs)`:
+1. a `lax.fori_loop` over the batch's real micro-batches (the [M, R, L] buffer may hold more, see
+   packing.py) — each runs the model, the chunked log-prob/entropy pass, the TIS weights and the
+   policy loss, and adds its gradient to the accumulator;
+2. one optimizer update for the mini-batch: global-norm clipping, then AdamW; a step whose gradient
+   norm is not finite leaves params and optimizer state untouched and is counted in
+   `TrainState.skipped_steps` (verl zeroes the grads and skips `optimizer.step()`).
+
+The loss of a micro-batch is its share of the mini-batch loss (global token-mean by default: the sum
+over its response tokens divided by the mini-batch's token count), so accumulated gradients equal
+the gradient of the whole mini-batch at once. `loss_scaling: verl_legacy` weights each row's token
+mean by n_seq / S_row / R instead (recipe_spec §2.4).
+
+Fused on-policy step (the recipe): π_old is the detached log-prob of this same forward pass, so the
+ratio is 1; with `fused=False` π_old comes from `batch.old_logprobs` (a separate pass, needed when a
+rollout is reused for several updates). Either way the step returns the per-token π_old log-probs
+and entropies, for the rollout-correction and entropy metrics on the host.
+
+Precision: fp32 master params and optimizer state; matmuls in `model.compute_dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mathgrpo import grpo
+from mathgrpo.config import GRPOConfig, ModelConfig, OptimConfig
+from mathgrpo.packing import PackedBatch
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer updates applied (skipped ones not counted)
+    params: Any
+    opt_state: Any
+    skipped_steps: jax.Array  # [] int32: updates skipped for a non-finite gradient norm
+
+
+def learning_rate_schedule(optim: OptimConfig) -> optax.Schedule:
+    """verl's constant (linear warmup then flat) or cosine (warmup, then cosine to min_lr_ratio)."""
+    if optim.schedule == "constant":
+        warmup = max(optim.warmup_steps, 1)
+        return lambda step: optim.lr * jnp.minimum(1.0, step / warmup) if optim.warmup_steps > 0 else \
+            jnp.full((), optim.lr, jnp.float32)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+        decay_steps=optim.total_steps, end_value=optim.lr * optim.min_lr_ratio)
+
+
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decoupled weight decay on every parameter (as verl)."""
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_grad),
+        optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay),
+    )
+
+
+def init_train_state(params: Any, optim: OptimConfig) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=make_optimizer(optim).init(params), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def _micro_batch(batch: PackedBatch, m) -> dict:
+    """The m-th micro-batch's per-token arrays, [R, L] each."""
+    names = ("tokens", "positions", "segment_ids", "loss_mask", "advantages", "rollout_logprobs",
+             "old_logprobs", "ref_logprobs", "sequence_index")
+    return {n: jax.lax.dynamic_index_in_dim(getattr(batch, n), m, 0, keepdims=False) for n in names}
+
+
+def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_count, num_sequences: int, *,
+                     model: ModelConfig, algo: GRPOConfig, fused: bool = True):
+    """This micro-batch's share of the mini-batch loss, and sums for the metrics.
+
+    Returns (loss, aux) where aux holds per-token π_old log-probs and entropy [R, L] and metric sums.
+    """
+    mask = mb["loss_mask"]
+    logprobs, entropy = grpo.token_logprobs(
+        model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
+        temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)  # [R, L] each
+    old = jax.lax.stop_gradient(logprobs) if fused else mb["old_logprobs"]
+    is_weights = None
+    if algo.rollout_is is not None:
+        if algo.rollout_is == "sequence":
+            raise NotImplementedError("sequence-level TIS over packed rows is not implemented; use 'token'")
+        is_weights, _ = grpo.rollout_is_weights(old, mb["rollout_logprobs"], mask, level="token",
+                                                threshold=algo.rollout_is_threshold)
+    seq_log_ratio = None
+    if algo.importance_level == "sequence":
+        # GSPO: each token carries its packed sequence's mean log-ratio (segment sums by index).
+        seq_index = mb["sequence_index"]
+        log_ratio = jax.lax.stop_gradient(logprobs - old) * mask
+        sums = jax.ops.segment_sum(log_ratio.ravel(), seq_index.ravel(), num_sequences + 1)
+        counts = jax.ops.segment_sum(mask.ravel(), seq_index.ravel(), num_sequences + 1)
+        seq_log_ratio = (sums / jnp.maximum(counts, 1.0))[seq_index]  # [R, L]
+    pg_losses, log_ratio, clipped, clipped_lower = grpo.policy_token_losses(
+        logprobs, old, mb["advantages"], clip_low=algo.clip_ratio_low, clip_high=algo.clip_ratio_high,
+        clip_c=algo.clip_ratio_c, is_weights=is_weights, seq_log_ratio=seq_log_ratio)
+    per_token = pg_losses
+    kl = None
+    if algo.use_kl_loss:
+        kl = grpo.kl_penalty(logprobs, mb["ref_logprobs"], algo.kl_loss_type)
+        per_token = per_token + algo.kl_loss_coef * kl
+    if algo.entropy_coeff:
+        per_token = per_token - algo.entropy_coeff * entropy
+
+    if algo.loss_scaling == "verl_legacy":  # token mean per row, weighted n_seq/S_row/R
+        row_sums = jnp.sum(per_token * mask, axis=-1)  # [R]
+        loss = jnp.sum(legacy_weight * row_sums / (jnp.sum(mask, axis=-1) + 1e-8))
+    elif algo.loss_agg_mode == "token-mean":
+        loss = jnp.sum(per_token * mask) / token_count
+    else:
+        seq_index = mb["sequence_index"].ravel()
+        seq_sums = jax.ops.segment_sum((per_token * mask).ravel(), seq_index, num_sequences + 1)[:-1]
+        seq_tokens = jax.ops.segment_sum(mask.ravel(), seq_index, num_sequences + 1)[:-1]
+        if algo.loss_agg_mode == "seq-mean-token-mean":
+            seq_sums = seq_sums / (seq_tokens + 1e-8)
+        loss = jnp.sum(jnp.where(seq_tokens > 0, seq_sums, 0.0)) / sequence_count
+        if algo.loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / algo.max_response_length
+    sums = {
+        "pg_loss": jnp.sum(pg_losses * mask),
+        "pg_clipfrac": jnp.sum(clipped * mask),
+        "pg_clipfrac_lower": jnp.sum(clipped_lower * mask),
+        "ppo_kl": jnp.sum(-log_ratio * mask),
+        "entropy": jnp.sum(entropy * mask),
+    }
+    if kl is not None:
+        sums["kl_loss"] = jnp.sum(kl * mask)
+    return loss, {"sums": sums, "old_logprobs": old, "entropy": entropy}
+
+
+def accumulate_gradients(params, batch: PackedBatch, *, model: ModelConfig, algo: GRPOConfig,
+                         fused: bool = True):
+    """Σ over the batch's real micro-batches of (loss, gradient, metric sums); per-token π_old and entropy.
+
+    Returns (loss, grads, sums, old_logprobs [M, R, L], entropy [M, R, L]).
+    """
+    num_sequences = batch.sequence_slots.shape[0]
+    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+    M, R, L = batch.tokens.shape
+    names = ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy") + (
+        ("kl_loss",) if algo.use_kl_loss else ())
+
+    def body(m, carry):
+        grads, loss_total, sums, old_all, entropy_all = carry
+        legacy_weight = jax.lax.dynamic_index_in_dim(batch.legacy_weight, m, 0, keepdims=False)
+        (loss, aux), micro_grads = grad_fn(params, _micro_batch(batch, m), legacy_weight, batch.token_count,
+                                           batch.sequence_count, num_sequences, model=model, algo=algo, fused=fused)
+        grads = jax.tree.map(jnp.add, grads, micro_grads)
+        sums = {k: sums[k] + aux["sums"][k] for k in sums}
+        old_all = jax.lax.dynamic_update_index_in_dim(old_all, aux["old_logprobs"], m, 0)
+        entropy_all = jax.lax.dynamic_update_index_in_dim(entropy_all, aux["entropy"], m, 0)
+        return grads, loss_total + loss, sums, old_all, entropy_all
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            {k: jnp.zeros((), jnp.float32) for k in names},
+            jnp.zeros((M, R, L), jnp.float32), jnp.zeros((M, R, L), jnp.float32))
+    grads, loss, sums, old_logprobs, entropy = jax.lax.fori_loop(0, batch.num_micro_batches, body, init)
+    return loss, grads, sums, old_logprobs, entropy
+
+
+def make_train_step(model: ModelConfig, algo: GRPOConfig, optim: OptimConfig, *, fused: bool = True,
+                    state_sharding: Any = None, batch_sharding: Any = None):
+    """Builds the jitted train step. Shardings (optional) are those of the TrainState and PackedBatch."""
+    optimizer = make_optimizer(optim)
+    schedule = learning_rate_schedule(optim)
+
+    def step(state: TrainState, batch: PackedBatch):
+        loss, grads, sums, old_logprobs, entropy = accumulate_gradients(
+            state.params, batch, model=model, algo=algo, fused=fused)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+        tokens = jnp.maximum(batch.token_count, 1.0)
+        metrics = {f"actor/{k}": v / tokens for k, v in sums.items()}  # token means over the mini-batch
+        metrics["actor/pg_loss"] = loss  # the optimized objective
+        metrics["actor/grad_norm"] = grad_norm  # before clipping, as verl logs it
+        metrics["actor/lr"] = schedule(state.step)
+        metrics["actor/update_skipped"] = (~finite).astype(jnp.float32)
+        return new_state, {"metrics": metrics, "old_logprobs": old_logprobs, "entropy": entropy}
+
+    # The state is donated: the old params and optimizer state are dead after the update, so XLA
+    # reuses their buffers (a 4B fp32 state is ~48 GB across the mesh; no second copy).
+    shardings = {}
+    if state_sharding is not None:
+        shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+    return jax.jit(step, donate_argnums=(0,), **shardings)
+
+
+def make_logprob_fn(model: ModelConfig, algo: GRPOConfig):
+    """The jitted log-prob/entropy pass over a PackedBatch (no gradient): [M, R, L] each.
+
+    Used for π_old when a rollout is reused for several updates, and for a reference policy.
+    """
+
+    def logprobs(params, batch: PackedBatch):
+        def one(m):
+            mb = _micro_batch(batch, m)
+            return grpo.token_logprobs(model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
+                                       temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)
+
+        return jax.lax.map(one, jnp.arange(batch.tokens.shape[0]))
+
+    return jax.jit(logprobs)

@@ -1,0 +1,202 @@
+"""The jitted train step: gradients vs PyTorch, micro-batching, packing, fused on-policy step, NaN skip, AdamW."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mathgrpo import hf_io, packing, train_step
+from mathgrpo.config import GRPOConfig, ModelConfig, OptimConfig
+from mathgrpo.model import init_params
+
+TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, compute_dtype="float32")
+
+
+def random_sequences(seed, count=8, vocab=97):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, rng.integers(2, 7)) for _ in range(count)]
+    responses = [rng.integers(0, vocab, rng.integers(1, 10)) for _ in range(count)]
+    responses[3] = responses[3][:1]
+    advantages = rng.normal(size=count)
+    rollout = [rng.normal(-4.0, 0.5, len(r)) for r in responses]
+    return prompts, responses, advantages, rollout
+
+
+def grads_of(params, batch, algo=GRPOConfig(), fused=True, model=TINY):
+    loss, grads, sums, old, entropy = jax.jit(
+        lambda p, b: train_step.accumulate_gradients(p, b, model=model, algo=algo, fused=fused))(params, batch)
+    return loss, grads, old
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def assert_trees_close(a, b, tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert relative_error(x, y) <= tol, relative_error(x, y)
+
+
+def test_grpo_gradient_matches_pytorch(tiny_hf_dir):
+    """Our fused GRPO loss (TIS weights, token-mean, T = 0.8) vs the same loss written with transformers."""
+    import transformers
+
+    path = tiny_hf_dir(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    config, params = hf_io.load(path, compute_dtype="float32")
+    prompts, responses, advantages, rollout = random_sequences(0, vocab=config.vocab_size)
+    algo = GRPOConfig(temperature=0.8)
+    batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
+    assert int(batch.num_micro_batches) > 1
+    loss, grads, _ = grads_of(params, batch, algo, model=config)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    total_tokens = sum(len(r) for r in responses)
+    torch_loss = 0.0
+    for p, r, a, lp_rollout in zip(prompts, responses, advantages, rollout):
+        ids = torch.tensor(np.concatenate([p, r]))[None]
+        logp = torch.log_softmax(model(ids).logits[0, :-1] / 0.8, -1)
+        logp = logp.gather(-1, ids[0, 1:, None])[:, 0][len(p) - 1:]  # the response tokens
+        old = logp.detach()
+        ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+        weights = torch.clamp(torch.exp(torch.clamp(old - torch.tensor(lp_rollout), -20, 20)), max=2.0)
+        torch_loss = torch_loss + torch.sum(-float(a) * ratio * weights) / total_tokens
+    torch_loss.backward()
+    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-5)
+    reference = dict(model.named_parameters())
+    for name, ours in hf_io.hf_tensors(config, grads):
+        assert relative_error(ours, reference[name].grad.numpy()) <= 1e-4, name
+
+
+def test_micro_batches_equal_one_batch_and_packed_equals_unpacked():
+    params = init_params(TINY, jax.random.key(0))
+    prompts, responses, advantages, rollout = random_sequences(1)
+    one, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=128, rollout_logprobs=rollout)
+    many, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
+    unpacked, _ = packing.pack(prompts, responses, advantages, num_rows=8, row_length=16, rollout_logprobs=rollout)
+    assert int(one.num_micro_batches) == 1 and int(many.num_micro_batches) >= 3
+    assert int(unpacked.num_micro_batches) == 1 and (np.asarray(unpacked.segment_ids).max() == 1)
+    loss_one, grads_one, _ = grads_of(params, one)
+    for other in (many, unpacked):
+        loss, grads, _ = grads_of(params, other)
+        # The loss is a sum of terms of both signs: compare it at fp32 summation precision (absolute);
+        # the gradients, the quantity that matters, to 1e-6 relative.
+        np.testing.assert_allclose(loss, loss_one, atol=2e-7)
+        assert_trees_close(grads, grads_one, 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_sequence_aggregations_are_split_invariant(mode):
+    params = init_params(TINY, jax.random.key(1))
+    prompts, responses, advantages, rollout = random_sequences(2)
+    algo = GRPOConfig(loss_agg_mode=mode, max_response_length=12)
+    one, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=128, rollout_logprobs=rollout)
+    many, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
+    loss_one, grads_one, _ = grads_of(params, one, algo)
+    loss_many, grads_many, _ = grads_of(params, many, algo)
+    np.testing.assert_allclose(loss_many, loss_one, atol=2e-7)
+    assert_trees_close(grads_many, grads_one, 1e-6)
+
+
+def test_fused_step_equals_separate_old_logprob_pass():
+    params = init_params(TINY, jax.random.key(2))
+    prompts, responses, advantages, rollout = random_sequences(3)
+    algo = GRPOConfig()
+    optim = OptimConfig(lr=1e-3)
+    batch, placements = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16,
+                                     rollout_logprobs=rollout)
+    old_logprobs, _ = train_step.make_logprob_fn(TINY, algo)(params, batch)
+    old_per_sequence = packing.unpack_responses(old_logprobs, placements)
+    unfused_batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16,
+                                    rollout_logprobs=rollout, old_logprobs=old_per_sequence)
+    fused_state, fused_out = train_step.make_train_step(TINY, algo, optim)(
+        train_step.init_train_state(jax.tree.map(jnp.copy, params), optim), batch)  # the state is donated
+    unfused_state, _ = train_step.make_train_step(TINY, algo, optim, fused=False)(
+        train_step.init_train_state(params, optim), unfused_batch)
+    assert_trees_close(fused_state.params, unfused_state.params, 1e-6)
+    assert float(fused_out["metrics"]["actor/pg_clipfrac"]) == 0.0
+    assert float(fused_out["metrics"]["actor/ppo_kl"]) == 0.0
+    np.testing.assert_allclose(np.asarray(fused_out["old_logprobs"])[np.asarray(batch.loss_mask) > 0],
+                               np.asarray(old_logprobs)[np.asarray(batch.loss_mask) > 0], atol=1e-6)
+
+
+def test_nan_loss_skips_the_update_and_training_goes_on():
+    params = init_params(TINY, jax.random.key(3))
+    prompts, responses, advantages, rollout = random_sequences(4)
+    optim = OptimConfig(lr=1e-3)
+    step = train_step.make_train_step(TINY, GRPOConfig(), optim)
+    bad = advantages.copy()
+    bad[0] = np.nan
+    bad_batch, _ = packing.pack(prompts, responses, bad, num_rows=2, row_length=16, rollout_logprobs=rollout)
+    good_batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
+    state = train_step.init_train_state(params, optim)
+    before = jax.tree.map(np.asarray, state.params)
+    state, out = step(state, bad_batch)
+    assert int(state.skipped_steps) == 1 and int(state.step) == 0
+    assert float(out["metrics"]["actor/update_skipped"]) == 1.0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.params, before)
+    state, out = step(state, good_batch)
+    assert int(state.step) == 1 and int(state.skipped_steps) == 1
+    assert np.isfinite(float(out["metrics"]["actor/grad_norm"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
+
+
+def test_optimizer_matches_torch_clip_and_adamw():
+    """Two updates: our optax chain vs torch clip_grad_norm_(1.0) + AdamW(lr, (0.9, 0.999), 1e-8, wd 0.01)."""
+    rng = np.random.default_rng(5)
+    params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+    grads_seq = [{k: (rng.normal(size=v.shape) * s).astype(np.float32) for k, v in params.items()}
+                 for s in (3.0, 0.01)]  # first clipped (norm > 1), second not
+    optim = OptimConfig(lr=1e-2)
+    optimizer = train_step.make_optimizer(optim)
+    state = optimizer.init(params)
+    ours = params
+    for grads in grads_seq:
+        updates, state = optimizer.update(grads, state, ours)
+        ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    torch_params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    opt = torch.optim.AdamW(torch_params.values(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for grads in grads_seq:
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(grads[k])
+        torch.nn.utils.clip_grad_norm_(torch_params.values(), 1.0)
+        opt.step()
+    for k in params:
+        np.testing.assert_allclose(ours[k], torch_params[k].detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_verl_legacy_weighting():
+    """verl's dp_actor: each (row, micro-batch) token mean weighted by n_seq / S_row, averaged over rows."""
+    params = init_params(TINY, jax.random.key(4))
+    prompts, responses, advantages, rollout = random_sequences(6)
+    algo = GRPOConfig(loss_scaling="verl_legacy", rollout_is=None)
+    batch, placements = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16)
+    loss, _, old = grads_of(params, batch, algo)
+    # Derivation: ratio ≡ 1 so ℓ_t = -A; group sequences by (row, micro-batch).
+    expected = 0.0
+    rows = {}
+    for i, p in enumerate(placements):
+        rows.setdefault((p.row, p.micro_batch), []).append(i)
+    per_row = {r: sum(len(v) for (rr, _), v in rows.items() if rr == r) for r in (0, 1)}
+    for (r, m), ids in rows.items():
+        tokens = sum(len(responses[i]) for i in ids)
+        token_mean = sum(-advantages[i] * len(responses[i]) for i in ids) / tokens
+        expected += token_mean * len(ids) / per_row[r] / 2
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_packing_errors_and_placements():
+    prompts, responses, advantages, _ = random_sequences(7)
+    with pytest.raises(ValueError, match="over the micro-batch budget"):
+        packing.pack(prompts, responses, advantages, num_rows=2, row_length=5)
+    batch, placements = packing.pack(prompts, responses, advantages, num_rows=2, row_length=20)
+    counts = np.bincount([p.row for p in placements], minlength=2)
+    assert counts.tolist() == [4, 4]  # equal sequence counts per row, as verl's balance_batch
+    tokens = np.asarray(batch.tokens)
+    for i, p in enumerate(placements):
+        row = tokens[p.micro_batch, p.row, p.start: p.start + p.prompt_length + p.response_length]
+        np.testing.assert_array_equal(row, np.concatenate([prompts[i], responses[i]]))
+    assert float(batch.token_count) == sum(len(r) for r in responses)
+    assert int(batch.num_micro_batches) <= batch.tokens.shape[0]
