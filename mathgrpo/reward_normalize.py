@@ -21,6 +21,7 @@ was trained on is defined by them. The one change is speed: regexes are compiled
 literal unit is only searched for when it occurs in the string, which gives identical results.
 """
 
+import logging
 import re
 from itertools import islice, zip_longest
 
@@ -271,7 +272,14 @@ def _latex_to_text(expr: str) -> str:
     """PRM800K `_parse_latex`: pylatexenc to plain text, then sympy-friendly symbols."""
     expr = expr.replace("\\tfrac", "\\frac").replace("\\dfrac", "\\frac")
     expr = expr.replace("\\frac", " \\frac")  # play nice with mixed numbers
-    expr = latex2text.LatexNodes2Text().latex_to_text(expr)
+    # pylatexenc logs a warning for each malformed macro ("\\frac" without arguments...): muted
+    # here, or a batch of model answers would flood the log.
+    logger = logging.getLogger("pylatexenc.latex2text")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        expr = latex2text.LatexNodes2Text().latex_to_text(expr)
+    finally:
+        logger.disabled = was_disabled
     for symbol, name in (("√", "sqrt"), ("π", "pi"), ("∞", "inf"), ("∪", "U"), ("·", "*"), ("×", "*")):
         expr = expr.replace(symbol, name)
     return expr.strip()
@@ -368,7 +376,7 @@ def is_repetitive(text: str) -> bool:
             common = 0
             continue
         other = suffix_array[inverse_suffix[position] + 1]
-        while position + common < length and other + common < length and codes[position + common] == codes[other + common]:
+        while max(position, other) + common < length and codes[position + common] == codes[other + common]:
             common += 1
         total_common += common
         if common > 0:
@@ -414,3 +422,118 @@ def normalize_final_answer(final_answer: str) -> str:
     if final_answer.replace(",", "").isdigit():
         final_answer = final_answer.replace(",", "")  # 100,000 → 100000
     return final_answer.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Guard before sympy / math-verify (ours, not the reference's: see reward.py's docstring).
+
+MAX_NESTING_DEPTH = 32
+MAX_EXPONENT_PRODUCT = 10**6
+MAX_FACTORIAL_ARGUMENT = 10**4
+_DIGITS = re.compile(r"[0-9]+")
+_COMMAND_NAME = re.compile(r"[A-Za-z]*")
+_OPENERS, _CLOSERS = "{([", "})]"
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        if char in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in _CLOSERS:
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _group_end(text: str, start: int) -> int:
+    """Index just past the bracket group opening at `start` (end of text if unbalanced)."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] in _OPENERS:
+            depth += 1
+        elif text[index] in _CLOSERS:
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return len(text)
+
+
+def _group_start(text: str, end: int) -> int:
+    """Index of the opener matching the closer at `end` (0 if unbalanced)."""
+    depth = 0
+    for index in range(end, -1, -1):
+        if text[index] in _CLOSERS:
+            depth += 1
+        elif text[index] in _OPENERS:
+            depth -= 1
+            if depth == 0:
+                return index
+    return 0
+
+
+def _digit_product_exceeds(text: str, limit: int) -> bool:
+    """Whether the integer literals in `text` multiply past `limit` (a bound on what they build)."""
+    product = 1
+    for digits in _DIGITS.findall(text):
+        product *= max(int(digits) if len(digits) <= 18 else 10**18, 1)
+        if product > limit:
+            return True
+    return False
+
+
+def looks_explosive(text: str) -> bool:
+    """True for inputs that can make sympy or math-verify compute for minutes in C code.
+
+    Power towers, huge exponents, huge factorials and deep nesting; see the module docstring.
+    Conservative by design: a refused answer scores 0, like a timeout would.
+    """
+    if _nesting_depth(text) > MAX_NESTING_DEPTH:
+        return True
+    text = text.replace("**", "^")
+    for caret in (index for index, char in enumerate(text) if char == "^"):
+        start = caret + 1
+        while start < len(text) and text[start] == " ":
+            start += 1
+        if start >= len(text):
+            continue
+        if text[start] in _OPENERS:
+            end = _group_end(text, start)
+        elif text[start].isdigit():
+            end = _DIGITS.match(text, start).end()
+        elif text[start] == "\\":
+            end = _COMMAND_NAME.match(text, start + 1).end()
+        else:
+            end = start + 1
+        exponent = text[start:end]
+        if "^" in exponent or "!" in exponent:
+            return True  # a tower, or a factorial in an exponent
+        if text[end:].lstrip(" ").startswith("^"):
+            return True  # unbraced chain a^b^c
+        if _digit_product_exceeds(exponent, MAX_EXPONENT_PRODUCT):
+            return True
+    for bang in (index for index, char in enumerate(text) if char == "!"):
+        if bang > 0 and text[bang - 1] == "\\":
+            continue  # "\!" is a LaTeX thin space
+        end = bang - 1
+        while end >= 0 and text[end] == " ":
+            end -= 1
+        if end < 0:
+            continue
+        if text[end].isdigit():
+            start = end
+            while start > 0 and text[start - 1].isdigit():
+                start -= 1
+            argument = text[start : end + 1]
+            if len(argument) > 8 or int(argument) > MAX_FACTORIAL_ARGUMENT:
+                return True
+        elif text[end] in _CLOSERS:
+            start = _group_start(text, end)
+            argument = text[start : end + 1]
+            if "^" in argument or "!" in argument or _digit_product_exceeds(argument, MAX_FACTORIAL_ARGUMENT):
+                return True
+        else:
+            continue
+        if start > 0 and text[:start].rstrip(" ").endswith("^"):
+            return True  # the factorial applies to a whole power: (9^9)!
+    return False
