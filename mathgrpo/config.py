@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -404,3 +405,47 @@ class OptimConfig:
                               f"{self.warmup_steps} for a cosine schedule")
         if self.lr < 0 or self.clip_grad <= 0:
             raise ConfigError("optim.lr must be >= 0 and optim.clip_grad > 0")
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor); -1 fills an axis with the remaining devices.
+
+    `logical_rules` overrides entries of sharding.LOGICAL_RULES: logical axis → mesh axis, list of
+    mesh axes, or null (replicated).
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    logical_rules: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+        for name, value in sizes.items():
+            if value == 0 or value < -1:
+                raise ConfigError(f"mesh.{name}={value}; expected a positive size or -1")
+        for name, target in (self.logical_rules or {}).items():
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            bad = [t for t in targets if t is not None and t not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"mesh.logical_rules.{name}: {bad} are not mesh axes {MESH_AXES}")
+
+    def resolve(self, device_count: int) -> dict[str, int]:
+        """Axis sizes for `device_count` devices; errors name the axes and sizes."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        if -1 in sizes.values():
+            if device_count % fixed:
+                raise ConfigError(f"mesh {sizes}: the fixed axes (product {fixed}) do not divide the "
+                                  f"{device_count} devices")
+            sizes = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
+        elif fixed != device_count:
+            raise ConfigError(f"mesh {sizes} has {fixed} devices but {device_count} are available; "
+                              "set one axis to -1 or make the product match")
+        return sizes

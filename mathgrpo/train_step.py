@@ -23,14 +23,17 @@ Precision: fp32 master params and optimizer state; matmuls in `model.compute_dty
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from mathgrpo import grpo
+from mathgrpo import grpo, sharding
 from mathgrpo.config import GRPOConfig, ModelConfig, OptimConfig
 from mathgrpo.packing import PackedBatch
 
@@ -167,9 +170,33 @@ def accumulate_gradients(params, batch: PackedBatch, *, model: ModelConfig, algo
     return loss, grads, sums, old_logprobs, entropy
 
 
+class MeshJit:
+    """A jitted function that is traced, compiled and called with `mesh` set and the logical rules
+    active, so the model's activation constraints apply; `.lower()` serves ahead-of-time plans."""
+
+    def __init__(self, fn, mesh: Mesh | None, rules, **jit_kwargs):
+        def traced(*args):
+            with nn.logical_axis_rules(rules):
+                return fn(*args)
+
+        self.mesh = mesh
+        self.jitted = jax.jit(traced if mesh is not None else fn, **jit_kwargs)
+
+    def _context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def __call__(self, *args):
+        with self._context():
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with self._context():
+            return self.jitted.lower(*args)
+
+
 def make_train_step(model: ModelConfig, algo: GRPOConfig, optim: OptimConfig, *, fused: bool = True,
-                    state_sharding: Any = None, batch_sharding: Any = None):
-    """Builds the jitted train step. Shardings (optional) are those of the TrainState and PackedBatch."""
+                    mesh: Mesh | None = None, rules=sharding.LOGICAL_RULES):
+    """Builds the jitted train step; with a mesh, in/out shardings are explicit (sharding.py)."""
     optimizer = make_optimizer(optim)
     schedule = learning_rate_schedule(optim)
 
@@ -201,12 +228,17 @@ def make_train_step(model: ModelConfig, algo: GRPOConfig, optim: OptimConfig, *,
     # The state is donated: the old params and optimizer state are dead after the update, so XLA
     # reuses their buffers (a 4B fp32 state is ~48 GB across the mesh; no second copy).
     shardings = {}
-    if state_sharding is not None:
-        shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
-    return jax.jit(step, donate_argnums=(0,), **shardings)
+    if mesh is not None:
+        state_sharding = sharding.train_state_shardings(model, optimizer, mesh, rules)
+        outputs = {"metrics": sharding.replicated(mesh), "old_logprobs": sharding.batch_shardings(mesh).tokens,
+                   "entropy": sharding.batch_shardings(mesh).tokens}
+        shardings = dict(in_shardings=(state_sharding, sharding.batch_shardings(mesh)),
+                         out_shardings=(state_sharding, outputs))
+    return MeshJit(step, mesh, rules, donate_argnums=(0,), **shardings)
 
 
-def make_logprob_fn(model: ModelConfig, algo: GRPOConfig):
+def make_logprob_fn(model: ModelConfig, algo: GRPOConfig, *, mesh: Mesh | None = None,
+                    rules=sharding.LOGICAL_RULES):
     """The jitted log-prob/entropy pass over a PackedBatch (no gradient): [M, R, L] each.
 
     Used for π_old when a rollout is reused for several updates, and for a reference policy.
@@ -220,4 +252,9 @@ def make_logprob_fn(model: ModelConfig, algo: GRPOConfig):
 
         return jax.lax.map(one, jnp.arange(batch.tokens.shape[0]))
 
-    return jax.jit(logprobs)
+    shardings = {}
+    if mesh is not None:
+        rows = sharding.batch_shardings(mesh).tokens
+        shardings = dict(in_shardings=(sharding.param_shardings(model, mesh, rules), sharding.batch_shardings(mesh)),
+                         out_shardings=(rows, rows))
+    return MeshJit(logprobs, mesh, rules, **shardings)
