@@ -1,0 +1,288 @@
+"""The JAX rollout engine: a jitted prefill, then a jitted `lax.while_loop` decode over an explicit state.
+
+`JaxSampler.generate(prompts, params)`:
+1. Repeats each prompt n times (prompt-major: rows i*n .. i*n+n-1 answer prompt i) and LEFT-pads them
+   into a [B, P] batch, so every row's last prompt token sits in column P-1 and the KV cache writes
+   the same slot for all rows. Padding has segment id 0 and is never attended.
+2. Buckets the shapes so new prompt lengths don't recompile: P is the longest prompt rounded up to a
+   power of two (or to a multiple of `prompt_bucket`), capped at `max_length - max_tokens`; B is the
+   row count rounded up to a power of two and to a multiple of the mesh's batch shards. Extra rows are
+   empty (segment 0), start `done` and are dropped. The cache holds S = P + max_tokens slots.
+3. `prefill` runs the prompts through the model, writing the cache, and samples the first token.
+4. `decode` loops one token at a time inside `lax.while_loop` until every row is done or max_tokens
+   tokens exist. A row is done once it samples one of `stop_token_ids`; the stop token is kept and
+   nothing after it is written (tokens 0, log-probs 0) or counted (`lengths`).
+
+Compiled once per (model config, sampling settings without n and seed, B, P, mesh): the sampling
+settings are static because they pick which filters are traced (see sampling.py) and set the buffer
+width. `trace_counts` counts traces per function, so tests can prove a call did not recompile.
+
+Log-probs follow rollout/base.py: log_softmax(logits / T) of the sampled token over the full vocab,
+never renormalized by top-k/top-p (greedy: at T = 1).
+
+Sharding: with a `mesh`, the batch dimension of the inputs, cache and state is split over the mesh's
+"data" and "fsdp" axes and the params are replicated (the sampler's copy; a sharding module with
+logical rules comes later). Without one everything lives on the first device.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mathgrpo.config import ModelConfig
+from mathgrpo.model import KVCache, abstract_params, forward, init_cache, positions_from_segments
+from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
+from mathgrpo.rollout.sampling import sample
+
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """Everything the decode loop carries. M = max_tokens; `step` new tokens exist in every row."""
+
+    cache: KVCache  # k, v [L, B, S, K, H]
+    last_token: jax.Array  # [B] int32, the token fed to the next step
+    position: jax.Array  # [B] int32, its position in its sequence
+    done: jax.Array  # [B] bool, row has sampled a stop token (or is batch padding)
+    tokens: jax.Array  # [B, M] int32, generated tokens, 0 after a row is done
+    logprobs: jax.Array  # [B, M] fp32, their log-probs, 0 after a row is done
+    lengths: jax.Array  # [B] int32, tokens counted per row (the stop token included)
+    rng: jax.Array  # PRNG key, split once per step
+    step: jax.Array  # [] int32, the column the next token goes to
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions (jitted by JaxSampler).
+
+
+def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
+    if not stop_token_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
+
+
+def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
+    """Pins the batch dimension of every [B, ...] leaf to the mesh's batch axes (no-op without a mesh)."""
+    if mesh is None:
+        return state
+
+    def along(x, batch_axis):
+        spec = P(*([None] * batch_axis), batch_mesh_axes(mesh))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    cache = state.cache.replace(k=along(state.cache.k, 1), v=along(state.cache.v, 1),
+                                segment_ids=along(state.cache.segment_ids, 0))
+    batched = {name: along(getattr(state, name), 0)
+               for name in ("last_token", "position", "done", "tokens", "logprobs", "lengths")}
+    return state.replace(cache=cache, **batched)
+
+
+def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
+            prompt_tokens: jax.Array, prompt_segments: jax.Array, rng: jax.Array) -> SamplingState:
+    """Runs the left-padded prompts through the model into a fresh cache and samples token 0.
+
+    Args:
+      prompt_tokens, prompt_segments: [B, P] int32; segment 1 on prompt tokens, 0 on left padding.
+        A row that is all padding is a batch-bucket filler: it starts done and counts no tokens.
+      rng: PRNG key for this call.
+    Returns: the state after one generated token (step = 1).
+    """
+    B, T = prompt_tokens.shape
+    M = sampling.max_tokens
+    with jax.named_scope("prefill"):
+        cache = init_cache(config, B, T + M)  # the cache is born inside the jit: no host copy
+        positions = positions_from_segments(prompt_segments)  # [B, T]
+        logits, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache)
+        rng, step_rng = jax.random.split(rng)
+        token, logprob = sample(step_rng, logits[:, -1], sampling)  # [B], [B]
+    real = prompt_segments[:, -1] != 0  # [B]
+    state = SamplingState(
+        cache=cache,
+        last_token=token,
+        position=positions[:, -1] + 1,
+        done=~real | _is_stop(token, sampling.stop_token_ids),
+        tokens=jnp.zeros((B, M), jnp.int32).at[:, 0].set(jnp.where(real, token, 0)),
+        logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(jnp.where(real, logprob, 0.0)),
+        lengths=real.astype(jnp.int32),
+        rng=rng,
+        step=jnp.ones((), jnp.int32),
+    )
+    return _constrain(state, mesh)
+
+
+def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
+           state: SamplingState) -> SamplingState:
+    """Samples one token per row per iteration until all rows are done or max_tokens tokens exist."""
+
+    def not_finished(state: SamplingState) -> jax.Array:
+        return (state.step < sampling.max_tokens) & ~jnp.all(state.done)
+
+    def one_token(state: SamplingState) -> SamplingState:
+        tokens = state.last_token[:, None]  # [B, 1]
+        # Finished rows keep computing (a while_loop step is the same for all rows) but write nothing.
+        segments = jnp.ones_like(tokens)
+        logits, cache = forward(config, params, tokens, state.position[:, None], segments, state.cache)
+        rng, step_rng = jax.random.split(state.rng)
+        token, logprob = sample(step_rng, logits[:, 0], sampling)  # [B], [B]
+        live = ~state.done  # [B]
+        column = lambda buffer, value: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            buffer, jnp.where(live, value, 0).astype(buffer.dtype)[:, None], state.step, axis=1)
+        state = state.replace(
+            cache=cache,
+            last_token=token,
+            position=state.position + 1,
+            done=state.done | (live & _is_stop(token, sampling.stop_token_ids)),
+            tokens=column(state.tokens, token),
+            logprobs=column(state.logprobs, logprob),
+            lengths=state.lengths + live.astype(jnp.int32),
+            rng=rng,
+            step=state.step + 1,
+        )
+        return _constrain(state, mesh)
+
+    with jax.named_scope("decode"):
+        return jax.lax.while_loop(not_finished, one_token, state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes: buckets and the mesh.
+
+
+def batch_mesh_axes(mesh: Mesh) -> tuple[str, ...]:
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} have none of {BATCH_MESH_AXES} to split the batch over")
+    return axes
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def bucket(value: int, multiple: int | None = None, minimum: int = 1) -> int:
+    """`value` rounded up to a power of two (multiple=None) or to a multiple of `multiple`, >= minimum."""
+    value = max(value, minimum)
+    if multiple is None:
+        return 1 << (value - 1).bit_length()
+    return round_up(value, multiple)
+
+
+class JaxSampler:
+    """The `Rollout` protocol on JAX: holds the params and the compiled prefill/decode.
+
+    The object only holds the weights, the shape settings and the jit caches; every array of a call
+    flows through the pure `prefill` / `decode` above.
+    """
+
+    def __init__(self, config: ModelConfig, params: Any, *, max_length: int, mesh: Mesh | None = None,
+                 prompt_bucket: int | None = None, min_prompt_bucket: int = 16):
+        """
+        Args:
+          max_length: most tokens (prompt + response) a row may hold; bounds the KV cache (vLLM's
+            max_model_len). A prompt longer than `max_length - max_tokens` is refused.
+          mesh: split the batch over its "data"/"fsdp" axes; params are replicated on it.
+          prompt_bucket: pad prompts to a multiple of this; None pads to a power of two.
+          min_prompt_bucket: smallest padded prompt length (short prompts share one compile).
+        """
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: need room for a prompt token and a new token")
+        if prompt_bucket is not None and prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket={prompt_bucket}: expected a positive length or None")
+        if mesh is not None:
+            # jax.make_mesh defaults to Explicit axes, whose sharding-in-types rejects the model's
+            # embedding gather; the sampler relies on GSPMD propagation, so use the same devices
+            # under Auto axes.
+            mesh = Mesh(mesh.devices, mesh.axis_names)
+        self.config = config
+        self.max_length = max_length
+        self.mesh = mesh
+        self.prompt_bucket = prompt_bucket
+        self.min_prompt_bucket = min_prompt_bucket
+        self.batch_shards = 1
+        if mesh is not None:
+            self.batch_shards = int(np.prod([mesh.shape[a] for a in batch_mesh_axes(mesh)]))
+        self.trace_counts: collections.Counter = collections.Counter()
+        # config, sampling and mesh are static (hashable); the state is donated so the while_loop's
+        # cache and buffers (the bulk of the sampler's memory) are updated in place, not copied.
+        self._prefill = self._jit("prefill", prefill, donate_argnums=())
+        self._decode = self._jit("decode", decode, donate_argnums=(4,))
+        self.params = None
+        self.update_weights(params)
+
+    def _jit(self, name: str, function: Callable, donate_argnums: tuple[int, ...]) -> Callable:
+        @functools.wraps(function)
+        def traced(*args):
+            self.trace_counts[name] += 1  # runs only while tracing: counts compiles, not calls
+            return function(*args)
+
+        return jax.jit(traced, static_argnums=(0, 1, 2), donate_argnums=donate_argnums)
+
+    def update_weights(self, params: Any) -> None:
+        """Swaps in new weights (same tree and shapes as the config's params); no recompile."""
+        expected = {jax.tree_util.keystr(path): leaf.shape
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(self.config))[0]}
+        got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        for name, shape in expected.items():
+            if name not in got:
+                raise ValueError(f"update_weights: params lack {name} (expected shape {shape})")
+            if got[name] != tuple(shape):
+                raise ValueError(f"update_weights: {name} has shape {got[name]}, expected {tuple(shape)}")
+        extra = sorted(set(got) - set(expected))
+        if extra:
+            raise ValueError(f"update_weights: unexpected params {extra[:5]} for this model config")
+        if self.mesh is not None:
+            params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self.params = params
+
+    def shapes(self, num_rows: int, longest_prompt: int, max_tokens: int) -> tuple[int, int]:
+        """The bucketed (B, P) a call with these sizes compiles for."""
+        prompt = min(bucket(longest_prompt, self.prompt_bucket, self.min_prompt_bucket), self.max_length - max_tokens)
+        rows = round_up(bucket(num_rows), self.batch_shards)
+        return rows, prompt
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
+        M = params.max_tokens
+        if M >= self.max_length:
+            raise ValueError(f"max_tokens={M} leaves no room for a prompt in max_length={self.max_length}")
+        prompts = check_prompts(prompts, vocab_size=self.config.vocab_size,
+                                max_prompt_length=self.max_length - M, max_tokens=M)
+        rows = [prompt for prompt in prompts for _ in range(params.n)]  # prompt-major
+        B, T = self.shapes(len(rows), max(map(len, prompts)), M)
+        tokens = np.zeros((B, T), np.int32)  # [B, P]
+        segments = np.zeros((B, T), np.int32)  # [B, P]
+        for r, prompt in enumerate(rows):
+            tokens[r, T - len(prompt):] = prompt
+            segments[r, T - len(prompt):] = 1
+        rng = jax.random.key(params.seed)
+        if self.mesh is not None:
+            batch = NamedSharding(self.mesh, P(batch_mesh_axes(self.mesh)))
+            tokens, segments = jax.device_put((tokens, segments), batch)
+            rng = jax.device_put(rng, NamedSharding(self.mesh, P()))
+        static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
+        state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, rng)
+        if M > 1:
+            state = self._decode(self.config, static, self.mesh, self.params, state)
+        out_tokens, out_logprobs, lengths, done = jax.device_get(
+            (state.tokens, state.logprobs, state.lengths, state.done))
+        R = len(rows)
+        width = int(lengths[:R].max())
+        return RolloutBatch(
+            prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), params.n),
+            token_ids=np.asarray(out_tokens[:R, :width], np.int32),
+            logprobs=np.asarray(out_logprobs[:R, :width], np.float32),
+            lengths=np.asarray(lengths[:R], np.int32),
+            finish_reasons=tuple("stop" if d else "length" for d in done[:R]),
+        )

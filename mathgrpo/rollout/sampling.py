@@ -1,0 +1,80 @@
+"""Next-token sampling as pure functions of (logits, key): temperature, top-k, top-p, greedy.
+
+The pipeline is vLLM's and HF's: logits / T → top-k → top-p (on the top-k-renormalized
+distribution) → draw. Truncation is done by setting excluded logits to -inf, so a draw never lands
+outside the support. The log-prob returned with each token is `log_softmax(logits / T)` over the FULL
+vocabulary, before any truncation, so it equals the trainer's recomputed log-prob at the same
+temperature (see rollout/base.py). Greedy (T = 0) takes the argmax and returns `log_softmax(logits)`.
+
+Which filters run is decided by Python values (static under jit): with the recipe's training
+settings (T = 1, top_p = 1, top-k off) no sort over the vocabulary is ever traced.
+
+Ties: top-k and top-p keep every token whose logit equals the last kept one (HF's threshold rule);
+with fp32 logits of a real model exact ties are vanishingly rare.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mathgrpo.rollout.base import SamplingParams
+
+
+def scale_logits(logits: jax.Array, temperature: float) -> jax.Array:
+    """fp32 logits / T; T = 0 (greedy) leaves them unscaled so log-probs are at T = 1."""
+    logits = logits.astype(jnp.float32)
+    return logits if temperature == 0 else logits / temperature
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """[..., V] bool: the k largest logits (and any tied with the k-th). k >= V keeps everything."""
+    if k >= logits.shape[-1]:
+        return jnp.ones(logits.shape, bool)
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
+    return logits >= kth
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+    """[..., V] bool: the nucleus, the smallest set of most likely tokens whose probability reaches p.
+
+    A token is kept iff the probability of all tokens strictly more likely than it is < p, so the most
+    likely token is always kept (0 < p) and the set stops at the first token whose cumulative
+    probability reaches p. Excluded (-inf) logits have probability 0 and are never kept.
+    """
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # [..., V] mass of the tokens ranked above
+    keep_count = jnp.sum(before < p, axis=-1, keepdims=True)  # [..., 1] >= 1
+    threshold = jnp.take_along_axis(sorted_logits, keep_count - 1, axis=-1)  # [..., 1]
+    return logits >= threshold
+
+
+def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Temperature-scaled logits with everything outside top-k, then outside the top-p nucleus, at -inf."""
+    if top_k >= 1:
+        logits = jnp.where(top_k_mask(logits, top_k), logits, -jnp.inf)
+    if top_p < 1.0:
+        logits = jnp.where(top_p_mask(logits, top_p), logits, -jnp.inf)
+    return logits
+
+
+def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row and returns it with its untruncated log-prob.
+
+    Args:
+      rng: a PRNG key, used once (split it at the call site).
+      logits: [B, V] raw model logits.
+      params: temperature, top_k, top_p are read (as Python values: static under jit).
+    Returns: (tokens [B] int32, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]
+      (greedy: at T = 1).
+    """
+    scaled = scale_logits(logits, params.temperature)  # [B, V]
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+    if params.greedy:
+        tokens = jnp.argmax(scaled, axis=-1)  # [B]
+    else:
+        tokens = jax.random.categorical(rng, truncate(scaled, params.top_k, params.top_p), axis=-1)  # [B]
+    tokens = tokens.astype(jnp.int32)
+    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+    return tokens, token_logprobs

@@ -1,0 +1,296 @@
+"""The rollout interface, sampling functions and the JAX sampler.
+
+References: greedy tokens come from `transformers` `generate`; log-probs from a full (cache-free)
+forward of prompt + response, log-softmaxed in numpy; the sampling distribution and the truncated
+supports from numpy re-derivations of softmax(logits / T), top-k and top-p written here.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from mathgrpo import hf_io
+from mathgrpo.config import ModelConfig
+from mathgrpo.model import forward, init_params
+from mathgrpo.rollout import JaxSampler, Rollout, RolloutBatch, SamplingParams
+from mathgrpo.rollout.sampling import top_k_mask, top_p_mask
+
+TINY = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10_000.0,
+                   param_dtype="float32", compute_dtype="float32")
+MAX_LENGTH = 48
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random params whose LM head is scaled up: HF's init gives near-uniform next-token
+    distributions (logit std ~0.15), on which temperature and truncation would barely show."""
+    p = jax.jit(init_params, static_argnums=0)(TINY, jax.random.key(0))
+    p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * 15.0
+    return p
+
+
+@pytest.fixture(scope="module")
+def sampler(params):
+    return JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8)
+
+
+def random_prompts(lengths, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, TINY.vocab_size, n).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy references
+
+
+def np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_support(logits, temperature, top_k, top_p):
+    """Tokens allowed by top-k then top-p (p on the top-k-renormalized distribution), and the
+    sampling distribution over the vocabulary (0 outside the support)."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if top_k >= 1:
+        keep &= z >= np.sort(z)[::-1][min(top_k, z.size) - 1]
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        nucleus = np.zeros_like(keep)
+        nucleus[order[mass_before < top_p]] = True
+        keep &= nucleus
+    probs = np.where(keep, probs, 0.0)
+    return keep, probs / probs.sum()
+
+
+def full_forward_logits(config, params, sequences):
+    """[R, T, V] logits of unpadded sequences, one cache-free forward (right padding, segment 0):
+    the trainer's path, and nothing the sampler's cache or left padding touches."""
+    T = max(map(len, sequences))
+    tokens = np.zeros((len(sequences), T), np.int32)
+    segments = np.zeros((len(sequences), T), np.int32)
+    for r, sequence in enumerate(sequences):
+        tokens[r, :len(sequence)], segments[r, :len(sequence)] = sequence, 1
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
+    out, _ = forward(config, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    return np.asarray(out)
+
+
+def p_for_nucleus_size(probs, size):
+    """A top_p whose nucleus holds exactly `size` tokens, halfway between two cumulative masses
+    (far from any fp32-vs-fp64 boundary)."""
+    cumulative = np.cumsum(np.sort(probs)[::-1])
+    return float((cumulative[size - 2] + cumulative[size - 1]) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling.py on bare logits
+
+
+def test_truncation_masks_equal_numpy():
+    logits_ = np.random.default_rng(0).normal(0, 2, (4, 50)).astype(np.float32)
+    for k in (1, 5, 50, 80):
+        expected = np.stack([np_support(row, 1.0, k, 1.0)[0] for row in logits_])
+        np.testing.assert_array_equal(top_k_mask(jnp.asarray(logits_), k), expected)
+    for p in (1e-6, 0.3, 0.9, 1.0):
+        expected = np.stack([np_support(row, 1.0, -1, p)[0] for row in logits_])
+        np.testing.assert_array_equal(top_p_mask(jnp.asarray(logits_), p), expected)
+    assert np.asarray(top_p_mask(jnp.asarray(logits_), 1e-6)).sum(-1).tolist() == [1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the sampler
+
+
+def test_greedy_equals_transformers_generate(tiny_hf_dir):
+    import torch
+    import transformers
+
+    path = tiny_hf_dir(dtype="float32")
+    config, params = hf_io.load(path, dtype="float32", compute_dtype="float32")
+    model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # never stop early: compare all max_tokens tokens
+    model.generation_config.pad_token_id = 0
+    prompts, max_tokens = random_prompts([3, 7, 12], seed=1), 12
+    expected = []
+    for prompt in prompts:  # one prompt at a time, unpadded: HF's padding plays no part
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), do_sample=False, use_cache=True,
+                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens)
+        expected.append(out[0, len(prompt):].tolist())
+
+    sampler = JaxSampler(config, params, max_length=32, min_prompt_bucket=8)
+    assert isinstance(sampler, Rollout)
+    batch = sampler.generate(prompts, SamplingParams(n=2, temperature=0.0, max_tokens=max_tokens))
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [batch.response(r) for r in range(6)] == [e for e in expected for _ in range(2)]
+    assert batch.finish_reasons == ("length",) * 6
+    # Greedy log-probs are at T = 1: log_softmax of the full forward's logits.
+    full = full_forward_logits(config, params, [prompts[r // 2] + batch.response(r) for r in range(6)])
+    for r in range(6):
+        steps = np.arange(len(prompts[r // 2]) - 1, len(prompts[r // 2]) + max_tokens - 1)
+        gathered = np_log_softmax(full[r, steps])[np.arange(max_tokens), batch.response(r)]
+        np.testing.assert_allclose(batch.response_logprobs(r), gathered, atol=1e-5)
+
+
+def test_logprobs_equal_full_forward_at_temperature_without_renormalization(sampler, params):
+    T, top_k, top_p = 0.7, 12, 0.8
+    prompts = random_prompts([2, 5, 9], seed=2)
+    batch = sampler.generate(prompts, SamplingParams(n=2, temperature=T, top_k=top_k, top_p=top_p,
+                                                     max_tokens=8, seed=3))
+    full = full_forward_logits(TINY, params, [prompts[batch.prompt_index[r]] + batch.response(r)
+                                              for r in range(len(batch))])  # [R, T, V]
+    log_masses = []
+    for r in range(len(batch)):
+        prompt, response = prompts[batch.prompt_index[r]], batch.response(r)
+        steps = np.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+        expected = np_log_softmax(full[r, steps] / T)[np.arange(len(steps)), response]
+        np.testing.assert_allclose(batch.response_logprobs(r), expected, atol=1e-5)
+        for step, token in zip(steps, response):
+            keep, _ = np_support(full[r, step], T, top_k, top_p)
+            assert keep[token], "a token outside the top-k/top-p support was sampled"
+            log_masses.append(np.log(np.exp(np_log_softmax(full[r, step] / T))[keep].sum()))
+    # Renormalizing over the support would have added -log(mass) to each log-prob; it is not small
+    # here, so the allclose above does prove the log-probs are the untruncated ones.
+    assert max(-m for m in log_masses) > 0.05
+
+
+@pytest.mark.parametrize("temperature,top_k,nucleus", [
+    (1.0, -1, None), (0.6, -1, None), (1.0, 7, None), (1.0, -1, 9), (0.8, 12, 5),
+])
+def test_first_token_distribution_and_support(sampler, params, temperature, top_k, nucleus):
+    """4,000 first tokens drawn in one call against softmax(logits / T), truncated, in numpy."""
+    prompt = random_prompts([6], seed=4)[0]
+    last_logits = full_forward_logits(TINY, params, [prompt])[0, -1]  # [V]
+    top_p = 1.0
+    if nucleus is not None:
+        _, after_top_k = np_support(last_logits, temperature, top_k, 1.0)
+        top_p = p_for_nucleus_size(after_top_k, nucleus)
+    keep, probs = np_support(last_logits, temperature, top_k, top_p)
+    if nucleus is not None:
+        assert keep.sum() == nucleus
+    if top_k >= 1:
+        assert keep.sum() <= top_k
+
+    draws = 4000
+    batch = sampler.generate([prompt], SamplingParams(n=draws, temperature=temperature, top_k=top_k,
+                                                      top_p=top_p, max_tokens=1, seed=5))
+    tokens = batch.token_ids[:, 0]
+    assert keep[tokens].all(), f"tokens outside the support: {sorted(set(tokens[~keep[tokens]]))}"
+    observed = np.bincount(tokens, minlength=TINY.vocab_size)[keep]
+    expected = draws * probs[keep]
+    order = np.argsort(expected)  # merge the smallest bins until each merged bin expects >= 5
+    merged_observed, merged_expected, o, e = [], [], 0.0, 0.0
+    for i in order:
+        o, e = o + observed[i], e + expected[i]
+        if e >= 5:
+            merged_observed.append(o)
+            merged_expected.append(e)
+            o = e = 0.0
+    if e > 0:
+        merged_observed[-1] += o
+        merged_expected[-1] += e
+    assert len(merged_expected) >= 3
+    _, p_value = scipy.stats.chisquare(merged_observed, merged_expected)
+    assert p_value > 1e-3, (temperature, top_k, top_p, p_value)
+
+
+def test_stop_tokens_end_rows_and_max_tokens_holds(sampler):
+    prompts, max_tokens = random_prompts([4, 6, 8, 3], seed=6), 10
+    reference = sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    assert reference.token_ids.shape == (4, max_tokens)
+    assert reference.lengths.tolist() == [max_tokens] * 4 and reference.finish_reasons == ("length",) * 4
+
+    # Stop on row 1's first token (ends it inside prefill) and on a later, first-seen token of row 0.
+    row0 = reference.response(0)
+    later = next(t for j, t in enumerate(row0) if j >= 2 and t not in row0[:j])
+    stops = (reference.response(1)[0], later)
+    batch = sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                     stop_token_ids=list(stops)))
+    for r in range(4):
+        full = reference.response(r)
+        first = next((j for j, t in enumerate(full) if t in stops), None)
+        length = max_tokens if first is None else first + 1
+        assert batch.response(r) == full[:length]
+        assert batch.finish_reasons[r] == ("length" if first is None else "stop")
+        np.testing.assert_allclose(batch.response_logprobs(r), reference.response_logprobs(r)[:length],
+                                   atol=1e-6)
+        assert not batch.token_ids[r, length:].any() and not batch.logprobs[r, length:].any()
+    assert batch.lengths[1] == 1 and batch.finish_reasons[1] == "stop"
+    assert batch.finish_reasons[0] == "stop" and batch.lengths[0] >= 3
+    np.testing.assert_array_equal(batch.mask, np.arange(batch.token_ids.shape[1]) < batch.lengths[:, None])
+
+
+def test_same_seed_same_samples(sampler):
+    prompts = random_prompts([3, 5], seed=7)
+    settings = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=11)
+    first, again = sampler.generate(prompts, settings), sampler.generate(prompts, settings)
+    other = sampler.generate(prompts, settings.replace(seed=12))
+    np.testing.assert_array_equal(first.token_ids, again.token_ids)
+    np.testing.assert_array_equal(first.logprobs, again.logprobs)
+    assert not np.array_equal(first.token_ids, other.token_ids)
+    assert len({tuple(first.response(r)) for r in range(4)}) > 1  # the n samples of a prompt differ
+
+
+def test_no_recompile_within_a_bucket(sampler, params):
+    settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=5, seed=1)
+    sampler.generate(random_prompts([3, 5], seed=8), settings)
+    counts = dict(sampler.trace_counts)
+    sampler.generate(random_prompts([6, 8], seed=9), settings.replace(seed=2))  # same bucket of 8
+    sampler.update_weights(jax.tree.map(lambda x: x * 1.01, params))  # new weights: no recompile
+    sampler.generate(random_prompts([1, 7], seed=10), settings)
+    assert dict(sampler.trace_counts) == counts
+    sampler.update_weights(params)
+    sampler.generate(random_prompts([9], seed=11), settings.replace(n=4))  # bucket 16: compiles
+    assert sampler.trace_counts["prefill"] == counts["prefill"] + 1
+    assert sampler.trace_counts["decode"] == counts["decode"] + 1
+
+
+def test_mesh_sharded_batch_matches_single_device(sampler, params):
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    sharded = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8)
+    prompts = random_prompts([3, 6, 8], seed=12)
+    settings = SamplingParams(temperature=0.0, max_tokens=6)
+    got, expected = sharded.generate(prompts, settings), sampler.generate(prompts, settings)
+    assert sharded.shapes(3, 8, 6)[0] == 8  # rows padded to the 8 batch shards
+    np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(n=0), "n=0"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-0.5), "temperature"), (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-3), "top_k"), (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(n=1.5), "integer"),
+    (dict(temperature=float("nan")), "temperature"),
+])
+def test_bad_sampling_params_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{"max_tokens": 4, **change})
+
+
+def test_bad_prompts_raise(sampler):
+    settings = SamplingParams(max_tokens=8)
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        sampler.generate([], settings)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.generate([[1, 2], []], settings)
+    with pytest.raises(ValueError, match=f"prompt 0 has {MAX_LENGTH - 7} tokens"):
+        sampler.generate([[1] * (MAX_LENGTH - 7)], settings)
+    with pytest.raises(ValueError, match="outside"):
+        sampler.generate([[1, TINY.vocab_size]], settings)
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        sampler.generate([[1]], settings.replace(max_tokens=MAX_LENGTH))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        sampler.generate([[1]], {"max_tokens": 8})
+    with pytest.raises(ValueError, match="lengths"):
+        RolloutBatch(prompt_index=np.zeros(2, np.int32), token_ids=np.zeros((2, 3), np.int32),
+                     logprobs=np.zeros((2, 3), np.float32), lengths=np.array([1, 4]),
+                     finish_reasons=("stop", "length"))
