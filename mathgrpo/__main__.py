@@ -40,7 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--seq", type=int, default=16)
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--attention", default="reference", choices=["reference", "blockwise", "cudnn"])
+    plan = commands.add_parser("plan", help="compile ahead of time on abstract arrays: per-device memory and FLOPs")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("overrides", nargs="*", help="key.path=value")
+    plan.add_argument("--naive", action="store_true",
+                      help="plan the step without memory work (O(T²) attention, no remat, full fp32 logits)")
     return parser
+
+
+def _fake_devices_for(config_path: str, overrides: list[str]) -> None:
+    """Before JAX starts: ask XLA for as many CPU devices as the mesh has, so a plan can run anywhere
+    (it only affects the CPU platform; real accelerators are used when there are enough)."""
+    import math
+    import os
+
+    from mathgrpo.config import apply_overrides, read_yaml
+
+    mesh = apply_overrides(read_yaml(config_path), overrides).get("mesh", {})
+    sizes = [mesh.get(axis, default) for axis, default in (("data", 1), ("fsdp", -1), ("tensor", 1))]
+    count = math.prod(s for s in sizes if s != -1) * (8 if -1 in sizes else 1)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             config = checkpoint.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype,
                                             max_shard_bytes=args.max_shard_size)
         print(f"wrote {args.out} ({config.num_hidden_layers} layers, hidden {config.hidden_size})")
+        return 0
+    if args.command == "plan":
+        _fake_devices_for(args.config, args.overrides)
+        import json
+
+        from mathgrpo import plan
+        from mathgrpo.config import load_config
+
+        config = load_config(args.config, args.overrides)
+        report = plan.plan(plan.inputs_from_config(config, naive=args.naive), plan.plan_devices(config.mesh))
+        print(plan.format_report(report))
+        print(json.dumps(report))
         return 0
     if args.command == "parity":
         from mathgrpo import parity

@@ -194,6 +194,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # matmul inputs; norms, softmax and log-softmax stay fp32
     attention: str = "reference"  # one of ATTENTION_IMPLEMENTATIONS
     attention_block_size: int = 512  # query block of the blockwise implementation
+    token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
     remat_policy: str = "none"  # one of REMAT_POLICIES
 
@@ -202,6 +203,8 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "attention_block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_chunk_size < 0:
+            raise ConfigError(f"model.token_chunk_size must be >= 0 (0: off), got {self.token_chunk_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -315,8 +318,8 @@ class ModelConfig:
 
     def architecture(self) -> dict:
         """The HF-derived fields only (what a preset YAML holds)."""
-        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "scan_layers",
-                   "remat_policy"}
+        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "token_chunk_size",
+                   "scan_layers", "remat_policy"}
         return {k: v for k, v in to_dict(self).items() if k not in runtime}
 
 
@@ -449,3 +452,183 @@ class MeshConfig:
             raise ConfigError(f"mesh {sizes} has {fixed} devices but {device_count} are available; "
                               "set one axis to -1 or make the product match")
         return sizes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data (read by data.py).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ()  # data.train_files (recipe: the 17,917-row DAPO-Math-17k-Processed)
+    val_files: tuple[str, ...] = ()  # data.val_files (recipe: AIME25, AMC23, AIME24)
+    prompt_key: str = "prompt"  # data.prompt_key
+    max_prompt_length: int = 1024  # data.max_prompt_length
+    max_response_length: int = 7168  # data.max_response_length (rollout.response_length)
+    train_batch_size: int = 64  # data.train_batch_size: prompts per step
+    shuffle: bool = False  # data.shuffle
+    seed: int = 0  # data.seed (verl's default is 1; used only when shuffle is on)
+    drop_last: bool = True  # verl's train dataloader always drops the last partial batch
+    filter_overlong_prompts: bool = True  # data.filter_overlong_prompts (False: error, as truncation='error')
+    enable_thinking: bool = False  # data.apply_chat_template_kwargs.enable_thinking
+    tokenizer: str | None = None  # data.tokenizer: a HF tokenizer dir; None means the model dir
+
+    def __post_init__(self):
+        for name in ("train_files", "val_files"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"data.{name}: expected a list of parquet paths, got {value!r}")
+            if not all(isinstance(path, (str, os.PathLike)) and os.fspath(path) for path in value):
+                raise ConfigError(f"data.{name}: every entry must be a non-empty path, got {value!r}")
+            object.__setattr__(self, name, tuple(os.fspath(path) for path in value))
+        if not isinstance(self.prompt_key, str) or not self.prompt_key:
+            raise ConfigError(f"data.prompt_key must be a non-empty column name, got {self.prompt_key!r}")
+        for name in ("max_prompt_length", "max_response_length", "train_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"data.seed must be an integer >= 0 (numpy seeds are), got {self.seed!r}")
+        for name in ("shuffle", "drop_last", "filter_overlong_prompts", "enable_thinking"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"data.{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ConfigError(f"data.tokenizer: expected a tokenizer directory or null, got {self.tokenizer!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model source, rollout, trainer, hardware, and the whole experiment.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the policy comes from (actor_rollout_ref.model.path) and how it runs.
+
+    `path` is a HF directory or an Orbax params checkpoint. `architecture` (a preset YAML) stands in
+    for shapes when `path` is not there yet, e.g. for `plan` before downloading weights.
+    """
+
+    path: str
+    architecture: str | None = None
+    tokenizer: str | None = None  # default: the model directory's tokenizer
+    param_dtype: str = "float32"  # actor.fsdp_config.model_dtype=fp32
+    compute_dtype: str = "bfloat16"  # FSDP MixedPrecision param_dtype bf16
+    attention: str = "blockwise"  # "cudnn" on GPU
+    attention_block_size: int = 512
+    token_chunk_size: int = 0
+    scan_layers: bool = True
+    remat_policy: str = "full"  # actor.model.enable_gradient_checkpointing=True
+
+    def runtime(self) -> dict:
+        return {k: getattr(self, k) for k in ("param_dtype", "compute_dtype", "attention", "attention_block_size",
+                                              "token_chunk_size", "scan_layers", "remat_policy")}
+
+    def resolve(self) -> ModelConfig:
+        """The ModelConfig: from the HF dir or checkpoint at `path`, else from `architecture`."""
+        if os.path.exists(os.path.join(self.path, "config.json")):
+            return ModelConfig.from_hf(self.path, **self.runtime())
+        meta = os.path.join(self.path, "meta", "metadata")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                stored = json.load(f)
+            return from_dict(ModelConfig, {**stored["model"], **self.runtime()}, prefix="model.")
+        if self.architecture is not None:
+            return from_dict(ModelConfig, {**read_yaml(self.architecture), **self.runtime()}, prefix="model.")
+        raise ConfigError(f"model.path={self.path!r} has no config.json (HF) or meta/ (Orbax checkpoint), "
+                          "and model.architecture is not set")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """Sampling for training and validation (actor_rollout_ref.rollout.*)."""
+
+    engine: str = "vllm"  # rollout.name: "vllm" (GPU) or "jax" (anywhere)
+    n: int = 8  # rollout.n (= grpo.group_size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = (151643,)  # generation_config eos: <|endoftext|>
+    gpu_memory_utilization: float = 0.65  # vLLM's share of each GPU; JAX gets the rest (one value sets both)
+    max_num_batched_tokens: int = 32768  # rollout.max_num_batched_tokens
+    weight_sync: str = "dlpack"  # "dlpack" (in memory) or "safetensors" (through a tmpfs directory)
+    decode_batch_per_device: int = 8  # JAX sampler rows per device
+    val_n: int = 16  # val_kwargs.n
+    val_temperature: float = 1.0  # val_kwargs.temperature
+    val_top_p: float = 0.95  # val_kwargs.top_p
+    val_top_k: int = -1
+    val_max_tokens: int = 31744  # val_kwargs.max_tokens
+
+    def __post_init__(self):
+        if self.engine not in ("vllm", "jax"):
+            raise ConfigError(f"rollout.engine={self.engine!r}; expected 'vllm' or 'jax'")
+        if self.weight_sync not in ("dlpack", "safetensors"):
+            raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; expected 'dlpack' or 'safetensors'")
+        if not 0.0 < self.gpu_memory_utilization < 1.0:
+            raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1)")
+        for name in ("top_p", "val_top_p"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"rollout.{name}={getattr(self, name)} must be in (0, 1]")
+        if self.n < 1 or self.val_n < 1:
+            raise ConfigError("rollout.n and rollout.val_n must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """The outer loop (trainer.*)."""
+
+    total_epochs: int = 1  # trainer.total_epochs
+    total_steps: int | None = None  # trainer.total_training_steps (overrides epochs when set)
+    save_freq: int = 20  # trainer.save_freq
+    test_freq: int = 20  # trainer.test_freq
+    val_before_train: bool = False  # trainer.val_before_train
+    output_dir: str = "runs/qwen3_4b_base_grpo"
+    seed: int = 0
+    keep_checkpoints: int = 3
+    export_hf: bool = True  # write the final policy as a HF directory
+    log_generations: int = 2  # trainer.log_val_generations
+
+    def __post_init__(self):
+        if self.total_epochs < 1 or (self.total_steps is not None and self.total_steps < 1):
+            raise ConfigError("trainer.total_epochs and trainer.total_steps must be >= 1")
+        if self.save_freq < 1 or self.test_freq < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("trainer.save_freq, trainer.test_freq and trainer.keep_checkpoints must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HardwareConfig:
+    device_memory_gib: float = 80.0  # A800/H100 80 GB
+    peak_flops: float = 989e12  # dense bf16 FLOP/s per device for MFU (verl: 989e12 for H100/H800/H200)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole run, mirrored 1:1 by YAML (configs/qwen3_4b_base_grpo.yaml)."""
+
+    model: ModelSource
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig())
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
+
+    def __post_init__(self):
+        if self.grpo.group_size != self.rollout.n:
+            raise ConfigError(f"grpo.group_size={self.grpo.group_size} must equal rollout.n={self.rollout.n} "
+                              "(the responses of a prompt form its group)")
+        if self.grpo.temperature != self.rollout.temperature:
+            raise ConfigError(f"grpo.temperature={self.grpo.temperature} must equal rollout.temperature="
+                              f"{self.rollout.temperature}: training log-probs use the sampling temperature")
+        if self.grpo.max_response_length != self.data.max_response_length:
+            raise ConfigError(f"grpo.max_response_length={self.grpo.max_response_length} must equal "
+                              f"data.max_response_length={self.data.max_response_length}")
+        longest = self.data.max_prompt_length + self.data.max_response_length
+        if self.grpo.micro_batch_tokens < longest:
+            raise ConfigError(f"grpo.micro_batch_tokens={self.grpo.micro_batch_tokens} is below the longest "
+                              f"sequence, data.max_prompt_length + data.max_response_length = {longest}")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """YAML + `a.b=value` overrides → ExperimentConfig; unknown keys and wrong types raise."""
+    return from_dict(ExperimentConfig, apply_overrides(read_yaml(path), list(overrides)))

@@ -46,48 +46,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mathgrpo.config import ConfigError
+from mathgrpo.config import ConfigError, DataConfig  # noqa: F401  (DataConfig lives in the config tree)
 
 
 class DataError(ValueError):
     """Input that cannot be used: the message names the file, column or row and what was expected."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    train_files: tuple[str, ...] = ()  # data.train_files (recipe: the 17,917-row DAPO-Math-17k-Processed)
-    val_files: tuple[str, ...] = ()  # data.val_files (recipe: AIME25, AMC23, AIME24)
-    prompt_key: str = "prompt"  # data.prompt_key
-    max_prompt_length: int = 1024  # data.max_prompt_length
-    train_batch_size: int = 64  # data.train_batch_size: prompts per step
-    shuffle: bool = False  # data.shuffle
-    seed: int = 0  # data.seed (verl's default is 1; used only when shuffle is on)
-    drop_last: bool = True  # verl's train dataloader always drops the last partial batch
-    filter_overlong_prompts: bool = True  # data.filter_overlong_prompts (False: error, as truncation='error')
-    enable_thinking: bool = False  # data.apply_chat_template_kwargs.enable_thinking
-    tokenizer: str | None = None  # data.tokenizer: a HF tokenizer dir; None means the model dir
-
-    def __post_init__(self):
-        for name in ("train_files", "val_files"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
-                raise ConfigError(f"data.{name}: expected a list of parquet paths, got {value!r}")
-            if not all(isinstance(path, (str, os.PathLike)) and os.fspath(path) for path in value):
-                raise ConfigError(f"data.{name}: every entry must be a non-empty path, got {value!r}")
-            object.__setattr__(self, name, tuple(os.fspath(path) for path in value))
-        if not isinstance(self.prompt_key, str) or not self.prompt_key:
-            raise ConfigError(f"data.prompt_key must be a non-empty column name, got {self.prompt_key!r}")
-        for name in ("max_prompt_length", "train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"data.{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"data.seed must be an integer >= 0 (numpy seeds are), got {self.seed!r}")
-        for name in ("shuffle", "drop_last", "filter_overlong_prompts", "enable_thinking"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"data.{name}: expected true or false, got {getattr(self, name)!r}")
-        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
-            raise ConfigError(f"data.tokenizer: expected a tokenizer directory or null, got {self.tokenizer!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -48,9 +48,9 @@ KL_TYPES = ("low_var_kl", "kl", "mse")
 # Log-probs and entropy, chunked over the sequence so [T, V] fp32 logits never exist at once.
 
 
-def _chunk_logprobs(hidden, kernel, targets, temperature: float, compute_dtype):
-    """hidden [B, c, D], kernel [D, V], targets [B, c] → (log-prob [B, c], entropy [B, c]), fp32."""
-    logits = jnp.einsum("BCD,DV->BCV", hidden.astype(compute_dtype), kernel.astype(compute_dtype),
+def _chunk_logprobs(hidden, kernel, targets, temperature: float):
+    """hidden [B, c, D], kernel [D, V] (compute dtype), targets [B, c] → (log-prob, entropy) [B, c] fp32."""
+    logits = jnp.einsum("BCD,DV->BCV", hidden.astype(kernel.dtype), kernel,
                         preferred_element_type=jnp.float32) / temperature  # [B, c, V]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -79,11 +79,9 @@ def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature:
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden_chunks = hidden.reshape(B, num_chunks, chunk, D).swapaxes(0, 1)  # [nc, B, c, D]
     target_chunks = targets.reshape(B, num_chunks, chunk).swapaxes(0, 1)  # [nc, B, c]
-    compute = jnp.dtype(config.compute_dtype)
-
     @jax.checkpoint
     def one_chunk(args):
-        return _chunk_logprobs(args[0], kernel, args[1], temperature, compute)
+        return _chunk_logprobs(args[0], kernel, args[1], temperature)
 
     logprobs, entropy = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))  # [nc, B, c] each
     logprobs = logprobs.swapaxes(0, 1).reshape(B, -1)[:, :n]

@@ -205,18 +205,20 @@ def make_train_step(model: ModelConfig, algo: GRPOConfig, optim: OptimConfig, *,
             state.params, batch, model=model, algo=algo, fused=fused)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
 
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def update(operands):
+            state, grads = operands
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, skipped_steps=state.skipped_steps)
 
-        new_state = TrainState(
-            step=state.step + finite.astype(jnp.int32),
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-        )
+        def skip(operands):
+            state, _ = operands
+            return state.replace(skipped_steps=state.skipped_steps + 1)
+
+        # lax.cond, not a select between old and new: only one branch runs, so the update writes the
+        # donated buffers in place instead of materializing a second copy of params and moments.
+        new_state = jax.lax.cond(finite, update, skip, (state, grads))
         tokens = jnp.maximum(batch.token_count, 1.0)
         metrics = {f"actor/{k}": v / tokens for k, v in sums.items()}  # token means over the mini-batch
         metrics["actor/pg_loss"] = loss  # the optimized objective

@@ -90,3 +90,50 @@ def test_overrides_parse_values_as_yaml():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["nonsense"])
+
+
+# recipe_spec §0, the table of the recipe (thunlp/OPD grpo.sh), value for value.
+RECIPE_TABLE = {
+    "data.train_batch_size": 64, "rollout.n": 8, "grpo.group_size": 8,
+    "grpo.micro_batch_tokens": 32768, "data.max_prompt_length": 1024, "data.max_response_length": 7168,
+    "rollout.val_max_tokens": 31744, "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": -1,
+    "rollout.val_n": 16, "rollout.val_temperature": 1.0, "rollout.val_top_p": 0.95,
+    "optim.lr": 1e-6, "optim.b1": 0.9, "optim.b2": 0.999, "optim.weight_decay": 0.01, "optim.eps": 1e-8,
+    "optim.clip_grad": 1.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
+    "grpo.clip_ratio_low": 0.2, "grpo.clip_ratio_high": 0.2, "grpo.clip_ratio_c": 3.0, "grpo.entropy_coeff": 0.0,
+    "grpo.use_kl_loss": False, "grpo.loss_agg_mode": "token-mean", "grpo.norm_adv_by_std": True,
+    "grpo.adv_eps": 1e-6, "grpo.rollout_is": "token", "grpo.rollout_is_threshold": 2.0,
+    "data.shuffle": False, "data.filter_overlong_prompts": True, "data.enable_thinking": False,
+    "trainer.total_epochs": 1, "trainer.save_freq": 20, "trainer.test_freq": 20, "trainer.val_before_train": False,
+    "rollout.engine": "vllm", "rollout.stop_token_ids": (151643,), "model.param_dtype": "float32",
+    "model.remat_policy": "full",
+}
+
+
+def test_recipe_config_matches_the_recipe_table():
+    from mathgrpo.config import load_config
+    from mathgrpo.sharding import make_mesh  # noqa: F401  (the mesh is checked below by its size)
+
+    config = load_config(CONFIGS.parent / "qwen3_4b_base_grpo.yaml")
+    for key, expected in RECIPE_TABLE.items():
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) == expected, key
+    assert config.mesh.resolve(8) == {"data": 1, "fsdp": 8, "tensor": 1}  # 1 node × 8 GPUs, FSDP
+    assert [p.rsplit("/", 1)[-1] for p in config.data.val_files] == ["aime25.parquet", "amc23.parquet",
+                                                                     "aime24.parquet"]
+    assert config.model.resolve() == load_model_config(CONFIGS / "qwen3_4b_base.yaml").replace(
+        **config.model.runtime())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.group_size=4", "must equal rollout.n"),
+    ("grpo.temperature=0.7", "must equal rollout.temperature"),
+    ("grpo.micro_batch_tokens=4096", "below the longest sequence"),
+    ("trainer.save_frq=3", "trainer.save_frq"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+])
+def test_recipe_config_rejects_inconsistent_overrides(override, message):
+    from mathgrpo.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS.parent / "qwen3_4b_base_grpo.yaml", [override])

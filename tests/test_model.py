@@ -133,3 +133,17 @@ def test_bf16_compute_keeps_fp32_params_and_logits(params):
     assert out.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
     np.testing.assert_allclose(out, logits(TINY, params, tokens), atol=0.05)
+
+
+def test_token_chunking_keeps_logits_and_gradients(params):
+    """Position-wise parts run over chunks of 3 tokens (T = 10: a ragged last chunk)."""
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 10)))
+
+    def loss(config, p):
+        return jnp.mean(jax.nn.log_softmax(logits(config, p, tokens))[..., 0])
+
+    chunked = TINY.replace(token_chunk_size=3)
+    np.testing.assert_allclose(logits(chunked, params, tokens), logits(TINY, params, tokens), atol=1e-5)
+    expected = jax.grad(lambda p: loss(TINY, p))(params)
+    got = jax.grad(lambda p: loss(chunked, p))(params)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6), got, expected)

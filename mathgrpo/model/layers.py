@@ -29,6 +29,14 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def cast_sharded(param: jax.Array, dtype, axes: tuple[str, ...]) -> jax.Array:
+    """Casts a (sharded) parameter to the compute dtype *before* it is gathered for a matmul: the
+    constraint keeps the cast on the shards, so FSDP all-gathers move and hold bf16, not fp32."""
+    if param.dtype == dtype:
+        return param
+    return nn.with_logical_constraint(param.astype(dtype), axes)
+
+
 class Proj(nn.Module):
     """A bias-free projection `einsum(x, kernel)` whose kernel carries logical axis names.
 
@@ -44,17 +52,20 @@ class Proj(nn.Module):
     out_dtype: str | None = None  # e.g. "float32" for the logits: fp32 accumulation and output
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | None) -> jax.Array:
+        """`einsum(x, kernel)`; with x None, the kernel itself in the compute dtype (for callers that
+        apply it inside their own loop, e.g. the token-chunked MLP)."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
             self.shape,
             dtype_of(self.param_dtype),
         )
-        compute = dtype_of(self.compute_dtype)
+        kernel = cast_sharded(kernel, dtype_of(self.compute_dtype), self.axes)
+        if x is None:
+            return kernel
         out_dtype = dtype_of(self.out_dtype) if self.out_dtype else None
-        return jnp.einsum(self.equation, x.astype(compute), kernel.astype(compute),
-                          preferred_element_type=out_dtype)
+        return jnp.einsum(self.equation, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -181,6 +192,32 @@ def attend(implementation: str, block_size: int) -> Callable:
     raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
+def token_chunked(fn: Callable, inputs, chunk_size: int):
+    """Applies a position-wise `fn` over chunks of `chunk_size` tokens, rematerializing each chunk in
+    the backward pass, so its intermediates (an MLP's [B, T, F], fp32 norm statistics) exist for one
+    chunk at a time: memory O(c·F) instead of O(T·F).
+
+    `inputs` is an array or a pytree of arrays, all [B, T, ...]; `fn` maps one chunk of them
+    ([B, c, ...]) to a pytree of [B, c, ...] arrays.
+    """
+    leaves = jax.tree.leaves(inputs)
+    B, T = leaves[0].shape[:2]
+    if chunk_size <= 0 or T <= chunk_size:
+        return fn(inputs)
+    num_chunks = -(-T // chunk_size)
+    pad = num_chunks * chunk_size - T
+
+    def split(a):  # [B, T, ...] -> [nc, B, c, ...]
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape(B, num_chunks, chunk_size, *a.shape[2:]).swapaxes(0, 1)
+
+    def join(a):  # [nc, B, c, ...] -> [B, T, ...]
+        return a.swapaxes(0, 1).reshape(B, num_chunks * chunk_size, *a.shape[3:])[:, :T]
+
+    out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, inputs))
+    return jax.tree.map(join, out)
+
+
 def remat_policy(name: str):
     """Named remat policies for the decoder layer (`model.remat_policy`); None means no remat."""
     policies = jax.checkpoint_policies
@@ -199,5 +236,6 @@ def remat_policy(name: str):
 
 __all__ = [
     "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention",
-    "blockwise_attention", "cudnn_attention", "attend", "remat_policy", "checkpoint_name",
+    "blockwise_attention", "cudnn_attention", "attend", "remat_policy", "checkpoint_name", "token_chunked",
+    "cast_sharded",
 ]

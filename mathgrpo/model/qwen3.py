@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from mathgrpo.config import ModelConfig
-from mathgrpo.model.layers import Proj, RMSNorm, apply_rope, attend, checkpoint_name, dtype_of, remat_policy
+from mathgrpo.model.layers import (
+    Proj, RMSNorm, apply_rope, attend, cast_sharded, checkpoint_name, dtype_of, remat_policy, token_chunked,
+)
 
 Params = Any  # a pytree of arrays, nested like the linen modules
 
@@ -72,14 +74,25 @@ class Attention(nn.Module):
     def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = _proj(c, "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), "q_proj")(x)
-        k = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
-        v = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
-        q = checkpoint_name(q, "query_proj")
-        k = checkpoint_name(k, "key_proj")
-        v = checkpoint_name(v, "value_proj")
-        q = apply_rope(_norm(c, "head_dim", "q_norm")(q), positions, c.rope_theta)  # [B, T, N, H]
-        k = apply_rope(_norm(c, "head_dim", "k_norm")(k), positions, c.rope_theta)  # [B, T, K, H]
+        q_kernel = _proj(c, "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), "q_proj")(None)
+        k_kernel = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "k_proj")(None)
+        v_kernel = _proj(c, "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), "v_proj")(None)
+        o_kernel = _proj(c, "BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), "o_proj")(None)
+        q_norm, k_norm = _norm(c, "head_dim", "q_norm"), _norm(c, "head_dim", "k_norm")
+
+        def project(inputs):  # position-wise: x [B, c, D], positions [B, c] -> q, k, v
+            x, positions = inputs
+            x = x.astype(q_kernel.dtype)
+            q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, q_kernel), "query_proj")
+            k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, k_kernel), "key_proj")
+            v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, v_kernel), "value_proj")
+            q = apply_rope(q_norm(q), positions, c.rope_theta)  # [B, c, N, H]
+            k = apply_rope(k_norm(k), positions, c.rope_theta)  # [B, c, K, H]
+            return q, k, v
+
+        if self.is_initializing():  # create the norm params outside the chunk loop
+            q_norm(jnp.zeros((1, 1, N, H))), k_norm(jnp.zeros((1, 1, K, H)))
+        q, k, v = token_chunked(project, (x, positions), c.token_chunk_size)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv  # [B, S, K, H]
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, 1)
@@ -91,7 +104,8 @@ class Attention(nn.Module):
         implementation = c.attention if cache_kv is None or x.shape[1] > 1 else "reference"
         out = attend(implementation, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
         out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
-        out = _proj(c, "BTNH,NHD->BTD", (N, H, D), ("q_heads", "head_dim", "embed"), "o_proj")(out)
+        out = token_chunked(lambda o: jnp.einsum("BTNH,NHD->BTD", o.astype(o_kernel.dtype), o_kernel),
+                            out, c.token_chunk_size)
         return out, cache_kv
 
 
@@ -102,10 +116,16 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         D, F = c.hidden_size, c.intermediate_size
-        gate = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "gate_proj")(x)
-        up = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "up_proj")(x)
-        hidden = nn.silu(gate) * up  # [B, T, F]
-        return _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(hidden)
+        gate_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "gate_proj")(None)  # [D, F]
+        up_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "up_proj")(None)  # [D, F]
+        down_kernel = _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(None)  # [F, D]
+
+        def swiglu(x):  # [B, c, D] -> [B, c, D]
+            x = x.astype(gate_kernel.dtype)
+            hidden = nn.silu(jnp.einsum("BTD,DF->BTF", x, gate_kernel)) * jnp.einsum("BTD,DF->BTF", x, up_kernel)
+            return jnp.einsum("BTF,FD->BTD", hidden, down_kernel)
+
+        return token_chunked(swiglu, x, c.token_chunk_size)
 
 
 class DecoderLayer(nn.Module):
@@ -201,9 +221,8 @@ class Qwen3(nn.Module):
         """LM head: [B, T, D] → fp32 logits [B, T, V] (tied: the embedding matrix transposed)."""
         if self.config.tie_word_embeddings:
             compute = dtype_of(self.config.compute_dtype)
-            kernel = self.embed_tokens.embedding.T  # [D, V]
-            logits = jnp.einsum("BTD,DV->BTV", hidden.astype(compute), kernel.astype(compute),
-                                preferred_element_type=jnp.float32)
+            kernel = cast_sharded(self.embed_tokens.embedding, compute, ("vocab", "embed")).T  # [D, V]
+            logits = jnp.einsum("BTD,DV->BTV", hidden.astype(compute), kernel, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(hidden)  # [B, T, V] fp32
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
@@ -244,10 +263,12 @@ def forward(config: ModelConfig, params: Params, tokens, positions, segment_ids,
 
 
 def output_kernel(config: ModelConfig, params: Params) -> jax.Array:
-    """The LM head as a [D, V] matrix (tied: the embedding transposed)."""
+    """The LM head as a [D, V] matrix in the compute dtype (tied: the embedding transposed), cast on
+    its shards before any gather."""
+    compute = dtype_of(config.compute_dtype)
     if config.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return cast_sharded(params["embed_tokens"]["embedding"], compute, ("vocab", "embed")).T
+    return cast_sharded(params["lm_head"]["kernel"], compute, ("embed", "vocab"))
 
 
 def logits(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:

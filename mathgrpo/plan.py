@@ -1,0 +1,217 @@
+"""`python -m mathgrpo plan`: compile the real programs ahead of time on abstract arrays and report
+per-device memory and FLOPs before a run starts.
+
+Nothing is allocated: params, optimizer state and batches are `jax.ShapeDtypeStruct`s with their
+shardings, and `jit(...).lower(...).compile()` yields XLA's own memory analysis of each program:
+- the train step (one packed micro-batch row of `grpo.micro_batch_tokens` tokens per device, the
+  mini-batch's worth of micro-batches in the buffer, gradient accumulation, AdamW; state donated);
+- the log-prob pass (no gradient) over the same batch;
+- one decode step of the JAX sampler (KV cache of prompt + response length).
+When the mesh needs more devices than exist, fake CPU devices stand in (set before JAX starts, see
+__main__); their memory analysis is XLA's CPU compile of the same sharded program — an estimate
+of the GPU figure, not a measurement on the GPU.
+
+Peak per device = arguments + outputs − aliased (donated) + temporaries. `fits` compares the train
+step's peak with the device memory left to JAX next to vLLM: JAX gets (1 − u) of the device, vLLM u
+(`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16 weights plus KV cache room.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mathgrpo import sharding, train_step
+from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
+from mathgrpo.model import abstract_params, count_params, forward, init_cache
+from mathgrpo.packing import PackedBatch
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInputs:
+    model: ModelConfig
+    mesh: MeshConfig
+    grpo: GRPOConfig
+    optim: OptimConfig
+    max_prompt_length: int = 1024
+    max_response_length: int = 7168
+    sequences_per_step: int = 512  # prompts × n
+    device_memory_gib: float = 80.0
+    vllm_memory_utilization: float = 0.65
+    decode_batch_per_device: int = 8
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _memory(compiled) -> dict:
+    analysis = compiled.memory_analysis()
+    args, out = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
+    alias, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
+    return {"argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+            "peak_bytes": args + out - alias + temp}
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) if cost else None
+
+
+def step_flops_estimate(model: ModelConfig, tokens: int, sum_squared_lengths: float) -> float:
+    """verl's FLOP estimate (flops_counter.py, recipe_spec §2.8) for one forward+backward:
+    6·N_dense·tokens + 12·Σ seqlen²·head_dim·heads·layers, N_dense = (3·D·F + D·(q+k+v+o))·L + 2·V·D."""
+    D, F, L, V = model.hidden_size, model.intermediate_size, model.num_hidden_layers, model.vocab_size
+    H, N, K = model.head_dim, model.num_attention_heads, model.num_key_value_heads
+    qkvo = N * H + 2 * K * H + N * H
+    dense = (3 * D * F + D * qkvo) * L + 2 * V * D
+    return 6 * dense * tokens + 12 * sum_squared_lengths * H * N * L
+
+
+def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
+    model, algo = inputs.model, inputs.grpo
+    mesh = sharding.make_mesh(inputs.mesh, devices)
+    rules = sharding.logical_rules(inputs.mesh)
+    optimizer = train_step.make_optimizer(inputs.optim)
+    rows = sharding.data_parallel_size(mesh)
+    row_length = algo.micro_batch_tokens
+    max_sequence = inputs.max_prompt_length + inputs.max_response_length
+    if max_sequence > row_length:
+        raise ValueError(f"grpo.micro_batch_tokens={row_length} is below the longest sequence "
+                         f"({inputs.max_prompt_length} + {inputs.max_response_length}); packing would fail")
+    sequences_per_row = math.ceil(inputs.sequences_per_step / rows)
+    sequences_per_micro = max(row_length // max_sequence, 1)
+    micro_batches = 1 << (math.ceil(sequences_per_row / sequences_per_micro) - 1).bit_length()
+
+    state_shardings = sharding.train_state_shardings(model, optimizer, mesh, rules)
+    params = abstract_params(model)
+    abstract_state = jax.eval_shape(
+        lambda p: train_step.init_train_state(p, inputs.optim), params)
+    state = _abstract(abstract_state, state_shardings)
+    batch_shardings = sharding.batch_shardings(mesh)
+    shape = (micro_batches, rows, row_length)
+    ints, floats = jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.float32)
+    scalar_i, scalar_f = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+    batch = _abstract(PackedBatch(
+        tokens=ints, positions=ints, segment_ids=ints, loss_mask=floats, advantages=floats,
+        rollout_logprobs=floats, old_logprobs=floats, ref_logprobs=floats, sequence_index=ints,
+        sequence_slots=jax.ShapeDtypeStruct((inputs.sequences_per_step,), jnp.int32),
+        legacy_weight=jax.ShapeDtypeStruct((micro_batches, rows), jnp.float32),
+        num_micro_batches=scalar_i, token_count=scalar_f, sequence_count=scalar_f), batch_shardings)
+
+    step = train_step.make_train_step(model, algo, inputs.optim, mesh=mesh, rules=rules)
+    compiled_step = step.lower(state, batch).compile()
+    logprob_fn = train_step.make_logprob_fn(model, algo, mesh=mesh, rules=rules)
+    compiled_logprob = logprob_fn.lower(state.params, batch).compile()
+
+    decode_batch = inputs.decode_batch_per_device * rows
+    cache_shardings = sharding.cache_shardings(mesh)
+    cache = _abstract(jax.eval_shape(lambda: init_cache(model, decode_batch, max_sequence)), cache_shardings)
+    token_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES, None))
+    token = jax.ShapeDtypeStruct((decode_batch, 1), jnp.int32, sharding=token_sharding)
+    decode = train_step.MeshJit(
+        lambda p, t, pos, seg, c: forward(model, p, t, pos, seg, c), mesh, rules,
+        in_shardings=(state_shardings.params, token_sharding, token_sharding, token_sharding, cache_shardings),
+        donate_argnums=(4,))
+    compiled_decode = decode.lower(state.params, token, token, token, cache).compile()
+
+    def per_device(tree, shardings_tree) -> int:
+        return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                       for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
+
+    params_bytes = per_device(abstract_state.params, state_shardings.params)
+    opt_bytes = per_device(abstract_state.opt_state, state_shardings.opt_state)
+    train_memory = _memory(compiled_step)
+    device_bytes = inputs.device_memory_gib * GIB
+    jax_budget = device_bytes * (1.0 - inputs.vllm_memory_utilization)
+    vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
+    vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
+    kv_bytes_per_token = model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2 * 2
+    tokens_step = inputs.sequences_per_step * max_sequence
+    report = {
+        "devices": mesh.devices.size,
+        "mesh": dict(mesh.shape),
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "micro_batch_tokens_per_device": row_length,
+        "micro_batches_in_buffer": micro_batches,
+        "params": count_params(params),
+        "param_bytes_per_device": params_bytes,
+        "optimizer_bytes_per_device": opt_bytes,
+        "gradient_bytes_per_device": params_bytes,  # fp32 accumulator, inside the step's temporaries
+        "train_step": train_memory,
+        "logprob_pass": _memory(compiled_logprob),
+        "decode_step": _memory(compiled_decode) | {"batch_per_device": inputs.decode_batch_per_device,
+                                                   "cache_length": max_sequence},
+        "flops_per_micro_batch_per_device": _flops(compiled_step),
+        "flops_per_step_estimate": step_flops_estimate(model, tokens_step,
+                                                       inputs.sequences_per_step * max_sequence**2),
+        "per_device_peak_bytes": train_memory["peak_bytes"],
+        "jax_memory_budget_bytes": jax_budget,
+        "vllm_kv_cache_tokens": int(max(vllm_room, 0) // kv_bytes_per_token),
+        "fits": bool(train_memory["peak_bytes"] <= jax_budget and vllm_room > 0),
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    def gib(x):
+        return f"{x / GIB:8.2f} GiB"
+
+    lines = [f"plan: {report['params'] / 1e9:.3f}B params on {report['devices']} devices {report['mesh']} "
+             f"({report['device_kind']}); micro-batch {report['micro_batch_tokens_per_device']} tokens/device, "
+             f"{report['micro_batches_in_buffer']} in the buffer",
+             f"  params (fp32)          {gib(report['param_bytes_per_device'])} / device",
+             f"  optimizer state        {gib(report['optimizer_bytes_per_device'])} / device",
+             f"  gradients (fp32)       {gib(report['gradient_bytes_per_device'])} / device (within temporaries)"]
+    for name in ("train_step", "logprob_pass", "decode_step"):
+        m = report[name]
+        lines.append(f"  {name:<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
+                     f"temp {gib(m['temp_bytes'])}, out {gib(m['output_bytes'])}, aliased {gib(m['alias_bytes'])})")
+    flops = report["flops_per_micro_batch_per_device"]
+    lines.append(f"  FLOPs: {flops or 0:.3e} per micro-batch per device (compiled); "
+                 f"{report['flops_per_step_estimate']:.3e} per step at max lengths (verl's formula)")
+    lines.append(f"  JAX budget next to vLLM {gib(report['jax_memory_budget_bytes'])}; vLLM KV room "
+                 f"{report['vllm_kv_cache_tokens']:,} tokens; fits: {report['fits']}")
+    return "\n".join(lines)
+
+
+def inputs_from_config(config, naive: bool = False) -> PlanInputs:
+    """PlanInputs of an ExperimentConfig. On a machine without GPUs, cuDNN attention is planned as
+    the blockwise one (same memory order). `naive`: the step without any memory work — reference
+    O(T²) attention, no remat, no token chunks, full-length fp32 logits."""
+    model = config.model.resolve()
+    if model.attention == "cudnn" and jax.default_backend() != "gpu":
+        model = model.replace(attention="blockwise")
+    algo = config.grpo
+    if naive:
+        model = model.replace(attention="reference", remat_policy="none", token_chunk_size=0)
+        algo = dataclasses.replace(algo, logprob_chunk_size=algo.micro_batch_tokens)
+    return PlanInputs(
+        model=model, mesh=config.mesh, grpo=algo, optim=config.optim,
+        max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
+        sequences_per_step=config.data.train_batch_size * config.rollout.n,
+        device_memory_gib=config.hardware.device_memory_gib,
+        vllm_memory_utilization=config.rollout.gpu_memory_utilization,
+        decode_batch_per_device=config.rollout.decode_batch_per_device)
+
+
+def plan_devices(mesh_config: MeshConfig) -> list:
+    """Real devices when there are enough, else the fake CPU devices __main__ asked XLA for."""
+    needed = math.prod(v for v in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) if v != -1)
+    devices = jax.devices()
+    if len(devices) >= needed:
+        return devices
+    cpu = jax.devices("cpu")
+    if len(cpu) < needed:
+        raise RuntimeError(f"the mesh needs {needed} devices; found {len(devices)} and {len(cpu)} CPU devices "
+                           "(run through `python -m mathgrpo plan`, which sets up fake CPU devices)")
+    return cpu[:max(needed, len(cpu)) if -1 in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) else needed]
