@@ -1,4 +1,4 @@
-"""Command line: `python -m mathgrpo {convert,parity} ...` (more commands arrive with their modules)."""
+"""Command line: `python -m mathgrpo {train,sft,eval,generate,convert,parity,plan,bench} ...`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--seq", type=int, default=16)
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--attention", default="reference", choices=["reference", "blockwise", "cudnn"])
+    train = commands.add_parser("train", help="run (or resume) GRPO training from an experiment config")
+    train.add_argument("--config", required=True)
+    train.add_argument("overrides", nargs="*", help="key.path=value")
+
+    sft = commands.add_parser("sft", help="supervised warm start on JSONL {messages, response}")
+    sft.add_argument("--config", required=True, help="experiment config (model, mesh, data, optim sections)")
+    sft.add_argument("--data", required=True, help="JSONL of {messages, response}")
+    sft.add_argument("--steps", type=int, default=50)
+    sft.add_argument("--batch-size", type=int, default=32)
+    sft.add_argument("--lr", type=float, default=1e-3)
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--out", required=True, help="directory for params/ (Orbax) and hf/")
+    sft.add_argument("overrides", nargs="*", help="key.path=value")
+
+    from mathgrpo import evaluate  # light: JAX starts only when a command runs (plan sets XLA_FLAGS first)
+
+    evaluate.add_arguments(commands.add_parser(
+        "eval", help="sample n responses per prompt, grade them, report mean@n / best@k / maj@k / pass@k"))
+
     plan = commands.add_parser("plan", help="compile ahead of time on abstract arrays: per-device memory and FLOPs")
     plan.add_argument("--config", required=True)
     plan.add_argument("overrides", nargs="*", help="key.path=value")
@@ -76,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                                             max_shard_bytes=args.max_shard_size)
         print(f"wrote {args.out} ({config.num_hidden_layers} layers, hidden {config.hidden_size})")
         return 0
+    if args.command == "eval":
+        from mathgrpo import evaluate
+
+        return evaluate.main(args)
+    if args.command == "train":
+        from mathgrpo import trainer
+
+        return trainer.main(args)
+    if args.command == "sft":
+        from mathgrpo import sft
+
+        return sft.main(args)
     if args.command == "plan":
         _fake_devices_for(args.config, args.overrides)
         import json
