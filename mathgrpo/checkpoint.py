@@ -102,3 +102,50 @@ def orbax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "b
     hf_io.save(config, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer,
                generation_config=meta.get("generation_config"))
     return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints.
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over the whole training state, one directory per step:
+    - `state`: the TrainState (params, optimizer state, step, skipped-step counter), restorable into
+      any mesh's shardings;
+    - `extra`: JSON — the data iterator position, the resolved config, the model config and
+      tokenizer source (so a step directory exports to HF alone), and counters.
+    Saves are asynchronous (training continues while tensorstore writes) and atomic: Orbax writes a
+    temporary directory and renames it on commit, and `latest_step` only sees committed steps, so a
+    run killed mid-save resumes from the previous one. Keeps the newest `keep` steps.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+
+    def save(self, step: int, state: Any, extra: dict) -> None:
+        """Starts saving `state` and `extra` as step `step` (waits for the previous save first)."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        extra=ocp.args.JsonSave(extra)))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The state (into the shardings of `abstract_state`, a tree of ShapeDtypeStructs) and extra."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+        return restored["state"], restored["extra"]
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save is committed; raises its error if it failed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -585,6 +585,7 @@ class TrainerConfig:
     seed: int = 0
     keep_checkpoints: int = 3
     export_hf: bool = True  # write the final policy as a HF directory
+    export_dtype: str = "bfloat16"  # dtype of the exported safetensors
     log_generations: int = 2  # trainer.log_val_generations
 
     def __post_init__(self):

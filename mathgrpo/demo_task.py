@@ -1,0 +1,123 @@
+"""The embedded default task (`make demo`): arithmetic in verl's schema, a character tokenizer, a tiny Qwen3.
+
+Everything real-sized in mathgrpo works on these unchanged: the tokenizer is a Hugging Face
+tokenizer directory (built with the `tokenizers` library, with a Qwen-style chat template) loaded
+through `AutoTokenizer`; the data are verl-schema parquet files read by data.py; the model is a
+Qwen3 HF directory (config.json + safetensors) written by hf_io; answers are graded by the recipe's
+`math_reward` from a `\\boxed{}`.
+
+Task: "a+b=?" with 0 ≤ a, b < `operand_limit`; held-out pairs never appear in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>")
+CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz+-*=?.,:;!()[]{}\\/ \n'\"$%&^_<>|#@~`"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DATA_SOURCE = "arith"
+
+
+def build_tokenizer(directory: str | os.PathLike) -> str:
+    """A character-level HF tokenizer (special tokens first, then one token per character), saved to
+    `directory` with a chat template; returns the directory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(directory, exist_ok=True)
+    fast.save_pretrained(os.fspath(directory))
+    return os.fspath(directory)
+
+
+def vocab_size() -> int:
+    return len(SPECIAL_TOKENS) + len(CHARACTERS)
+
+
+def problems(operand_limit: int, held_out: int, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All pairs (a, b), shuffled by `seed`; the first `held_out` are the validation set."""
+    pairs = [(a, b) for a in range(operand_limit) for b in range(operand_limit)]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    pairs = [pairs[i] for i in order]
+    return pairs[held_out:], pairs[:held_out]
+
+
+def prompt_text(a: int, b: int) -> str:
+    return f"{a}+{b}=? answer in \\boxed{{}}"
+
+
+def response_text(a: int, b: int) -> str:
+    return f"\\boxed{{{a + b}}}"
+
+
+def write_parquet(path: str | os.PathLike, pairs: list[tuple[int, int]], split: str) -> None:
+    """verl's RL schema: prompt (chat list), data_source, ability, reward_model, extra_info."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{
+        "prompt": [{"role": "user", "content": prompt_text(a, b)}],
+        "data_source": DATA_SOURCE,
+        "ability": "math",
+        "reward_model": {"ground_truth": str(a + b), "style": "rule"},
+        "extra_info": {"index": f"{split}-{i}", "split": split},
+    } for i, (a, b) in enumerate(pairs)]
+    pq.write_table(pa.Table.from_pylist(rows), os.fspath(path))
+
+
+def write_sft_jsonl(path: str | os.PathLike, pairs: list[tuple[int, int]]) -> None:
+    """Supervised pairs for the warm start: the prompt chat and the target response."""
+    with open(path, "w") as f:
+        for a, b in pairs:
+            f.write(json.dumps({"messages": [{"role": "user", "content": prompt_text(a, b)}],
+                                "response": response_text(a, b)}) + "\n")
+
+
+def build_task(directory: str | os.PathLike, *, operand_limit: int = 20, held_out: int = 64, seed: int = 0) -> dict:
+    """Writes tokenizer/, train.parquet, val.parquet and sft.jsonl under `directory`; returns their paths."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    train, val = problems(operand_limit, held_out, seed)
+    paths = {
+        "tokenizer": build_tokenizer(os.path.join(directory, "tokenizer")),
+        "train": os.path.join(directory, "train.parquet"),
+        "val": os.path.join(directory, "val.parquet"),
+        "sft": os.path.join(directory, "sft.jsonl"),
+    }
+    write_parquet(paths["train"], train, "train")
+    write_parquet(paths["val"], val, "val")
+    write_sft_jsonl(paths["sft"], train)
+    return paths
+
+
+def build_model(directory: str | os.PathLike, tokenizer_dir: str, *, seed: int = 0, **overrides) -> str:
+    """A randomly initialized tiny Qwen3 written as a HF directory (fp32) with the tokenizer beside it."""
+    import jax
+
+    from mathgrpo import hf_io
+    from mathgrpo.config import ModelConfig
+    from mathgrpo.model import init_params
+
+    values = dict(vocab_size=vocab_size(), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
+                  tie_word_embeddings=True, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
+                  compute_dtype="float32")
+    values.update(overrides)
+    config = ModelConfig(**values)
+    hf_io.save(config, init_params(config, jax.random.key(seed)), directory, dtype="float32",
+               tokenizer_dir=tokenizer_dir)
+    return os.fspath(directory)

@@ -1,0 +1,276 @@
+"""`python -m mathgrpo train`: the GRPO loop of DESIGN.md, and the small `sft` warm start.
+
+One step (verl's ray_trainer.fit, recipe_spec §2.7):
+    prompts (data.py, 64) → rollout ×n (JAX sampler or vLLM) → reward (process pool) → group
+    advantages → pack into micro-batches → jitted train step (fused π_old, TIS, token-mean, AdamW)
+    → weight sync to the rollout engine → validation every `test_freq` steps and at the end →
+    checkpoint every `save_freq` steps and at the end → metrics (verl's names).
+
+Exact resume: the checkpoint holds the train state, the data iterator's position and the step; the
+sampling seed of step k is a function of (trainer.seed, k), so a run restarted from step k's
+checkpoint replays steps k+1, k+2, ... bit for bit (CPU). `train` resumes from the latest committed
+checkpoint in `trainer.output_dir/checkpoints` by itself.
+
+Only process 0 logs; every process runs the same program (JAX multi-controller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from mathgrpo import checkpoint, grpo, hf_io, packing, sharding, train_step
+from mathgrpo.config import ExperimentConfig, ModelConfig, RolloutConfig, to_dict
+from mathgrpo.data import IteratorState, PromptBatches, load_tokenizer, read_prompts
+from mathgrpo.rollout.base import SamplingParams
+
+STEP_SEED_STRIDE = 1_000_003
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: a function of (seed, step) only, so resumed runs replay it."""
+    return (seed * STEP_SEED_STRIDE + step) % (2**31 - 1)
+
+
+def load_policy(config: ExperimentConfig, mesh) -> tuple[ModelConfig, Any, str]:
+    """(model config, params in the mesh's shardings, tokenizer directory) from model.path."""
+    source = config.model
+    rules = sharding.logical_rules(config.mesh)
+
+    def shardings(model_config):
+        return sharding.param_shardings(model_config, mesh, rules)
+
+    if os.path.exists(os.path.join(source.path, "config.json")):
+        model_config, params = hf_io.load(source.path, dtype=source.param_dtype, shardings=shardings,
+                                          **{k: v for k, v in source.runtime().items() if k != "param_dtype"})
+        tokenizer = source.tokenizer or source.path
+    elif os.path.isdir(os.path.join(source.path, "meta")):
+        model_config, params, meta = checkpoint.restore_params(source.path, shardings=shardings, **source.runtime())
+        tokenizer = source.tokenizer or meta.get("tokenizer_dir")
+    else:
+        raise FileNotFoundError(f"model.path={source.path!r} is neither a HF directory (config.json) nor an "
+                                "Orbax params checkpoint (meta/)")
+    if tokenizer is None:
+        raise FileNotFoundError("no tokenizer: set model.tokenizer (the checkpoint records none)")
+    return model_config, params, tokenizer
+
+
+def make_engine(config: ExperimentConfig, model_config: ModelConfig, params: Any, mesh):
+    """The rollout engine of `rollout.engine`, holding its own copy of the weights."""
+    max_length = config.data.max_prompt_length + max(config.data.max_response_length, config.rollout.val_max_tokens)
+    if config.rollout.engine == "vllm":
+        from mathgrpo.rollout.vllm_engine import VllmEngine
+
+        return VllmEngine(model_config, params, rollout=config.rollout, max_length=max_length,
+                          seed=config.trainer.seed)
+    from mathgrpo.rollout.jax_sampler import JaxSampler
+
+    return JaxSampler(model_config, params, max_length=max_length, mesh=mesh if mesh.devices.size > 1 else None)
+
+
+def sampling_params(rollout: RolloutConfig, max_tokens: int, *, validation: bool = False) -> SamplingParams:
+    if validation:
+        return SamplingParams(n=rollout.val_n, temperature=rollout.val_temperature, top_p=rollout.val_top_p,
+                              top_k=rollout.val_top_k, max_tokens=max_tokens, stop_token_ids=rollout.stop_token_ids)
+    return SamplingParams(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                          max_tokens=max_tokens, stop_token_ids=rollout.stop_token_ids)
+
+
+class Timer:
+    """Wall-clock sections of a step (verl's timing_raw)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def padded(rows: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[R, width] zero-padded values and mask of per-response arrays."""
+    values = np.zeros((len(rows), width), np.float32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, row in enumerate(rows):
+        values[i, :len(row)] = row
+        mask[i, :len(row)] = 1.0
+    return values, mask
+
+
+def run_validation(config: ExperimentConfig, engine, records, tokenizer, step: int, run_dir: str, pool) -> dict:
+    from mathgrpo import evaluate
+
+    params = sampling_params(config.rollout, config.rollout.val_max_tokens, validation=True)
+    params = params.replace(seed=step_seed(config.trainer.seed + 1, step))
+    metrics, _ = evaluate.validate(engine, records, tokenizer, params, reward_pool=pool,
+                                   jsonl_path=os.path.join(run_dir, "validation", f"step_{step:06d}.jsonl"),
+                                   log_generations=config.trainer.log_generations)
+    return metrics
+
+
+def train(config: ExperimentConfig) -> dict:
+    """Runs (or resumes) the GRPO loop; returns the last step's metrics."""
+    from mathgrpo import metrics as metric_utils
+    from mathgrpo import reward
+
+    sharding.initialize_distributed()
+    trainer_cfg = config.trainer
+    run_dir = os.path.abspath(trainer_cfg.output_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
+    model_config, params, tokenizer_dir = load_policy(config, mesh)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    records, summary = read_prompts(config.data.train_files, tokenizer, config.data)
+    log(f"train data: {summary}")
+    val_records = ()
+    if config.data.val_files:
+        val_records, val_summary = read_prompts(config.data.val_files, tokenizer, config.data)
+        log(f"validation data: {val_summary}")
+    batches = PromptBatches.from_config(records, config.data)
+    total_steps = trainer_cfg.total_steps or batches.steps_per_epoch * trainer_cfg.total_epochs
+
+    optimizer = train_step.make_optimizer(config.optim)
+    state_shardings = sharding.train_state_shardings(model_config, optimizer, mesh, rules)
+    init = jax.jit(lambda p: train_step.init_train_state(p, config.optim), out_shardings=state_shardings)
+    checkpointer = checkpoint.TrainCheckpointer(os.path.join(run_dir, "checkpoints"), keep=trainer_cfg.keep_checkpoints)
+    data_state, start_step = IteratorState(), 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(init, params), state_shardings)
+        state, extra = checkpointer.restore(latest, abstract)
+        data_state, start_step = IteratorState.from_dict(extra["data_state"]), int(extra["step"])
+        log(f"resumed from {checkpointer.directory}/{latest} (step {start_step})")
+    else:
+        state = init(params)
+    del params
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+    step_fn = train_step.make_train_step(model_config, config.grpo, config.optim, mesh=mesh, rules=rules)
+    batch_shardings = sharding.batch_shardings(mesh)
+    engine = make_engine(config, model_config, state.params, mesh)
+    logger = metric_utils.MetricsLogger(run_dir, enabled=is_main_process(), total_steps=total_steps)
+    pool = reward.RewardPool()  # workers start on the first answer that needs sympy / math-verify
+    train_sampling = sampling_params(config.rollout, config.data.max_response_length)
+    n, rows = config.rollout.n, sharding.data_parallel_size(mesh)
+    step_metrics: dict = {}
+
+    def extra_for(step):
+        return {"step": step, "data_state": data_state.to_dict(), "config": to_dict(config),
+                "model": model_config.architecture(), "param_dtype": model_config.param_dtype,
+                "tokenizer_dir": os.path.abspath(tokenizer_dir)}
+
+    try:
+        if trainer_cfg.val_before_train and start_step == 0 and val_records:
+            logger.log(0, run_validation(config, engine, val_records, tokenizer, 0, run_dir, pool))
+        for step in range(start_step + 1, total_steps + 1):
+            timer, step_start = Timer(), time.perf_counter()
+            prompts_batch, data_state = batches.next(data_state)
+            with timer("gen"):
+                rollout = engine.generate([r.prompt_ids for r in prompts_batch],
+                                          train_sampling.replace(seed=step_seed(trainer_cfg.seed, step)))
+            responses = [rollout.response(i) for i in range(len(rollout))]
+            with timer("reward"):
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                truths = [prompts_batch[i // n].ground_truth for i in range(len(rollout))]
+                sources = [prompts_batch[i // n].data_source for i in range(len(rollout))]
+                scores, reward_info = reward.score_batch(texts, truths, sources, pool=pool)
+                scores = np.asarray(scores, np.float32)
+            with timer("adv"):
+                advantages = np.asarray(grpo.group_advantages(scores, n, config.grpo.adv_eps,
+                                                              config.grpo.norm_adv_by_std))
+            with timer("update_actor"):
+                prompt_ids = [np.asarray(prompts_batch[i // n].prompt_ids) for i in range(len(rollout))]
+                batch, placements = packing.pack(
+                    prompt_ids, [np.asarray(r) for r in responses], advantages, num_rows=rows,
+                    row_length=config.grpo.micro_batch_tokens,
+                    rollout_logprobs=[rollout.response_logprobs(i) for i in range(len(rollout))])
+                state, outputs = step_fn(state, sharding.put_global(batch, batch_shardings))
+                actor = {k: float(v) for k, v in jax.device_get(outputs["metrics"]).items()}
+                old_logprobs = packing.unpack_responses(jax.device_get(outputs["old_logprobs"]), placements)
+            with timer("update_weights"):
+                engine.update_weights(state.params)
+            width = max(len(r) for r in responses)
+            old, mask = padded(old_logprobs, width)
+            rollout_lp, _ = padded([rollout.response_logprobs(i) for i in range(len(rollout))], width)
+            corr = {k: float(v) for k, v in grpo.rollout_correction_metrics(
+                old, rollout_lp, mask, threshold=config.grpo.rollout_is_threshold).items()}
+            step_metrics = {**actor, **corr}
+            step_metrics["actor/entropy"] = actor.pop("actor/entropy", float("nan"))
+            last = step == total_steps
+            if val_records and (step % trainer_cfg.test_freq == 0 or last):
+                with timer("testing"):
+                    step_metrics.update(run_validation(config, engine, val_records, tokenizer, step, run_dir, pool))
+            if step % trainer_cfg.save_freq == 0 or last:
+                with timer("save_checkpoint"):
+                    checkpointer.save(step, state, extra_for(step))
+            timer.seconds["step"] = time.perf_counter() - step_start
+            response_lengths = rollout.lengths.astype(np.int64)
+            prompt_lengths = np.array([len(p) for p in prompt_ids])
+            total_tokens = int(response_lengths.sum() + prompt_lengths.sum())
+            step_metrics.update(metric_utils.data_metrics(
+                scores=scores, advantages=advantages, response_lengths=response_lengths,
+                prompt_lengths=prompt_lengths, max_response_length=config.data.max_response_length,
+                max_prompt_length=config.data.max_prompt_length))
+            step_metrics.update(metric_utils.timing_metrics(timer.seconds, response_tokens=int(response_lengths.sum()),
+                                                            total_tokens=total_tokens))
+            step_metrics.update(metric_utils.throughput_metrics(total_tokens=total_tokens,
+                                                                step_time=timer.seconds["step"],
+                                                                n_devices=mesh.devices.size))
+            step_metrics["perf/mfu/actor"] = metric_utils.mfu(
+                model_config, sequence_lengths=response_lengths + prompt_lengths,
+                seconds=timer.seconds["update_actor"], n_devices=mesh.devices.size,
+                peak_flops=config.hardware.peak_flops)
+            step_metrics.update(metric_utils.memory_metrics())
+            step_metrics["training/global_step"] = step
+            step_metrics["training/epoch"] = data_state.epoch
+            step_metrics["reward/timeouts"] = float(reward_info["timeouts"])
+            samples = [{"prompt": tokenizer.decode(prompts_batch[i // n].prompt_ids), "response": texts[i],
+                        "ground_truth": truths[i], "score": float(scores[i])}
+                       for i in range(min(trainer_cfg.log_generations, len(texts)))]
+            logger.log(step, step_metrics, samples)
+        checkpointer.wait()
+        if trainer_cfg.export_hf:
+            export_dir = os.path.join(run_dir, "hf")
+            hf_io.save(model_config, state.params, export_dir, dtype=trainer_cfg.export_dtype,
+                       tokenizer_dir=tokenizer_dir)
+            log(f"exported the final policy to {export_dir}")
+    finally:
+        checkpointer.close()
+        logger.close()
+        pool.close()
+    if is_main_process():
+        metric_utils.plot_curves(metric_utils.read_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl")),
+                                 os.path.join(run_dir, "curves.png"))
+    return step_metrics
+
+
+def main(args) -> int:
+    from mathgrpo.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    metrics = train(config)
+    log(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    return 0
+
+
