@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mathgrpo import sharding, train_step
+from mathgrpo.metrics import flops_per_step
 from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
 from mathgrpo.model import abstract_params, count_params, forward, init_cache
 from mathgrpo.packing import PackedBatch
@@ -65,16 +66,6 @@ def _flops(compiled) -> float | None:
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     return float(cost.get("flops", 0.0)) if cost else None
-
-
-def step_flops_estimate(model: ModelConfig, tokens: int, sum_squared_lengths: float) -> float:
-    """verl's FLOP estimate (flops_counter.py, recipe_spec §2.8) for one forward+backward:
-    6·N_dense·tokens + 12·Σ seqlen²·head_dim·heads·layers, N_dense = (3·D·F + D·(q+k+v+o))·L + 2·V·D."""
-    D, F, L, V = model.hidden_size, model.intermediate_size, model.num_hidden_layers, model.vocab_size
-    H, N, K = model.head_dim, model.num_attention_heads, model.num_key_value_heads
-    qkvo = N * H + 2 * K * H + N * H
-    dense = (3 * D * F + D * qkvo) * L + 2 * V * D
-    return 6 * dense * tokens + 12 * sum_squared_lengths * H * N * L
 
 
 def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
@@ -136,7 +127,6 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
     vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
     kv_bytes_per_token = model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2 * 2
-    tokens_step = inputs.sequences_per_step * max_sequence
     report = {
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
@@ -152,8 +142,7 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "decode_step": _memory(compiled_decode) | {"batch_per_device": inputs.decode_batch_per_device,
                                                    "cache_length": max_sequence},
         "flops_per_micro_batch_per_device": _flops(compiled_step),
-        "flops_per_step_estimate": step_flops_estimate(model, tokens_step,
-                                                       inputs.sequences_per_step * max_sequence**2),
+        "flops_per_step_estimate": flops_per_step(model, [max_sequence] * inputs.sequences_per_step),
         "per_device_peak_bytes": train_memory["peak_bytes"],
         "jax_memory_budget_bytes": jax_budget,
         "vllm_kv_cache_tokens": int(max(vllm_room, 0) // kv_bytes_per_token),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -32,6 +33,14 @@ from mathgrpo.data import IteratorState, PromptBatches, load_tokenizer, read_pro
 from mathgrpo.rollout.base import SamplingParams
 
 STEP_SEED_STRIDE = 1_000_003
+# Fault injection for the resume tests: "step:N" or "save:N" SIGKILLs this process in the middle of
+# step N (after the update, before its checkpoint) or right after step N's asynchronous save began.
+KILL_AT_ENV = "MATHGRPO_KILL_AT"
+
+
+def _maybe_kill(point: str, step: int) -> None:
+    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_main_process() -> bool:
@@ -115,6 +124,35 @@ def padded(rows: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
     return values, mask
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the step, the directory and the last good one."""
+
+
+def _checkpoint_failure(checkpointer, step: int, error: Exception) -> CheckpointError:
+    steps = [s for s in checkpointer.all_steps() if s != step]
+    last_good = max(steps) if steps else None
+    return CheckpointError(
+        f"saving the checkpoint of step {step} under {checkpointer.directory} failed: {error}. "
+        + (f"The last complete checkpoint is step {last_good}; `train` resumes from it." if last_good is not None
+           else "No complete checkpoint exists yet."))
+
+
+def save_checkpoint(checkpointer, step: int, state, extra: dict) -> None:
+    """Starts an asynchronous save; a failure of it, or of the previous one, stops the run with a clear
+    error (the incomplete directory is never picked up: Orbax commits by renaming at the end)."""
+    try:
+        checkpointer.save(step, state, extra)
+    except OSError as error:
+        raise _checkpoint_failure(checkpointer, step, error) from error
+
+
+def wait_for_checkpoint(checkpointer) -> None:
+    try:
+        checkpointer.wait()
+    except OSError as error:
+        raise _checkpoint_failure(checkpointer, checkpointer.latest_step() or -1, error) from error
+
+
 def run_validation(config: ExperimentConfig, engine, records, tokenizer, step: int, run_dir: str, pool) -> dict:
     from mathgrpo import evaluate
 
@@ -157,7 +195,12 @@ def train(config: ExperimentConfig) -> dict:
     if latest is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init, params), state_shardings)
-        state, extra = checkpointer.restore(latest, abstract)
+        try:
+            state, extra = checkpointer.restore(latest, abstract)
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"the checkpoint {checkpointer.directory}/{latest} does not match the model "
+                                  f"{config.model.path} ({model_config.num_hidden_layers} layers, hidden "
+                                  f"{model_config.hidden_size}): {error}") from error
         data_state, start_step = IteratorState.from_dict(extra["data_state"]), int(extra["step"])
         log(f"resumed from {checkpointer.directory}/{latest} (step {start_step})")
     else:
@@ -207,6 +250,7 @@ def train(config: ExperimentConfig) -> dict:
                     rollout_logprobs=[rollout.response_logprobs(i) for i in range(len(rollout))])
                 state, outputs = step_fn(state, sharding.put_global(batch, batch_shardings))
                 actor = {k: float(v) for k, v in jax.device_get(outputs["metrics"]).items()}
+                _maybe_kill("step", step)
                 old_logprobs = packing.unpack_responses(jax.device_get(outputs["old_logprobs"]), placements)
             with timer("update_weights"):
                 engine.update_weights(state.params)
@@ -223,7 +267,8 @@ def train(config: ExperimentConfig) -> dict:
                     step_metrics.update(run_validation(config, engine, val_records, tokenizer, step, run_dir, pool))
             if step % trainer_cfg.save_freq == 0 or last:
                 with timer("save_checkpoint"):
-                    checkpointer.save(step, state, extra_for(step))
+                    save_checkpoint(checkpointer, step, state, extra_for(step))
+                _maybe_kill("save", step)
             timer.seconds["step"] = time.perf_counter() - step_start
             response_lengths = rollout.lengths.astype(np.int64)
             prompt_lengths = np.array([len(p) for p in prompt_ids])
@@ -249,7 +294,7 @@ def train(config: ExperimentConfig) -> dict:
                         "ground_truth": truths[i], "score": float(scores[i])}
                        for i in range(min(trainer_cfg.log_generations, len(texts)))]
             logger.log(step, step_metrics, samples)
-        checkpointer.wait()
+        wait_for_checkpoint(checkpointer)
         if trainer_cfg.export_hf:
             export_dir = os.path.join(run_dir, "hf")
             hf_io.save(model_config, state.params, export_dir, dtype=trainer_cfg.export_dtype,
@@ -259,9 +304,12 @@ def train(config: ExperimentConfig) -> dict:
         checkpointer.close()
         logger.close()
         pool.close()
-    if is_main_process():
-        metric_utils.plot_curves(metric_utils.read_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl")),
-                                 os.path.join(run_dir, "curves.png"))
+    metrics_file = os.path.join(run_dir, "metrics.jsonl")
+    if is_main_process() and os.path.exists(metrics_file):
+        try:
+            metric_utils.plot_curves(metric_utils.read_metrics_jsonl(metrics_file), os.path.join(run_dir, "curves.png"))
+        except ValueError as error:  # nothing finite to draw yet
+            log(f"no curves plotted: {error}")
     return step_metrics
 
 
