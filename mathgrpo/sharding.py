@@ -59,6 +59,9 @@ def logical_rules(config: MeshConfig) -> tuple[tuple[str, Any], ...]:
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: all, across processes)."""
     devices = list(jax.devices() if devices is None else devices)
+    fixed = math.prod(v for v in (config.data, config.fsdp, config.tensor))
+    if -1 not in (config.data, config.fsdp, config.tensor) and fixed < len(devices) and jax.process_count() == 1:
+        devices = devices[:fixed]  # a fully specified smaller mesh in one process: the first devices
     sizes = config.resolve(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:

@@ -108,8 +108,9 @@ def test_4b_state_is_truly_sharded(name, divisor):
 
 
 def test_bad_meshes_fail_before_compiling():
-    with pytest.raises(ConfigError, match="has 6 devices but 8 are available"):
-        sharding.make_mesh(MeshConfig(data=1, fsdp=3, tensor=2), jax.devices()[:8])
+    with pytest.raises(ConfigError, match="has 16 devices but 8 are available"):
+        sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=2), jax.devices()[:8])
+    assert sharding.make_mesh(MeshConfig(data=1, fsdp=3, tensor=2), jax.devices()[:8]).devices.size == 6
     with pytest.raises(ConfigError, match="do not divide the 8 devices"):
         sharding.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1), jax.devices()[:8])
     with pytest.raises(ConfigError, match="at most one axis"):
