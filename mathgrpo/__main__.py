@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(commands.add_parser(
         "eval", help="sample n responses per prompt, grade them, report mean@n / best@k / maj@k / pass@k"))
 
+    from mathgrpo.rollout import generate  # light: JAX starts only when the command runs
+
+    generate.add_arguments(commands.add_parser(
+        "generate", help="sample completions of one chat prompt (chat template; JAX sampler or vLLM)"))
+
     plan = commands.add_parser("plan", help="compile ahead of time on abstract arrays: per-device memory and FLOPs")
     plan.add_argument("--config", required=True)
     plan.add_argument("overrides", nargs="*", help="key.path=value")
@@ -95,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                                             max_shard_bytes=args.max_shard_size)
         print(f"wrote {args.out} ({config.num_hidden_layers} layers, hidden {config.hidden_size})")
         return 0
+    if args.command == "generate":
+        from mathgrpo.rollout import generate
+
+        return generate.main(args)
     if args.command == "eval":
         from mathgrpo import evaluate
 

@@ -6,7 +6,11 @@ through `AutoTokenizer`; the data are verl-schema parquet files read by data.py;
 Qwen3 HF directory (config.json + safetensors) written by hf_io; answers are graded by the recipe's
 `math_reward` from a `\\boxed{}`.
 
-Task: "a+b=?" with 0 ≤ a, b < `operand_limit`; held-out pairs never appear in training.
+Task: "problem 417: 3+8=?" with single-digit operands. Every prompt is unique (its number); the
+held-out prompts never appear in training, while the arithmetic facts they ask are the same small
+table — like a held-out math benchmark whose skills the training set teaches. A tiny model cannot
+infer unseen addition facts from a few hundred examples, so held-out *facts* would measure nothing
+GRPO can move; held-out *problems* measure whether the policy answers reliably.
 """
 
 from __future__ import annotations
@@ -48,50 +52,53 @@ def vocab_size() -> int:
     return len(SPECIAL_TOKENS) + len(CHARACTERS)
 
 
-def problems(operand_limit: int, held_out: int, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """All pairs (a, b), shuffled by `seed`; the first `held_out` are the validation set."""
-    pairs = [(a, b) for a in range(operand_limit) for b in range(operand_limit)]
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    pairs = [pairs[i] for i in order]
-    return pairs[held_out:], pairs[:held_out]
+def problems(train_size: int, held_out: int, seed: int, operand_limit: int = 10
+             ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(problem number, a, b) triples; numbers are distinct, so no held-out prompt is in training."""
+    rng = np.random.default_rng(seed)
+    numbers = rng.choice(10_000, size=train_size + held_out, replace=False)
+    operands = rng.integers(0, operand_limit, size=(train_size + held_out, 2))
+    triples = [(int(k), int(a), int(b)) for k, (a, b) in zip(numbers, operands)]
+    return triples[held_out:], triples[:held_out]
 
 
-def prompt_text(a: int, b: int) -> str:
-    return f"{a}+{b}=? answer in \\boxed{{}}"
+def prompt_text(number: int, a: int, b: int) -> str:
+    return f"problem {number}: {a}+{b}=?"
 
 
 def response_text(a: int, b: int) -> str:
     return f"\\boxed{{{a + b}}}"
 
 
-def write_parquet(path: str | os.PathLike, pairs: list[tuple[int, int]], split: str) -> None:
+def write_parquet(path: str | os.PathLike, pairs: list[tuple[int, int, int]], split: str) -> None:
     """verl's RL schema: prompt (chat list), data_source, ability, reward_model, extra_info."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = [{
-        "prompt": [{"role": "user", "content": prompt_text(a, b)}],
+        "prompt": [{"role": "user", "content": prompt_text(k, a, b)}],
         "data_source": DATA_SOURCE,
         "ability": "math",
         "reward_model": {"ground_truth": str(a + b), "style": "rule"},
         "extra_info": {"index": f"{split}-{i}", "split": split},
-    } for i, (a, b) in enumerate(pairs)]
+    } for i, (k, a, b) in enumerate(pairs)]
     pq.write_table(pa.Table.from_pylist(rows), os.fspath(path))
 
 
-def write_sft_jsonl(path: str | os.PathLike, pairs: list[tuple[int, int]]) -> None:
+def write_sft_jsonl(path: str | os.PathLike, pairs: list[tuple[int, int, int]]) -> None:
     """Supervised pairs for the warm start: the prompt chat and the target response."""
     with open(path, "w") as f:
-        for a, b in pairs:
-            f.write(json.dumps({"messages": [{"role": "user", "content": prompt_text(a, b)}],
+        for k, a, b in pairs:
+            f.write(json.dumps({"messages": [{"role": "user", "content": prompt_text(k, a, b)}],
                                 "response": response_text(a, b)}) + "\n")
 
 
-def build_task(directory: str | os.PathLike, *, operand_limit: int = 20, held_out: int = 64, seed: int = 0) -> dict:
+def build_task(directory: str | os.PathLike, *, train_size: int = 1024, held_out: int = 64, seed: int = 0,
+               operand_limit: int = 10) -> dict:
     """Writes tokenizer/, train.parquet, val.parquet and sft.jsonl under `directory`; returns their paths."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    train, val = problems(operand_limit, held_out, seed)
+    train, val = problems(train_size, held_out, seed, operand_limit)
     paths = {
         "tokenizer": build_tokenizer(os.path.join(directory, "tokenizer")),
         "train": os.path.join(directory, "train.parquet"),

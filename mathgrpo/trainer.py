@@ -169,6 +169,10 @@ def train(config: ExperimentConfig) -> dict:
     from mathgrpo import metrics as metric_utils
     from mathgrpo import reward
 
+    if config.rollout.engine == "vllm":  # before JAX touches a GPU: one value splits memory with vLLM
+        from mathgrpo.rollout import vllm_engine
+
+        os.environ.update(vllm_engine.environment_for(config.rollout))
     sharding.initialize_distributed()
     trainer_cfg = config.trainer
     run_dir = os.path.abspath(trainer_cfg.output_dir)
@@ -232,6 +236,7 @@ def train(config: ExperimentConfig) -> dict:
             with timer("gen"):
                 rollout = engine.generate([r.prompt_ids for r in prompts_batch],
                                           train_sampling.replace(seed=step_seed(trainer_cfg.seed, step)))
+            engine.sleep()  # vLLM frees its KV cache and weights for the update; the sync wakes it
             responses = [rollout.response(i) for i in range(len(rollout))]
             with timer("reward"):
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)

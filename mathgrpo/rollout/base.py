@@ -159,6 +159,10 @@ class Rollout(Protocol):
         """n responses to each prompt (token ids, no padding), prompt-major."""
         ...
 
+    def sleep(self) -> None:
+        """Releases what the engine can while the trainer runs; the next update_weights wakes it."""
+        ...
+
     def update_weights(self, params: Any) -> None:
         """Replaces the engine's weights with the trainer's (a params pytree in our layout)."""
         ...

@@ -227,6 +227,9 @@ class JaxSampler:
 
         return jax.jit(traced, static_argnums=(0, 1, 2), donate_argnums=donate_argnums)
 
+    def sleep(self) -> None:
+        """Nothing to release: the sampler allocates its cache per call and shares JAX's memory pool."""
+
     def update_weights(self, params: Any) -> None:
         """Swaps in new weights (same tree and shapes as the config's params); no recompile."""
         expected = {jax.tree_util.keystr(path): leaf.shape

@@ -1,0 +1,130 @@
+"""The `generate` command: sample completions of one chat prompt and print them.
+
+    python -m mathgrpo generate --model HF_DIR_or_CKPT --prompt "What is 2 + 3?" \\
+        [--n 4 --max-tokens 256 --temperature 1.0 --top-p 1.0 --top-k -1 --seed 0 --engine jax|vllm --tokenizer DIR]
+
+The prompt is one user message rendered with the tokenizer's chat template (enable_thinking=False, as
+the recipe's data), so it is what the policy sees in training. `--model` is a HF directory (config.json)
+or an Orbax params checkpoint (meta/; its tokenizer is the one it records, or --tokenizer). Responses
+stop on the generation config's EOS ids, the tokenizer's EOS, `<|im_end|>` and `<|endoftext|>`.
+`--temperature 0` is greedy. Each completion is printed decoded (special tokens skipped), with its
+finish reason, length and mean log-prob under softmax(logits / T) (greedy: T = 1), the engines' contract.
+The JAX sampler is the default and runs anywhere; `--engine vllm` needs a CUDA GPU and vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF model directory or Orbax params checkpoint")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    parser.add_argument("--n", type=int, default=1, help="completions to sample")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most new tokens per completion")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 or 0 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="jax", choices=["jax", "vllm"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the loaded params (JAX sampler)")
+
+
+def load_policy(path: str, tokenizer_dir: str | None, dtype: str):
+    """(ModelConfig, params, tokenizer dir, generation config or None) from a HF dir or an Orbax checkpoint."""
+    from mathgrpo import checkpoint, hf_io
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        config, params = hf_io.load(path, dtype=dtype)
+        return config, params, tokenizer_dir or path, hf_io.read_generation_config(path)
+    if os.path.isdir(os.path.join(path, "meta")):
+        meta = checkpoint.read_meta(path)
+        tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
+        if not tokenizer_dir:
+            raise SystemExit(f"--model {path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
+        config, params, meta = checkpoint.restore_params(path)
+        if config.param_dtype != dtype:
+            import jax
+
+            params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
+            config = config.replace(param_dtype=dtype)
+        return config, params, tokenizer_dir, meta.get("generation_config")
+    raise SystemExit(f"--model {path}: neither a HF model directory (no config.json) nor an Orbax params "
+                     "checkpoint (no meta/)")
+
+
+def stop_token_ids(tokenizer, generation_config: dict | None) -> tuple[int, ...]:
+    """The generation config's EOS ids, the tokenizer's EOS, then <|im_end|> and <|endoftext|> if known."""
+    eos = (generation_config or {}).get("eos_token_id")
+    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocabulary = tokenizer.get_vocab()
+    ids += [vocabulary[token] for token in STOP_TOKENS if token in vocabulary]
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def chat_prompt_ids(tokenizer, message: str) -> list[int]:
+    """One user message through the chat template, tokenized as data.read_prompts does."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":  # before JAX touches the GPU: its share of memory is fixed at start
+        from mathgrpo.config import RolloutConfig
+        from mathgrpo.rollout import vllm_engine
+
+        for name, value in vllm_engine.environment_for(RolloutConfig()).items():
+            os.environ.setdefault(name, value)
+        try:
+            vllm_engine.check_available()  # fail before loading a large model
+        except RuntimeError as error:
+            raise SystemExit(f"generate: {error}") from None
+    import numpy as np
+
+    from mathgrpo.data import load_tokenizer
+    from mathgrpo.rollout.base import SamplingParams
+
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed)
+    except ValueError as error:
+        raise SystemExit(f"generate: {error}") from None
+    config, weights, tokenizer_dir, generation_config = load_policy(args.model, args.tokenizer, args.dtype)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    params = params.replace(stop_token_ids=stop_token_ids(tokenizer, generation_config))
+    prompt = chat_prompt_ids(tokenizer, args.prompt)
+    max_length = len(prompt) + args.max_tokens
+    if args.engine == "vllm":
+        from mathgrpo.config import RolloutConfig
+        from mathgrpo.rollout.vllm_engine import VllmEngine, logprobs_mode_for
+
+        try:
+            mode = logprobs_mode_for(params)
+        except ValueError:
+            mode = "raw_logprobs"  # no exact mode for these settings: log-probs come back NaN (warned)
+        engine = VllmEngine(config, weights, max_length=max_length, rollout=RolloutConfig(), seed=args.seed,
+                            logprobs_mode=mode, enforce_eager=True)
+    else:
+        from mathgrpo.rollout.jax_sampler import JaxSampler
+
+        engine = JaxSampler(config, weights, max_length=max_length)
+    batch = engine.generate([prompt], params)
+    print(f"prompt: {len(prompt)} tokens; engine {args.engine}; n={params.n}, temperature={params.temperature}, "
+          f"top_p={params.top_p}, top_k={params.top_k}, max_tokens={params.max_tokens}, seed={params.seed}; "
+          f"stop tokens {list(params.stop_token_ids)}")
+    for r in range(len(batch)):
+        logprobs = batch.response_logprobs(r)
+        print(f"--- completion {r + 1}/{len(batch)}: finish={batch.finish_reasons[r]}, {batch.lengths[r]} tokens, "
+              f"mean log-prob {float(np.mean(logprobs)):.4f}")
+        print(tokenizer.decode(batch.response(r), skip_special_tokens=True))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,368 @@
+"""vLLM engine: the weight stream equals the HF export, the environment, the clear error without a GPU,
+the log-prob mode rule; and, wherever `vllm` imports (no GPU needed), real vLLM requests and outputs.
+
+What needs a GPU (building `vllm.LLM`, loading weights into it, generating) is not tested here.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mathgrpo import hf_io, sharding
+from mathgrpo.config import MeshConfig, RolloutConfig
+from mathgrpo.rollout import vllm_engine
+from mathgrpo.rollout.base import SamplingParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tensors handed to load_weights (CPU, no vLLM).
+
+
+def _exported(config, params, tmp_path):
+    """The reference: hf_io's bf16 safetensors export, read back by the safetensors library."""
+    import safetensors.torch
+
+    hf_io.save(config, params, tmp_path, dtype="bfloat16")
+    return safetensors.torch.load_file(os.path.join(tmp_path, "model.safetensors"))
+
+
+def _check_stream(config, params, reference):
+    import torch
+
+    pairs = list(vllm_engine.torch_weights(config, params))
+    names = [name for name, _ in pairs]
+    assert names == list(hf_io.expected_tensors(config)), "HF names, in the table's order"
+    assert sorted(names) == sorted(reference), "the same tensors as the safetensors export"
+    for name, tensor in pairs:
+        expected = reference[name]
+        assert tensor.dtype == torch.bfloat16, name
+        assert tuple(tensor.shape) == tuple(expected.shape), name
+        assert tensor.is_contiguous(), name
+        assert torch.equal(tensor, expected), name
+    return names
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_weights_tensors_equal_the_safetensors_export(tiny_hf_dir, tmp_path, tied):
+    config, params = hf_io.load(tiny_hf_dir(tie_word_embeddings=tied))
+    names = _check_stream(config, params, _exported(config, params, tmp_path))
+    assert ("lm_head.weight" in names) == (not tied)  # a tied model sends only embed_tokens
+
+
+def test_load_weights_tensors_gathered_from_sharded_params(tiny_hf_dir, tmp_path):
+    """FSDP + tensor-parallel params (8 CPU devices) are gathered to the same full tensors."""
+    path = tiny_hf_dir()
+    config, params = hf_io.load(path)
+    reference = _exported(config, params, tmp_path)
+    mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
+    config, sharded = hf_io.load(path, shardings=lambda c: sharding.param_shardings(c, mesh))
+    assert not sharded["layers"]["self_attn"]["q_proj"]["kernel"].sharding.is_fully_replicated
+    _check_stream(config, sharded, reference)
+
+
+# One of two processes (4 fake CPU devices each, gloo): the GPU topology, one process per device group.
+WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+import safetensors.torch
+from mathgrpo import hf_io, sharding
+from mathgrpo.config import MeshConfig
+from mathgrpo.rollout import vllm_engine
+coordinator, process, hf_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sharding.initialize_distributed(coordinator, 2, process)
+mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
+config, params = hf_io.load(hf_dir, shardings=lambda c: sharding.param_shardings(c, mesh))
+assert not params["layers"]["mlp"]["up_proj"]["kernel"].is_fully_addressable
+safetensors.torch.save_file({n: t.clone() for n, t in vllm_engine.torch_weights(config, params)}, out)
+jax.distributed.shutdown()
+"""
+
+
+def test_load_weights_tensors_in_every_process_of_a_multihost_mesh(tiny_hf_dir, tmp_path):
+    """2 processes x 4 devices: each process gets the full tensors (the gathers are collective)."""
+    import safetensors.torch
+    import torch
+
+    path = tiny_hf_dir()
+    config, params = hf_io.load(path)
+    reference = _exported(config, params, tmp_path / "reference")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(path),
+                                 str(tmp_path / f"out{i}.safetensors")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(logs)
+    for i in range(2):
+        streamed = safetensors.torch.load_file(tmp_path / f"out{i}.safetensors")
+        assert sorted(streamed) == sorted(reference)
+        for name, expected in reference.items():
+            assert streamed[name].dtype == torch.bfloat16 and torch.equal(streamed[name], expected), (i, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment, errors, log-prob mode (CPU, no vLLM).
+
+
+def test_environment_for_splits_the_gpu_with_one_value():
+    env = vllm_engine.environment_for(RolloutConfig(gpu_memory_utilization=0.65))
+    # JAX gets what vLLM does not, less the 0.05 margin: 1 - 0.65 - 0.05 = 0.30.
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300", "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert vllm_engine.environment_for(RolloutConfig(gpu_memory_utilization=0.5),
+                                       margin=0.1)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.400"
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.96 leaves no memory for JAX"):
+        vllm_engine.environment_for(RolloutConfig(gpu_memory_utilization=0.96))
+
+
+def test_choosing_vllm_without_cuda_is_a_clear_error(tiny_hf_dir):
+    config, params = hf_io.load(tiny_hf_dir())
+    with pytest.raises(RuntimeError) as error:
+        vllm_engine.VllmEngine(config, params, max_length=64)
+    message = str(error.value)
+    assert "needs a CUDA GPU with vLLM 0.33.0" in message
+    assert "requirements-gpu.txt" in message
+    assert "JAX runs on 'cpu'" in message
+    assert "--engine jax" in message
+    if importlib.util.find_spec("vllm") is None:
+        assert "vLLM is not installed" in message
+
+
+def test_module_imports_neither_vllm_nor_torch():
+    code = ("import sys, mathgrpo.rollout.vllm_engine; "
+            "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def _params(**changes):
+    return SamplingParams(max_tokens=4, **changes)
+
+
+def test_logprobs_mode_is_exact_for_the_settings():
+    # raw: before temperature, not renormalized → exact at T=1 with any top-k/top-p, and greedy.
+    assert vllm_engine.logprobs_mode_for(_params(temperature=1.0)) == "raw_logprobs"
+    assert vllm_engine.logprobs_mode_for(_params(temperature=1.0, top_p=0.95, top_k=20)) == "raw_logprobs"
+    assert vllm_engine.logprobs_mode_for(_params(temperature=0.0)) == "raw_logprobs"
+    # processed: after temperature, renormalized over top-k/top-p → exact only without truncation.
+    assert vllm_engine.logprobs_mode_for(_params(temperature=0.7)) == "processed_logprobs"
+    assert vllm_engine.logprobs_mode_for(_params(temperature=0.7, top_k=-1, top_p=1.0)) == "processed_logprobs"
+    with pytest.raises(ValueError, match="temperature=0.7 with top_p=0.9"):
+        vllm_engine.logprobs_mode_for(_params(temperature=0.7, top_p=0.9))
+    with pytest.raises(ValueError, match="top_k=5"):
+        vllm_engine.logprobs_mode_for(_params(temperature=1.5, top_k=5))
+    assert not vllm_engine.exact_logprobs("raw_logprobs", _params(temperature=0.6, top_p=0.95))
+    assert not vllm_engine.exact_logprobs("processed_logprobs", _params(temperature=1.0, top_p=0.95))
+    assert vllm_engine.exact_logprobs("processed_logprobs", _params(temperature=0.0))
+    with pytest.raises(ValueError, match="raw_logits"):
+        vllm_engine.exact_logprobs("raw_logits", _params())
+
+
+def test_prompt_seeds_are_distinct_deterministic_and_in_range():
+    seeds = vllm_engine.prompt_seeds(7, 100)
+    assert seeds == vllm_engine.prompt_seeds(7, 100)
+    assert seeds[:10] == vllm_engine.prompt_seeds(7, 10)
+    assert len(set(seeds)) == 100
+    assert set(seeds).isdisjoint(vllm_engine.prompt_seeds(8, 100))
+    # vLLM adds the child index (< n) to a seed; it must stay a non-negative int64.
+    assert all(isinstance(s, int) and 0 <= s < 2**62 for s in seeds)
+    assert vllm_engine.prompt_seeds(-1, 2) == vllm_engine.prompt_seeds(2**64 - 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real vLLM objects (wherever vllm imports; no GPU needed).
+
+
+def test_build_sampling_params_makes_real_vllm_params():
+    vllm = pytest.importorskip("vllm")
+    ours = SamplingParams(n=8, temperature=1.0, top_p=0.95, top_k=-1, max_tokens=300,
+                          stop_token_ids=(151643, 151645), seed=11)
+    params = vllm_engine.build_sampling_params(ours)
+    assert isinstance(params, vllm.SamplingParams)
+    assert (params.n, params.temperature, params.top_p, params.top_k) == (8, 1.0, 0.95, 0)  # -1 off → 0 off
+    assert params.max_tokens == 300 and params.stop_token_ids == [151643, 151645] and params.seed == 11
+    assert params.logprobs == 0 and params.detokenize is False and params.ignore_eos is True
+    assert params.flat_logprobs is True
+    assert vllm_engine.build_sampling_params(ours.replace(top_k=20)).top_k == 20
+    assert vllm_engine.build_sampling_params(ours, seed=5).seed == 5
+    # ignore_eos: the generation config's EOS ids do not join our stop list, and no EOS stops on its own.
+    params.update_from_generation_config({"eos_token_id": [151643, 151645, 7]}, eos_token_id=151643)
+    assert params.stop_token_ids == [151643, 151645] and params.eos_token_id is None
+    # vLLM refuses greedy n > 1, so greedy requests go out with n=1 (the prompt is repeated instead).
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="n must be 1"):
+        vllm.SamplingParams(n=4, temperature=0.0)
+    greedy = vllm_engine.build_sampling_params(ours.replace(temperature=0.0, n=4))
+    assert greedy.n == 1 and greedy.temperature == 0.0
+    with pytest.raises(ValueError, match="temperature=0.005"):
+        vllm_engine.build_sampling_params(ours.replace(temperature=0.005))
+
+
+def test_build_prompts_makes_token_prompts():
+    pytest.importorskip("vllm")
+    from vllm import TokensPrompt
+
+    prompts = vllm_engine.build_prompts([[1, 2, 3], np.array([4, 5])])
+    assert prompts == [TokensPrompt(prompt_token_ids=[1, 2, 3]), TokensPrompt(prompt_token_ids=[4, 5])]
+    assert all(type(t) is int for t in prompts[1]["prompt_token_ids"])
+    assert [p["prompt_token_ids"] for p in vllm_engine.build_prompts([[1], [2]], copies=2)] == [[1], [1], [2], [2]]
+
+
+def _completion(index, ids, logprobs, reason, stop_reason=None, flat=False, extra=()):
+    """A CompletionOutput as vLLM builds it with logprobs=0: one {token: Logprob} per position."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+    from vllm.outputs import CompletionOutput
+
+    positions = [{t: Logprob(logprob=v, rank=1)} for t, v in list(zip(ids, logprobs)) + list(extra)]
+    container = FlatLogprobs() if flat else []
+    container.extend(positions)
+    return CompletionOutput(index=index, text="", token_ids=list(ids), cumulative_logprob=float(sum(logprobs)),
+                            logprobs=container, finish_reason=reason, stop_reason=stop_reason)
+
+
+def _request(request_id, prompt, completions):
+    from vllm.outputs import RequestOutput
+
+    return RequestOutput(request_id=str(request_id), prompt=None, prompt_token_ids=list(prompt),
+                         prompt_logprobs=None, outputs=completions, finished=True)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_to_rollout_batch_reads_real_request_outputs(flat):
+    pytest.importorskip("vllm")
+    params = SamplingParams(n=2, max_tokens=4, stop_token_ids=(9,))
+    outputs = [
+        # Completions arrive out of index order; the batch orders them by index.
+        _request(0, [1, 2], [_completion(1, [5, 6, 7, 8], [-0.5, -0.6, -0.7, -0.8], "length", flat=flat),
+                             _completion(0, [3, 9], [-0.1, -0.2], "stop", stop_reason=9, flat=flat)]),
+        _request(1, [4], [_completion(0, [9], [-1.5], "stop", stop_reason=9, flat=flat),
+                          _completion(1, [6, 6, 9], [-2.0, -2.5, -3.0], "stop", stop_reason=9, flat=flat)]),
+    ]
+    batch = vllm_engine.to_rollout_batch(outputs, params)
+    np.testing.assert_array_equal(batch.prompt_index, [0, 0, 1, 1])
+    np.testing.assert_array_equal(batch.token_ids, [[3, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0], [6, 6, 9, 0]])
+    np.testing.assert_array_equal(batch.lengths, [2, 4, 1, 3])
+    np.testing.assert_allclose(batch.logprobs, [[-0.1, -0.2, 0, 0], [-0.5, -0.6, -0.7, -0.8],
+                                                [-1.5, 0, 0, 0], [-2.0, -2.5, -3.0, 0]], rtol=1e-6)
+    assert batch.token_ids.dtype == np.int32 and batch.logprobs.dtype == np.float32
+    assert batch.finish_reasons == ("stop", "length", "stop", "stop")
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_to_rollout_batch_restores_a_dropped_stop_token(flat):
+    pytest.importorskip("vllm")
+    params = SamplingParams(n=1, max_tokens=4, stop_token_ids=(9, 10))
+    # token_ids lack the stop token but the log-probs have its position: append it with that log-prob.
+    dropped = _completion(0, [3, 4], [-0.1, -0.2], "stop", stop_reason=10, flat=flat, extra=[(10, -0.3)])
+    batch = vllm_engine.to_rollout_batch([_request(0, [1], [dropped])], params)
+    assert batch.response(0) == [3, 4, 10]
+    np.testing.assert_allclose(batch.response_logprobs(0), [-0.1, -0.2, -0.3], rtol=1e-6)
+    # Without a log-prob for it there is nothing honest to put in the batch.
+    lost = _completion(0, [3, 4], [-0.1, -0.2], "stop", stop_reason=10, flat=flat)
+    with pytest.raises(RuntimeError, match="stop token 10 is missing"):
+        vllm_engine.to_rollout_batch([_request(0, [1], [lost])], params)
+
+
+def test_to_rollout_batch_greedy_repeated_requests_and_errors():
+    pytest.importorskip("vllm")
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=3, stop_token_ids=(9,))
+    # Greedy n=2 goes out as two n=1 requests per prompt, in prompt-major order.
+    outputs = [_request(i, [1], [_completion(0, [4, 9], [-0.25, -0.5], "stop", stop_reason=9)]) for i in range(4)]
+    batch = vllm_engine.to_rollout_batch(outputs, params)
+    np.testing.assert_array_equal(batch.prompt_index, [0, 0, 1, 1])
+    assert len(batch) == 4 and batch.response(3) == [4, 9]
+    with pytest.raises(ValueError, match="3 completions do not form groups of n=2"):
+        vllm_engine.to_rollout_batch(outputs[:3], params)
+    sampled = SamplingParams(n=2, max_tokens=3, stop_token_ids=(9,))
+    with pytest.raises(ValueError, match="1 completions, expected 2"):
+        vllm_engine.to_rollout_batch(outputs[:2], sampled)
+    aborted = _request(0, [1], [_completion(0, [4], [-0.25], "abort")])
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        vllm_engine.to_rollout_batch([aborted], SamplingParams(max_tokens=3))
+    wrong_stop = _request(0, [1], [_completion(0, [4, 7], [-0.25, -0.5], "stop", stop_reason=7)])
+    with pytest.raises(RuntimeError, match="stopped on 7"):
+        vllm_engine.to_rollout_batch([wrong_stop], SamplingParams(max_tokens=3, stop_token_ids=(9,)))
+    mismatched = _request(0, [1], [_completion(0, [4, 5], [-0.25, -0.5], "length")])
+    mismatched.outputs[0].logprobs[1] = {6: mismatched.outputs[0].logprobs[1][5]}
+    with pytest.raises(ValueError, match="no log-prob for its sampled token"):
+        vllm_engine.to_rollout_batch([mismatched], SamplingParams(max_tokens=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a GPU with vLLM only: `JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 pytest -m gpu tests/test_vllm_engine.py`
+# (never run on the development machines, which have no GPU).
+
+needs_gpu = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or jax.default_backend() != "gpu",
+                               reason="needs a CUDA GPU with vLLM 0.33.0")
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11]]
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(tiny_hf_dir):
+    config, params = hf_io.load(tiny_hf_dir(), dtype="bfloat16")  # exactly the weights vLLM receives
+    engine = vllm_engine.VllmEngine(config, params, max_length=64, enforce_eager=True,
+                                    rollout=RolloutConfig(gpu_memory_utilization=0.3))
+    yield config, params, engine
+    engine.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_samples_carry_the_models_log_probs(gpu_engine):
+    from mathgrpo.model import logits
+
+    config, params, engine = gpu_engine
+    sampling = SamplingParams(n=3, max_tokens=12, stop_token_ids=(2,), seed=1)
+    batch = engine.generate(PROMPTS, sampling)
+    np.testing.assert_array_equal(batch.prompt_index, [0, 0, 0, 1, 1, 1])
+    for r in range(len(batch)):
+        prompt, response = PROMPTS[r // 3], batch.response(r)
+        assert (batch.finish_reasons[r] == "stop") == (response[-1] == 2)
+        full = np.asarray(logits(config, params, np.asarray([prompt + response])))[0]  # fp32 [T, V]
+        expected = jax.nn.log_softmax(full[len(prompt) - 1: -1], axis=-1)[np.arange(len(response)), response]
+        # bf16 vLLM vs bf16-compute JAX on the same weights: a small numerical gap, no log(mass) bias.
+        np.testing.assert_allclose(batch.response_logprobs(r), expected, atol=0.1)
+    again = engine.generate(PROMPTS, sampling)
+    np.testing.assert_array_equal(again.token_ids, batch.token_ids)  # same seed, same samples
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_sleep_wake_and_both_weight_syncs(gpu_engine):
+    _, params, engine = gpu_engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(2,))
+    before = engine.generate(PROMPTS, greedy)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS, greedy)
+    engine.update_weights(jax.tree.map(lambda x: -x, params))  # other weights: other answers
+    changed = engine.generate(PROMPTS, greedy)
+    assert not np.allclose(changed.logprobs[:, 0], before.logprobs[:, 0])
+    engine.update_weights(params)  # awake: no sleep/wake around it
+    np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, before.token_ids)
+    engine.weight_sync = "safetensors"
+    try:
+        engine.update_weights(jax.tree.map(lambda x: -x, params))
+        np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, changed.token_ids)
+        engine.update_weights(params)
+        np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, before.token_ids)
+    finally:
+        engine.weight_sync = "dlpack"
