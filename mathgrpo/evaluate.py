@@ -238,25 +238,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str):
     """(ModelConfig, params, tokenizer dir) from a HF directory or an Orbax params checkpoint."""
-    import jax
+    from mathgrpo import checkpoint
 
-    from mathgrpo import checkpoint, hf_io
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config, params = hf_io.load(path, dtype=dtype, attention=attention)
-        return config, params, tokenizer_dir or path
-    if os.path.isdir(os.path.join(path, "meta")):
-        meta = checkpoint.read_meta(path)
-        tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
-        if not tokenizer_dir:
-            raise SystemExit(f"{path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
-        config, params, _ = checkpoint.restore_params(path, attention=attention)
-        if config.param_dtype != dtype:
-            params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
-            config = config.replace(param_dtype=dtype)
-        return config, params, tokenizer_dir
-    raise SystemExit(f"--model {path}: neither a HF model directory (no config.json) nor an Orbax params "
-                     "checkpoint (no meta/)")
+    try:
+        config, params, tokenizer_dir, _ = checkpoint.load_model(path, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                                                                 attention=attention)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--model {error}") from None
+    if not tokenizer_dir:
+        raise SystemExit(f"{path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
+    return config, params, tokenizer_dir
 
 
 def main(args: argparse.Namespace) -> int:

@@ -65,16 +65,9 @@ def load_policy(config: ExperimentConfig, mesh) -> tuple[ModelConfig, Any, str]:
     def shardings(model_config):
         return sharding.param_shardings(model_config, mesh, rules)
 
-    if os.path.exists(os.path.join(source.path, "config.json")):
-        model_config, params = hf_io.load(source.path, dtype=source.param_dtype, shardings=shardings,
-                                          **{k: v for k, v in source.runtime().items() if k != "param_dtype"})
-        tokenizer = source.tokenizer or source.path
-    elif os.path.isdir(os.path.join(source.path, "meta")):
-        model_config, params, meta = checkpoint.restore_params(source.path, shardings=shardings, **source.runtime())
-        tokenizer = source.tokenizer or meta.get("tokenizer_dir")
-    else:
-        raise FileNotFoundError(f"model.path={source.path!r} is neither a HF directory (config.json) nor an "
-                                "Orbax params checkpoint (meta/)")
+    runtime = {k: v for k, v in source.runtime().items() if k != "param_dtype"}
+    model_config, params, tokenizer, _ = checkpoint.load_model(
+        source.path, dtype=source.param_dtype, tokenizer_dir=source.tokenizer, shardings=shardings, **runtime)
     if tokenizer is None:
         raise FileNotFoundError("no tokenizer: set model.tokenizer (the checkpoint records none)")
     return model_config, params, tokenizer

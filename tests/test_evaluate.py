@@ -48,6 +48,9 @@ class ScriptedEngine:
             finish_reasons=tuple("stop" if ids[-1] in self.stop_token_ids else "length" for ids in rows),
         )
 
+    def sleep(self):
+        pass
+
     def update_weights(self, params):
         pass
 

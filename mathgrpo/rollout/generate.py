@@ -38,25 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_policy(path: str, tokenizer_dir: str | None, dtype: str):
     """(ModelConfig, params, tokenizer dir, generation config or None) from a HF dir or an Orbax checkpoint."""
-    from mathgrpo import checkpoint, hf_io
+    from mathgrpo import checkpoint
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config, params = hf_io.load(path, dtype=dtype)
-        return config, params, tokenizer_dir or path, hf_io.read_generation_config(path)
-    if os.path.isdir(os.path.join(path, "meta")):
-        meta = checkpoint.read_meta(path)
-        tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
-        if not tokenizer_dir:
-            raise SystemExit(f"--model {path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
-        config, params, meta = checkpoint.restore_params(path)
-        if config.param_dtype != dtype:
-            import jax
-
-            params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
-            config = config.replace(param_dtype=dtype)
-        return config, params, tokenizer_dir, meta.get("generation_config")
-    raise SystemExit(f"--model {path}: neither a HF model directory (no config.json) nor an Orbax params "
-                     "checkpoint (no meta/)")
+    try:
+        config, params, tokenizer_dir, generation_config = checkpoint.load_model(path, dtype=dtype,
+                                                                                 tokenizer_dir=tokenizer_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--model {error}") from None
+    if not tokenizer_dir:
+        raise SystemExit(f"--model {path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
+    return config, params, tokenizer_dir, generation_config
 
 
 def stop_token_ids(tokenizer, generation_config: dict | None) -> tuple[int, ...]:
