@@ -66,8 +66,10 @@ def prompt_text(number: int, a: int, b: int) -> str:
     return f"problem {number}: {a}+{b}=?"
 
 
-def response_text(a: int, b: int) -> str:
-    return f"\\boxed{{{a + b}}}"
+def response_text(a: int, b: int, answer: int | None = None) -> str:
+    """A response: restate the sum, then the boxed answer (a one-step "chain of thought" that puts the
+    operands right before the answer, where a two-layer model can attend to them)."""
+    return f"{a}+{b}=\\boxed{{{a + b if answer is None else answer}}}"
 
 
 def write_parquet(path: str | os.PathLike, pairs: list[tuple[int, int, int]], split: str) -> None:
@@ -85,16 +87,21 @@ def write_parquet(path: str | os.PathLike, pairs: list[tuple[int, int, int]], sp
     pq.write_table(pa.Table.from_pylist(rows), os.fspath(path))
 
 
-def write_sft_jsonl(path: str | os.PathLike, pairs: list[tuple[int, int, int]]) -> None:
-    """Supervised pairs for the warm start: the prompt chat and the target response."""
+def write_sft_jsonl(path: str | os.PathLike, pairs: list[tuple[int, int, int]], *, noise: float, seed: int) -> None:
+    """Demonstrations for the warm start: the prompt chat and a target response, a `noise` fraction of
+    them off by one (a+b+1). Imitating them gives the weak base policy the demo starts GRPO from: it
+    writes `\\boxed{}` and knows the sums, but is right only part of the time — what a verifiable
+    reward can fix and imitation cannot."""
+    rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for k, a, b in pairs:
+            answer = a + b + 1 if rng.random() < noise else a + b
             f.write(json.dumps({"messages": [{"role": "user", "content": prompt_text(k, a, b)}],
-                                "response": response_text(a, b)}) + "\n")
+                                "response": response_text(a, b, answer)}) + "\n")
 
 
 def build_task(directory: str | os.PathLike, *, train_size: int = 1024, held_out: int = 64, seed: int = 0,
-               operand_limit: int = 10) -> dict:
+               operand_limit: int = 10, noise: float = 0.5) -> dict:
     """Writes tokenizer/, train.parquet, val.parquet and sft.jsonl under `directory`; returns their paths."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -107,7 +114,7 @@ def build_task(directory: str | os.PathLike, *, train_size: int = 1024, held_out
     }
     write_parquet(paths["train"], train, "train")
     write_parquet(paths["val"], val, "val")
-    write_sft_jsonl(paths["sft"], train)
+    write_sft_jsonl(paths["sft"], train, noise=noise, seed=seed)
     return paths
 
 
@@ -119,7 +126,7 @@ def build_model(directory: str | os.PathLike, tokenizer_dir: str, *, seed: int =
     from mathgrpo.config import ModelConfig
     from mathgrpo.model import init_params
 
-    values = dict(vocab_size=vocab_size(), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    values = dict(vocab_size=vocab_size(), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
                   tie_word_embeddings=True, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
                   compute_dtype="float32")

@@ -1,15 +1,18 @@
 """`make demo`: the main job on the embedded default — GRPO that visibly learns, on a laptop CPU.
 
-1. Builds the task (mathgrpo/demo_task.py): "a+b=?" problems in verl's parquet schema (64 held-out
-   pairs), a character-level HF tokenizer with a chat template, a randomly initialized tiny Qwen3.
-2. Warm start: `python -m mathgrpo sft` teaches the format (`\\boxed{a+b}`) — a weak base policy.
+1. Builds the task (mathgrpo/demo_task.py): "problem 417: 3+8=?" in verl's parquet schema (1,024
+   training prompts, 64 held-out ones), a character-level HF tokenizer with a chat template, and a
+   randomly initialized tiny Qwen3 (2 layers, width 128).
+2. Warm start: `python -m mathgrpo sft` imitates demonstrations "3+8=\\boxed{11}", half of them off
+   by one — a weak base policy that writes `\\boxed{}` and is right about 40% of the time.
 3. GRPO: `python -m mathgrpo train --config configs/demo_cpu.yaml` — the same trainer, JAX rollout,
    `math_reward`, train step, Orbax checkpoints and metrics as the 4B recipe. Validation runs before
    training and every 10 steps on the held-out pairs.
 4. Prints held-out accuracy before and after and where everything is: runs/demo/grpo holds
    metrics.jsonl, TensorBoard events, curves.png, validation generations, Orbax checkpoints and the
    HF export of the final policy.
-Exits non-zero if held-out accuracy did not rise.
+Exits non-zero if held-out accuracy did not rise. On the 2-core development machine: 0.410 → 0.848
+in about 5 minutes (the run is deterministic on a given CPU).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def main() -> int:
     paths = demo_task.build_task(os.path.join(RUN, "task"))
     demo_task.build_model(os.path.join(RUN, "init"), paths["tokenizer"])
     print(f"task and tiny random Qwen3 written under {RUN}")
-    cli("sft", "--config", CONFIG, "--data", paths["sft"], "--steps", "60", "--batch-size", "32", "--lr", "3e-3",
+    cli("sft", "--config", CONFIG, "--data", paths["sft"], "--steps", "200", "--batch-size", "32", "--lr", "3e-3",
         "--out", os.path.join(RUN, "sft"), "model.path=" + os.path.join(RUN, "init"))
     cli("train", "--config", CONFIG)
 
@@ -54,7 +57,8 @@ def main() -> int:
     first, last = scores[:5], scores[-5:]
     print(f"critic/score/mean: first steps {sum(v for _, v in first) / len(first):.3f} → "
           f"last steps {sum(v for _, v in last) / len(last):.3f}")
-    print(f"before GRPO {before:.3f} → after {after:.3f} ({after - before:+.3f}) in {time.time() - start:.0f} s")
+    print(f"before GRPO {before:.3f} → after {after:.3f} ({after - before:+.3f}) in {time.time() - start:.0f} s"
+          f" — {'meets' if after - before >= 0.30 else 'MISSES'} the demo's +0.30 target")
     print(f"run directory: {run_dir}: {sorted(os.listdir(run_dir))}")
     return 0 if after > before else 1
 
