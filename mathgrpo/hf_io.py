@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from mathgrpo.config import ModelConfig
-from mathgrpo.model import abstract_params  # noqa: F401  (re-exported for callers building shardings)
+from mathgrpo.model import abstract_params
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),

@@ -203,4 +203,4 @@ def plan_devices(mesh_config: MeshConfig) -> list:
     if len(cpu) < needed:
         raise RuntimeError(f"the mesh needs {needed} devices; found {len(devices)} and {len(cpu)} CPU devices "
                            "(run through `python -m mathgrpo plan`, which sets up fake CPU devices)")
-    return cpu[:max(needed, len(cpu)) if -1 in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) else needed]
+    return cpu if -1 in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) else cpu[:needed]

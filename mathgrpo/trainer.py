@@ -258,7 +258,6 @@ def train(config: ExperimentConfig) -> dict:
             corr = {k: float(v) for k, v in grpo.rollout_correction_metrics(
                 old, rollout_lp, mask, threshold=config.grpo.rollout_is_threshold).items()}
             step_metrics = {**actor, **corr}
-            step_metrics["actor/entropy"] = actor.pop("actor/entropy", float("nan"))
             last = step == total_steps
             if val_records and (step % trainer_cfg.test_freq == 0 or last):
                 with timer("testing"):

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mathgrpo import checkpoint, hf_io
+from mathgrpo.model import abstract_params
 from tests.test_hf_io import SHAPE, all_tensors, assert_bitwise_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def test_restore_into_shardings_equals_source(tiny_hf_dir, tmp_path):
     def shardings(config):
         return jax.tree.map(
             lambda leaf: NamedSharding(mesh, PartitionSpec(*(["fsdp"] if leaf.shape[0] % 8 == 0 else [None]))),
-            hf_io.abstract_params(config))
+            abstract_params(config))
 
     restored_config, restored, _ = checkpoint.restore_params(tmp_path / "ckpt", shardings=shardings)
     assert restored_config == config

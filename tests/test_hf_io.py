@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mathgrpo import hf_io
 from mathgrpo.config import ConfigError
-from mathgrpo.model import logits
+from mathgrpo.model import abstract_params, logits
 
 SHAPE = dict(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3, head_dim=16)
 
@@ -94,7 +94,7 @@ def test_load_straight_into_shardings(tiny_hf_dir):
                     axes[axis] = "fsdp"
                     break
             return NamedSharding(mesh, PartitionSpec(*axes))
-        return jax.tree.map(one, hf_io.abstract_params(config))
+        return jax.tree.map(one, abstract_params(config))
 
     config, sharded = hf_io.load(source, shardings=shardings)
     expected_shardings = shardings(config)
