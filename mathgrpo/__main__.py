@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_arguments(commands.add_parser(
         "generate", help="sample completions of one chat prompt (chat template; JAX sampler or vLLM)"))
 
+    from mathgrpo import bench  # light: JAX and torch start only when the command runs
+
+    bench.add_arguments(commands.add_parser(
+        "bench", help="throughput of train step, log-probs, sampler, reward vs torch/HF, in one run"))
+
     plan = commands.add_parser("plan", help="compile ahead of time on abstract arrays: per-device memory and FLOPs")
     plan.add_argument("--config", required=True)
     plan.add_argument("overrides", nargs="*", help="key.path=value")
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.format_report(report))
         print(json.dumps(report))
         return 0
+    if args.command == "bench":
+        from mathgrpo import bench
+
+        return bench.main(args)
     if args.command == "parity":
         from mathgrpo import parity
 

@@ -1,0 +1,440 @@
+"""The `bench` command: throughput of our hot paths next to a PyTorch / transformers reference, one run.
+
+    python -m mathgrpo bench [--quick | --tiny] [--out bench.json]
+
+Measured side by side in one process, interleaved (ours, theirs, ours, theirs, ...) after a warm-up,
+each number the median of the repeats, so a noisy shared machine skews both sides alike and the
+ratios (ours / theirs) are what to read:
+
+- train_step: forward + backward + AdamW on the GRPO loss (fp32), ours (`make_train_step` on a packed
+  batch) vs `transformers.Qwen3ForCausalLM` with the same weights and the same loss written in torch;
+  also achieved FLOP/s (`metrics.flops_per_step`) and its fraction of this machine's fp32 matmul peak.
+- logprob: the no-grad log-prob pass vs a torch.no_grad() forward + log_softmax gather.
+- sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens.
+- reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
+- plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
+- recompiles_after_warmup: traces of the train step and sampler after the warm-up (must be 0).
+
+Prints a table, then one JSON line; `--out` also writes the JSON. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchSize:
+    """Model shape and workload of one benchmark size."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    sequence_lengths: tuple[int, ...]  # prompt + response tokens of each train/logprob sequence
+    prompt_length: int  # of each train sequence
+    row_length: int  # micro-batch row budget (packing)
+    sampler_prompts: int
+    sampler_n: int
+    sampler_prompt_length: int
+    sampler_new_tokens: int
+    reward_responses: int
+    repeats: int  # timed repeats of train step / logprob
+    sampler_repeats: int
+    matmul_size: int
+
+
+SIZES = {
+    "full": BenchSize(layers=4, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536, vocab=151_936,
+                      # 256 new tokens and 3 repeats are the target; on 2 shared cores that takes ~30 min
+                      # (the torch side dominates), so the full run uses 32 new tokens and 1 repeat.
+                      sequence_lengths=(1024, 512), prompt_length=128, row_length=1024,
+                      sampler_prompts=8, sampler_n=8, sampler_prompt_length=64, sampler_new_tokens=32,
+                      reward_responses=500, repeats=1, sampler_repeats=1, matmul_size=2048),
+    "quick": BenchSize(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=32_000,
+                       sequence_lengths=(128, 128, 96, 64), prompt_length=32, row_length=128,
+                       sampler_prompts=2, sampler_n=8, sampler_prompt_length=16, sampler_new_tokens=32,
+                       reward_responses=200, repeats=3, sampler_repeats=2, matmul_size=1024),
+    "tiny": BenchSize(layers=1, hidden=64, heads=2, kv_heads=1, head_dim=32, intermediate=128, vocab=512,
+                      sequence_lengths=(32, 24, 16), prompt_length=8, row_length=32,
+                      sampler_prompts=2, sampler_n=2, sampler_prompt_length=8, sampler_new_tokens=8,
+                      reward_responses=24, repeats=2, sampler_repeats=1, matmul_size=256),
+}
+
+PLAN_CONFIG = "configs/qwen3_4b_base_grpo.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a one-minute version (smaller model, no plan)")
+    size.add_argument("--tiny", action="store_true", help="smallest sizes, for tests (seconds; no plan)")
+    parser.add_argument("--out", default=None, help="also write the JSON results here")
+    parser.add_argument("--new-tokens", type=int, default=None, help="override the size's sampler new tokens")
+    parser.add_argument("--repeats", type=int, default=None, help="override the size's timed repeats")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def interleaved(sides: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each side's callable, run alternately after one warm-up call each."""
+    for run in sides.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, run in sides.items():
+            times[name].append(timed(run))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_flops_per_s(size: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 FLOP/s of one jitted [size, size] @ [size, size]: this machine's matmul peak."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = min(timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def make_sequences(size: BenchSize, vocab: int, seed: int, lengths=None):
+    """Random prompts/responses with the given total lengths, advantages and rollout log-probs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = lengths or size.sequence_lengths
+    prompts = [rng.integers(3, vocab, size.prompt_length) for _ in lengths]
+    responses = [rng.integers(3, vocab, n - size.prompt_length) for n in lengths]
+    advantages = rng.normal(size=len(lengths))
+    return prompts, responses, advantages
+
+
+def torch_grpo_loss(model, prompts, responses, advantages):
+    """The same token-mean GRPO loss in torch, sequences right-padded to one batch.
+
+    ratio = exp(logp - logp.detach()) (on-policy: value 1, gradient of logp); loss = -mean(A * ratio)."""
+    import torch
+
+    ids, mask, response_mask, adv = padded_batch(prompts, responses, advantages)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [B, T-1, V]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    ratio = torch.exp(logp - logp.detach())
+    return -(adv[:, None] * ratio * response_mask).sum() / response_mask.sum()
+
+
+def padded_batch(prompts, responses, advantages):
+    import numpy as np
+    import torch
+
+    longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = np.zeros((len(prompts), longest), np.int64)
+    mask = np.zeros_like(ids)
+    response_mask = np.zeros((len(prompts), longest - 1), np.float32)  # aligned with the shifted targets
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[i, :n] = np.concatenate([p, r])
+        mask[i, :n] = 1
+        response_mask[i, len(p) - 1:n - 1] = 1
+    return (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(response_mask),
+            torch.tensor(np.asarray(advantages, np.float32)))
+
+
+def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[str]]:
+    """Train step, log-prob pass, sampler and recompiles: ours vs torch on the same weights."""
+    import jax
+    import numpy as np
+    import torch
+
+    from mathgrpo import hf_io, metrics, packing, train_step
+    from mathgrpo.config import GRPOConfig, OptimConfig
+    from mathgrpo.rollout.base import SamplingParams
+    from mathgrpo.rollout.jax_sampler import JaxSampler
+    from mathgrpo.tiny import make_tiny_qwen3
+
+    torch_model = make_tiny_qwen3(
+        work_dir, seed=seed, vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        head_dim=size.head_dim, max_position_embeddings=max(size.row_length, 2048))
+    config, params = hf_io.load(work_dir, compute_dtype="float32")
+    results: dict = {}
+    notes: list[str] = []
+
+    # --- train step ---------------------------------------------------------------------------
+    algo = GRPOConfig(rollout_is=None, micro_batch_tokens=size.row_length)
+    optim = OptimConfig(lr=1e-6)
+    prompts, responses, advantages = make_sequences(size, config.vocab_size, seed)
+    batch, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=size.row_length)
+    step = train_step.make_train_step(config, algo, optim)
+    holder = {"state": train_step.init_train_state(jax.tree.map(np.array, params), optim)}
+
+    def ours_train():
+        holder["state"], out = step(holder["state"], batch)  # the state is donated: keep the new one
+        jax.block_until_ready(out["metrics"])
+
+    torch_model.train()
+    torch_optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-6, weight_decay=0.01)
+
+    def torch_train():
+        torch_optimizer.zero_grad(set_to_none=True)
+        torch_grpo_loss(torch_model, prompts, responses, advantages).backward()
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
+        torch_optimizer.step()
+
+    tokens = sum(size.sequence_lengths)
+    seconds = interleaved({"ours": ours_train, "torch": torch_train}, size.repeats)
+    traces_after_warmup = {"train_step": step.jitted._cache_size()}
+    # Same bucket, other response lengths: must reuse the compiled step.
+    for shift in (1, 2):
+        other = make_sequences(size, config.vocab_size, seed + shift,
+                               lengths=tuple(max(size.prompt_length + 1, n - shift) for n in size.sequence_lengths))
+        other_batch, _ = packing.pack(*other, num_rows=1, row_length=size.row_length)
+        if other_batch.tokens.shape != batch.tokens.shape:
+            notes.append(f"train batch shape changed with shift {shift}; recompile expected")
+        holder["state"], out = step(holder["state"], other_batch)
+        jax.block_until_ready(out["metrics"])
+    flops = metrics.flops_per_step(config, size.sequence_lengths)
+    results["train_step"] = {
+        "tokens": tokens,
+        "seconds": seconds["ours"],
+        "torch_seconds": seconds["torch"],
+        "tokens_per_s": tokens / seconds["ours"],
+        "torch_tokens_per_s": tokens / seconds["torch"],
+        "ratio_vs_torch": seconds["torch"] / seconds["ours"],
+        "flops_per_step": flops,
+        "achieved_flops_per_s": flops / seconds["ours"],
+        "torch_achieved_flops_per_s": flops / seconds["torch"],
+    }
+    del holder["state"]
+
+    # --- log-prob pass ------------------------------------------------------------------------
+    logprob_fn = train_step.make_logprob_fn(config, algo)
+    torch_model.eval()
+    ids, mask, _, _ = padded_batch(prompts, responses, advantages)
+
+    def ours_logprob():
+        jax.block_until_ready(logprob_fn(params, batch))
+
+    def torch_logprob():
+        with torch.no_grad():
+            logits = torch_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])
+
+    seconds = interleaved({"ours": ours_logprob, "torch": torch_logprob}, size.repeats)
+    results["logprob"] = {
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds["ours"],
+        "torch_tokens_per_s": tokens / seconds["torch"],
+        "ratio_vs_torch": seconds["torch"] / seconds["ours"],
+    }
+
+    # --- sampler ------------------------------------------------------------------------------
+    rng = np.random.default_rng(seed)
+    M = size.sampler_new_tokens
+    sampler_prompts = [rng.integers(3, config.vocab_size, size.sampler_prompt_length).tolist()
+                       for _ in range(size.sampler_prompts)]
+    sampler = JaxSampler(config, params, max_length=size.sampler_prompt_length + M)
+    sampling = SamplingParams(n=size.sampler_n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=M,
+                              stop_token_ids=(), seed=seed)
+    hf_ids = torch.tensor([p for p in sampler_prompts for _ in range(size.sampler_n)])  # equal lengths: no pad
+
+    def ours_sample():
+        out = sampler.generate(sampler_prompts, sampling)
+        assert int(out.lengths.min()) == M, "a row stopped early: both sides must make M tokens"
+
+    def hf_sample():
+        with torch.no_grad():
+            out = torch_model.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=True,
+                                       temperature=1.0, top_p=1.0, top_k=0, use_cache=True, max_new_tokens=M,
+                                       min_new_tokens=M, pad_token_id=0)
+        assert out.shape[1] == hf_ids.shape[1] + M
+
+    seconds = interleaved({"ours": ours_sample, "hf": hf_sample}, size.sampler_repeats)
+    sampler_traces = sum(sampler.trace_counts.values())
+    # Shorter prompts in the same bucket and another seed: must reuse the compiled prefill/decode.
+    shorter = [p[: max(1, len(p) - 3)] for p in sampler_prompts]
+    sampler.generate(shorter, dataclasses.replace(sampling, seed=seed + 1))
+    new_tokens = size.sampler_prompts * size.sampler_n * M
+    results["sampler"] = {
+        "sequences": size.sampler_prompts * size.sampler_n,
+        "new_tokens_per_sequence": M,
+        "tokens_per_s": new_tokens / seconds["ours"],
+        "hf_generate_tokens_per_s": new_tokens / seconds["hf"],
+        "ratio_vs_hf_generate": seconds["hf"] / seconds["ours"],
+    }
+    results["recompiles"] = {
+        "train_step": step.jitted._cache_size() - traces_after_warmup["train_step"],
+        "sampler": sum(sampler.trace_counts.values()) - sampler_traces,
+    }
+    results["model"] = {"layers": size.layers, "hidden": size.hidden, "vocab": size.vocab,
+                        "parameters": metrics.dense_parameters(config)}
+    return results, notes
+
+
+def realistic_responses(count: int, seed: int) -> tuple[list[str], list[str]]:
+    """Responses to MATH-500 ground truths: correct boxed, wrong boxed, unboxed, and fraction forms."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.parquet"
+    truths = [row["ground_truth"] for row in pq.read_table(path, columns=["reward_model"]).column(0).to_pylist()]
+    rng = np.random.default_rng(seed)
+    reasoning = ("Let me think step by step. First we rewrite the expression and simplify both sides; "
+                 "substituting the known values gives a linear equation, which we solve. ") * 4
+    responses, ground_truths = [], []
+    for i in range(count):
+        truth = truths[i % len(truths)]
+        kind = i % 4
+        if kind == 0:
+            answer = f"\\boxed{{{truth}}}"
+        elif kind == 1:
+            answer = f"\\boxed{{{int(rng.integers(2, 999))}}}"
+        elif kind == 2:
+            answer = f"The answer is {truth}."
+        else:
+            a, b = int(rng.integers(1, 50)), int(rng.integers(2, 50))
+            answer = f"\\boxed{{\\frac{{{a}}}{{{b}}}}}" if i % 8 == 3 else f"\\boxed{{\\dfrac{{{a * 2}}}{{{b * 2}}}}}"
+            truth = f"\\frac{{{a}}}{{{b}}}"
+        responses.append(f"{reasoning}Therefore, the final answer is {answer}")
+        ground_truths.append(truth)
+    return responses, ground_truths
+
+
+def bench_reward(size: BenchSize, seed: int) -> dict:
+    from mathgrpo.reward import RewardPool, score_batch
+
+    responses, truths = realistic_responses(size.reward_responses, seed)
+    with RewardPool(num_workers=2) as pool:
+        score_batch(responses[:8], truths[:8], pool=pool)  # warm-up: starts the workers
+        seconds = statistics.median(timed(lambda: score_batch(responses, truths, pool=pool)) for _ in range(2))
+        scores, info = score_batch(responses, truths, pool=pool)
+    return {"responses": len(responses), "responses_per_s": len(responses) / seconds,
+            "mean_score": sum(scores) / len(scores), "expensive": info["expensive"], "timeouts": info["timeouts"]}
+
+
+def bench_plan() -> dict:
+    """Per-device peak bytes and FLOPs of the 4B recipe's step, from `python -m mathgrpo plan`'s JSON line."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan asks for its own fake devices
+    done = subprocess.run([sys.executable, "-m", "mathgrpo", "plan", "--config", PLAN_CONFIG], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"plan failed ({done.returncode}): {done.stderr[-2000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def _plan_number(report: dict, *names: str):
+    """The first of `names` found (at top level or one level down) in the plan report."""
+    for name in names:
+        if name in report:
+            return report[name]
+        for value in report.values():
+            if isinstance(value, dict) and name in value:
+                return value[name]
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size_name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    size = SIZES[size_name]
+    if args.new_tokens is not None:
+        size = dataclasses.replace(size, sampler_new_tokens=args.new_tokens)
+    if args.repeats is not None:
+        size = dataclasses.replace(size, repeats=args.repeats)
+    started = time.perf_counter()
+    results: dict = {"size": size_name, "threads": args.threads, "notes": [],
+                     "sizes": dataclasses.asdict(size)}
+    results["machine"] = {"matmul_flops_per_s": matmul_flops_per_s(size.matmul_size),
+                          "cpu": cpu_model(), "cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="mathgrpo-bench-") as work_dir:
+        model_results, notes = bench_model(size, args.seed, work_dir)
+    results.update(model_results)
+    results["notes"] += notes
+    peak = results["machine"]["matmul_flops_per_s"]
+    results["train_step"]["fraction_of_matmul_peak"] = results["train_step"]["achieved_flops_per_s"] / peak
+    results["reward"] = bench_reward(size, args.seed)
+    if size_name == "full":
+        report = bench_plan()
+        results["plan"] = {"per_device_peak_bytes": _plan_number(report, "per_device_peak_bytes", "peak_bytes"),
+                           "flops_per_step_estimate": _plan_number(report, "flops_per_step_estimate", "flops")}
+    else:
+        results["plan"] = {"per_device_peak_bytes": None, "flops_per_step_estimate": None}
+        results["notes"].append(f"plan skipped under --{size_name} (run the full bench for the 4B plan)")
+    results["recompiles_after_warmup"] = int(sum(results["recompiles"].values()))
+    results["seconds"] = time.perf_counter() - started
+    print(format_table(results))
+    print(json.dumps(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _si(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.2f}"
+
+
+def format_table(r: dict) -> str:
+    t, lp, s = r["train_step"], r["logprob"], r["sampler"]
+    rows = [
+        ("measure", "ours", "reference", "ours/ref"),
+        ("train_step tokens/s", _si(t["tokens_per_s"]), _si(t["torch_tokens_per_s"]), f"{t['ratio_vs_torch']:.2f}"),
+        ("logprob tokens/s", _si(lp["tokens_per_s"]), _si(lp["torch_tokens_per_s"]), f"{lp['ratio_vs_torch']:.2f}"),
+        ("sampler new tokens/s", _si(s["tokens_per_s"]), _si(s["hf_generate_tokens_per_s"]),
+         f"{s['ratio_vs_hf_generate']:.2f}"),
+        ("train_step FLOP/s", _si(t["achieved_flops_per_s"]), _si(r["machine"]["matmul_flops_per_s"]),
+         f"{t['fraction_of_matmul_peak']:.2f}"),
+        ("reward responses/s", _si(r["reward"]["responses_per_s"]), "-", "-"),
+        ("plan 4B peak bytes/device", _si(r["plan"]["per_device_peak_bytes"]), "-", "-"),
+        ("plan 4B FLOPs/step", _si(r["plan"]["flops_per_step_estimate"]), "-", "-"),
+        ("recompiles after warm-up", str(r["recompiles_after_warmup"]), "-", "-"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"bench ({r['size']}, {r['machine']['cpu']}, {r['threads']} torch threads; reference = torch / "
+             "HF generate / matmul peak)"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines += [f"note: {note}" for note in r["notes"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
