@@ -50,9 +50,13 @@ def bootstrap_sizes(n: int) -> list[int]:
     return [] if n < 2 else [1 << e for e in range(1, n.bit_length()) if 1 << e < n] + [n]
 
 
-def default_stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus `<|im_end|>` and `<|endoftext|>` where the vocabulary has them."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+def default_stop_token_ids(tokenizer, generation_config: dict | None = None) -> tuple[int, ...]:
+    """The generation config's EOS ids (when given), the tokenizer's EOS, then `<|im_end|>` and
+    `<|endoftext|>` where the vocabulary has them."""
+    eos = (generation_config or {}).get("eos_token_id")
+    ids = [int(i) for i in eos] if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
     vocabulary = tokenizer.get_vocab()
     ids += [int(vocabulary[token]) for token in STOP_TOKENS if token in vocabulary]
     return tuple(dict.fromkeys(ids))  # unique, in order

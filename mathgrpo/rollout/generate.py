@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,17 +47,6 @@ def load_policy(path: str, tokenizer_dir: str | None, dtype: str):
     if not tokenizer_dir:
         raise SystemExit(f"--model {path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
     return config, params, tokenizer_dir, generation_config
-
-
-def stop_token_ids(tokenizer, generation_config: dict | None) -> tuple[int, ...]:
-    """The generation config's EOS ids, the tokenizer's EOS, then <|im_end|> and <|endoftext|> if known."""
-    eos = (generation_config or {}).get("eos_token_id")
-    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    vocabulary = tokenizer.get_vocab()
-    ids += [vocabulary[token] for token in STOP_TOKENS if token in vocabulary]
-    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def chat_prompt_ids(tokenizer, message: str) -> list[int]:
@@ -91,7 +79,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"generate: {error}") from None
     config, weights, tokenizer_dir, generation_config = load_policy(args.model, args.tokenizer, args.dtype)
     tokenizer = load_tokenizer(tokenizer_dir)
-    params = params.replace(stop_token_ids=stop_token_ids(tokenizer, generation_config))
+    from mathgrpo.evaluate import default_stop_token_ids
+
+    params = params.replace(stop_token_ids=default_stop_token_ids(tokenizer, generation_config))
     prompt = chat_prompt_ids(tokenizer, args.prompt)
     max_length = len(prompt) + args.max_tokens
     if args.engine == "vllm":
