@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", help="key.path=value")
     plan.add_argument("--naive", action="store_true",
                       help="plan the step without memory work (O(T²) attention, no remat, full fp32 logits)")
+    plan.add_argument("--described-devices", action="store_true",
+                      help="on a GPU machine, compile for described GPUs even when enough real ones exist")
     return parser
 
 
@@ -83,9 +85,9 @@ def _fake_devices_for(config_path: str, overrides: list[str]) -> None:
     import math
     import os
 
-    from mathgrpo.config import apply_overrides, read_yaml
+    from mathgrpo.config import config_data
 
-    mesh = apply_overrides(read_yaml(config_path), overrides).get("mesh", {})
+    mesh = config_data(config_path, overrides).get("mesh", {})
     sizes = [mesh.get(axis, default) for axis, default in (("data", 1), ("fsdp", -1), ("tensor", 1))]
     count = math.prod(s for s in sizes if s != -1) * (8 if -1 in sizes else 1)
     flags = os.environ.get("XLA_FLAGS", "")
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         from mathgrpo.config import load_config
 
         config = load_config(args.config, args.overrides)
-        report = plan.plan(plan.inputs_from_config(config, naive=args.naive), plan.plan_devices(config.mesh))
+        devices = plan.plan_devices(config.mesh, described=args.described_devices)
+        report = plan.plan(plan.inputs_from_config(config, naive=args.naive, platform=devices[0].platform), devices)
         print(plan.format_report(report))
         print(json.dumps(report))
         return 0

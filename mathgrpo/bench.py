@@ -85,6 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="override the size's timed repeats")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    mfu = parser.add_argument_group("MFU (`--mfu`: the 4B shapes' train step on one accelerator; bench_mfu.py)")
+    size.add_argument("--mfu", action="store_true", help="measure the train step's MFU instead (GPU)")
+    mfu.add_argument("--mfu-layers", type=int, default=12, help="layers of the 4B shapes (36 in the model)")
+    mfu.add_argument("--mfu-tokens", type=int, default=16384, help="tokens per packed micro-batch")
+    mfu.add_argument("--mfu-micro-batches", type=int, default=4)
+    mfu.add_argument("--mfu-steps", type=int, default=3, help="timed steps after one warm-up")
+    mfu.add_argument("--mfu-attention", default=None, help="default: cudnn on GPU, blockwise elsewhere")
+    mfu.add_argument("--mfu-remat", default="full", help="remat policy (full | save_dots | save_qkv_proj | none)")
+    mfu.add_argument("--mfu-token-chunk", type=int, default=0, help="model.token_chunk_size")
+    mfu.add_argument("--mfu-max-segments", type=int, default=8, help="model.attention_max_segments (cuDNN varlen)")
+    mfu.add_argument("--mfu-logprob-chunk", type=int, default=512, help="grpo.logprob_chunk_size (recipe: 512)")
+    mfu.add_argument("--mfu-compile-only", action="store_true", help="compile and print memory analysis only")
 
 
 def timed(function) -> float:
@@ -355,6 +367,10 @@ def _plan_number(report: dict, *names: str):
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.mfu:
+        from mathgrpo import bench_mfu
+
+        return bench_mfu.main(args)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -194,13 +194,17 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # matmul inputs; norms, softmax and log-softmax stay fp32
     attention: str = "reference"  # one of ATTENTION_IMPLEMENTATIONS
     attention_block_size: int = 512  # query block of the blockwise implementation
+    # cudnn: sequences per packed row described to the varlen kernel (packing never puts more in a
+    # row). Its buffers grow with this × row length, so keep it near the real count (recipe: ≤ 4).
+    attention_max_segments: int = 16
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
     remat_policy: str = "none"  # one of REMAT_POLICIES
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "attention_block_size"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "attention_block_size",
+                     "attention_max_segments"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.token_chunk_size < 0:
@@ -318,8 +322,8 @@ class ModelConfig:
 
     def architecture(self) -> dict:
         """The HF-derived fields only (what a preset YAML holds)."""
-        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "token_chunk_size",
-                   "scan_layers", "remat_policy"}
+        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
+                   "token_chunk_size", "scan_layers", "remat_policy"}
         return {k: v for k, v in to_dict(self).items() if k not in runtime}
 
 
@@ -515,12 +519,13 @@ class ModelSource:
     compute_dtype: str = "bfloat16"  # FSDP MixedPrecision param_dtype bf16
     attention: str = "blockwise"  # "cudnn" on GPU
     attention_block_size: int = 512
+    attention_max_segments: int = 16
     token_chunk_size: int = 0
     scan_layers: bool = True
     remat_policy: str = "full"  # actor.model.enable_gradient_checkpointing=True
 
     def runtime(self) -> dict:
-        return {k: getattr(self, k) for k in ("param_dtype", "compute_dtype", "attention", "attention_block_size",
+        return {k: getattr(self, k) for k in ("param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
                                               "token_chunk_size", "scan_layers", "remat_policy")}
 
     def resolve(self) -> ModelConfig:
@@ -630,6 +635,19 @@ class ExperimentConfig:
                               f"sequence, data.max_prompt_length + data.max_response_length = {longest}")
 
 
+def config_data(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The YAML with overrides applied; a `mesh` given as a path (`mesh=configs/mesh/fsdp4_tp2.yaml`,
+    relative to the working directory) is replaced by that sharding config's contents."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    mesh = data.get("mesh")
+    if isinstance(mesh, str):
+        if not os.path.isfile(mesh):
+            raise ConfigError(f"mesh={mesh!r}: no such sharding config (expected a YAML file such as "
+                              "configs/mesh/fsdp8.yaml, or a mapping with data/fsdp/tensor)")
+        data["mesh"] = read_yaml(mesh)
+    return data
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """YAML + `a.b=value` overrides → ExperimentConfig; unknown keys and wrong types raise."""
-    return from_dict(ExperimentConfig, apply_overrides(read_yaml(path), list(overrides)))
+    return from_dict(ExperimentConfig, config_data(path, overrides))

@@ -65,12 +65,13 @@ def _balance_rows(lengths: np.ndarray, num_rows: int) -> list[list[int]]:
     return rows
 
 
-def _first_fit_decreasing(ids: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
+def _first_fit_decreasing(ids: list[int], lengths: np.ndarray, budget: int,
+                           max_items: int | None = None) -> list[list[int]]:
     bins: list[list[int]] = []
     free: list[int] = []
     for index in sorted(ids, key=lambda i: (-lengths[i], i)):
         for b, room in enumerate(free):
-            if lengths[index] <= room:
+            if lengths[index] <= room and (max_items is None or len(bins[b]) < max_items):
                 bins[b].append(index)
                 free[b] -= int(lengths[index])
                 break
@@ -84,7 +85,7 @@ def pack(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], advanta
          row_length: int, rollout_logprobs: Sequence[np.ndarray] | None = None,
          old_logprobs: Sequence[np.ndarray] | None = None, ref_logprobs: Sequence[np.ndarray] | None = None,
          response_masks: Sequence[np.ndarray] | None = None, micro_batch_bucket: bool = True,
-         ) -> tuple[PackedBatch, list[Placement]]:
+         max_sequences_per_row: int | None = None) -> tuple[PackedBatch, list[Placement]]:
     """Packs S sequences (prompt + response token ids; per-response-token arrays) into a PackedBatch.
 
     Args:
@@ -93,6 +94,8 @@ def pack(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], advanta
       row_length: L, the token budget of one row.
       *_logprobs: per sequence, one value per response token (missing arrays are zeros).
       response_masks: per sequence, which response tokens count (default: all).
+      max_sequences_per_row: at most this many sequences share a row (cuDNN's varlen attention
+        describes a fixed number of segments per row; see `sequence_cap`). None: no limit.
     Returns: the batch (numpy arrays) and where each sequence was placed.
     """
     count = len(prompts)
@@ -108,7 +111,9 @@ def pack(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], advanta
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every sequence needs at least one prompt token (responses are scored from it)")
     rows = _balance_rows(lengths, num_rows)
-    micro = [_first_fit_decreasing(ids, lengths, row_length) for ids in rows]
+    if max_sequences_per_row is not None and max_sequences_per_row < 1:
+        raise ValueError(f"max_sequences_per_row must be >= 1 or None, got {max_sequences_per_row}")
+    micro = [_first_fit_decreasing(ids, lengths, row_length, max_sequences_per_row) for ids in rows]
     used = max(len(bins) for bins in micro)
     allocated = 1 << (used - 1).bit_length() if micro_batch_bucket else used
     shape = (allocated, num_rows, row_length)
@@ -151,6 +156,12 @@ def pack(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], advanta
             len(responses[i]) and (response_masks is None or np.asarray(response_masks[i]).sum() > 0)))),
     )
     return batch, placements  # type: ignore[return-value]
+
+
+def sequence_cap(model) -> int | None:
+    """Sequences allowed per packed row for this model config: `model.attention_max_segments` under
+    cuDNN attention (its varlen kernel describes that many), else no limit."""
+    return model.attention_max_segments if model.attention == "cudnn" else None
 
 
 def unpack_responses(values: np.ndarray, placements: list[Placement]) -> list[np.ndarray]:

@@ -7,11 +7,17 @@ shardings, and `jit(...).lower(...).compile()` yields XLA's own memory analysis 
   mini-batch's worth of micro-batches in the buffer, gradient accumulation, AdamW; state donated);
 - the log-prob pass (no gradient) over the same batch;
 - one decode step of the JAX sampler (KV cache of prompt + response length).
-When the mesh needs more devices than exist, fake CPU devices stand in (set before JAX starts, see
-__main__); their memory analysis is XLA's CPU compile of the same sharded program — an estimate
-of the GPU figure, not a measurement on the GPU.
+When the mesh needs more devices than exist: on a machine with a GPU, XLA:GPU compiles for a described
+topology of that many GPUs of the local kind (`jax.experimental.topologies`, deviceless AOT), so the
+analysis is the GPU compiler's own; elsewhere fake CPU devices stand in (set before JAX starts, see
+__main__), and the analysis is XLA:CPU's compile of the same sharded program — an estimate of the GPU
+figure (XLA:CPU keeps some bf16 intermediates in f32), not a GPU measurement.
 
-Peak per device = arguments + outputs − aliased (donated) + temporaries. `fits` compares the train
+Peak per device = arguments + outputs − aliased (donated) + temporaries. A compile for described GPUs
+does not size cuDNN's workspaces (no device to ask), and the varlen attention's backward workspace is
+large (grows with model.attention_max_segments × row tokens × heads × head dim): for described
+devices the plan adds it, `CUDNN_VARLEN_BWD_BYTES` per element, measured on an H100 as the difference
+between a real-device and a described-device compile of the same single-GPU 4B step. `fits` compares the train
 step's peak with the device memory left to JAX next to vLLM: JAX gets (1 − u) of the device, vLLM u
 (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16 weights plus KV cache room.
 """
@@ -33,6 +39,10 @@ from mathgrpo.model import abstract_params, count_params, forward, init_cache
 from mathgrpo.packing import PackedBatch
 
 GIB = 2**30
+# Measured (H100, jax 0.11.2, 2026-11-25): the 4B step on one GPU, 16,384-token rows, 8 segments,
+# 32 heads of 128: temp 38.59 GiB compiled for the real device vs 34.90 GiB for a described one,
+# 3,961,005,056 bytes = 7.378 bytes per (segment × token × head × head-dim) element.
+CUDNN_VARLEN_BWD_BYTES = 7.38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +129,15 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
                        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
 
+    workspace = 0
+    if is_described(mesh.devices.flat[0]) and model.attention == "cudnn":
+        heads = model.num_attention_heads // mesh.shape["tensor"]
+        workspace = int(CUDNN_VARLEN_BWD_BYTES * model.attention_max_segments * row_length * heads * model.head_dim)
     params_bytes = per_device(abstract_state.params, state_shardings.params)
     opt_bytes = per_device(abstract_state.opt_state, state_shardings.opt_state)
     train_memory = _memory(compiled_step)
+    train_memory["cudnn_workspace_bytes"] = workspace  # added for described devices (see above)
+    train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
     jax_budget = device_bytes * (1.0 - inputs.vllm_memory_utilization)
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
@@ -165,6 +181,9 @@ def format_report(report: dict) -> str:
         m = report[name]
         lines.append(f"  {name:<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
                      f"temp {gib(m['temp_bytes'])}, out {gib(m['output_bytes'])}, aliased {gib(m['alias_bytes'])})")
+    if report["train_step"].get("cudnn_workspace_bytes"):
+        lines.append(f"  + cuDNN varlen backward workspace {gib(report['train_step']['cudnn_workspace_bytes'])} "
+                     "(not sized by a described-device compile; included in the train_step peak)")
     flops = report["flops_per_micro_batch_per_device"]
     lines.append(f"  FLOPs: {flops or 0:.3e} per micro-batch per device (compiled); "
                  f"{report['flops_per_step_estimate']:.3e} per step at max lengths (verl's formula)")
@@ -173,12 +192,14 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def inputs_from_config(config, naive: bool = False) -> PlanInputs:
-    """PlanInputs of an ExperimentConfig. On a machine without GPUs, cuDNN attention is planned as
-    the blockwise one (same memory order). `naive`: the step without any memory work — reference
-    O(T²) attention, no remat, no token chunks, full-length fp32 logits."""
+def inputs_from_config(config, naive: bool = False, platform: str | None = None) -> PlanInputs:
+    """PlanInputs of an ExperimentConfig. When the devices planned for are not GPUs (`platform`,
+    default: JAX's backend), cuDNN attention is planned as the blockwise one (same memory order).
+    `naive`: the step without any memory work — reference O(T²) attention, no remat, no token
+    chunks, full-length fp32 logits."""
     model = config.model.resolve()
-    if model.attention == "cudnn" and jax.default_backend() != "gpu":
+    platform = platform or jax.default_backend()
+    if model.attention == "cudnn" and platform == "cpu":
         model = model.replace(attention="blockwise")
     algo = config.grpo
     if naive:
@@ -193,12 +214,35 @@ def inputs_from_config(config, naive: bool = False) -> PlanInputs:
         decode_batch_per_device=config.rollout.decode_batch_per_device)
 
 
-def plan_devices(mesh_config: MeshConfig) -> list:
-    """Real devices when there are enough, else the fake CPU devices __main__ asked XLA for."""
+def is_described(device) -> bool:
+    """True for a device of a described topology (AOT only), False for one this process can run on."""
+    real = list(jax.devices())
+    try:
+        real += jax.devices("cpu")
+    except RuntimeError:
+        pass
+    return all(device is not d for d in real)
+
+
+def gpu_topology_devices(count: int) -> list:
+    """`count` GPUs like the local one, described for ahead-of-time compilation (no memory on them)."""
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}").devices)
+
+
+def plan_devices(mesh_config: MeshConfig, described: bool = False) -> list:
+    """Real devices when there are enough (unless `described`); else, on a GPU machine, a described
+    topology of that many GPUs; else the fake CPU devices __main__ asked XLA for."""
     needed = math.prod(v for v in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) if v != -1)
     devices = jax.devices()
-    if len(devices) >= needed:
+    if len(devices) >= needed and not described:
         return devices
+    if jax.default_backend() == "gpu" and -1 not in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor):
+        try:
+            return gpu_topology_devices(needed)
+        except Exception as error:  # an XLA build without deviceless GPU topologies: plan on CPU
+            print(f"plan: no described GPU topology ({type(error).__name__}: {error}); using CPU devices")
     cpu = jax.devices("cpu")
     if len(cpu) < needed:
         raise RuntimeError(f"the mesh needs {needed} devices; found {len(devices)} and {len(cpu)} CPU devices "

@@ -71,7 +71,8 @@ def sft(config: ExperimentConfig, data_path: str, *, steps: int, batch_size: int
     for step in range(1, steps + 1):
         chosen = rng.choice(len(prompts), size=min(batch_size, len(prompts)), replace=False)
         batch, placements = packing.pack([prompts[i] for i in chosen], [responses[i] for i in chosen],
-                                         np.ones(len(chosen)), num_rows=rows, row_length=config.grpo.micro_batch_tokens)
+                                         np.ones(len(chosen)), num_rows=rows, row_length=config.grpo.micro_batch_tokens,
+                                         max_sequences_per_row=packing.sequence_cap(model_config))
         state, outputs = step_fn(state, sharding.put_global(batch, batch_shardings))
         logprobs = np.concatenate(packing.unpack_responses(jax.device_get(outputs["old_logprobs"]), placements))
         history.append(float(-logprobs.mean()))

@@ -83,7 +83,8 @@ def make_engine(config: ExperimentConfig, model_config: ModelConfig, params: Any
                           seed=config.trainer.seed)
     from mathgrpo.rollout.jax_sampler import JaxSampler
 
-    return JaxSampler(model_config, params, max_length=max_length, mesh=mesh if mesh.devices.size > 1 else None)
+    return JaxSampler(model_config, params, max_length=max_length, mesh=mesh if mesh.devices.size > 1 else None,
+                      rules=sharding.logical_rules(config.mesh))
 
 
 def sampling_params(rollout: RolloutConfig, max_tokens: int, *, validation: bool = False) -> SamplingParams:
@@ -244,7 +245,7 @@ def train(config: ExperimentConfig) -> dict:
                 prompt_ids = [np.asarray(prompts_batch[i // n].prompt_ids) for i in range(len(rollout))]
                 batch, placements = packing.pack(
                     prompt_ids, [np.asarray(r) for r in responses], advantages, num_rows=rows,
-                    row_length=config.grpo.micro_batch_tokens,
+                    row_length=config.grpo.micro_batch_tokens, max_sequences_per_row=packing.sequence_cap(model_config),
                     rollout_logprobs=[rollout.response_logprobs(i) for i in range(len(rollout))])
                 state, outputs = step_fn(state, sharding.put_global(batch, batch_shardings))
                 actor = {k: float(v) for k, v in jax.device_get(outputs["metrics"]).items()}

@@ -137,3 +137,14 @@ def test_recipe_config_rejects_inconsistent_overrides(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS.parent / "qwen3_4b_base_grpo.yaml", [override])
+
+
+def test_mesh_can_name_a_sharding_config_file():
+    from mathgrpo.config import load_config
+
+    recipe = CONFIGS.parent / "qwen3_4b_base_grpo.yaml"
+    mesh_file = CONFIGS.parent / "mesh" / "fsdp4_tp2.yaml"
+    config = load_config(recipe, [f"mesh={mesh_file}"])
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 4, 2)
+    with pytest.raises(ConfigError, match="no such sharding config"):
+        load_config(recipe, ["mesh=configs/mesh/nope.yaml"])

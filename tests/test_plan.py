@@ -41,3 +41,10 @@ def test_naive_step_is_far_over_and_memory_work_pays():
     planned = plan.plan(plan.inputs_from_config(config), plan.plan_devices(config.mesh))
     assert naive["per_device_peak_bytes"] > 50 * GIB
     assert planned["per_device_peak_bytes"] * 10 < naive["per_device_peak_bytes"]
+
+
+def test_devices_this_process_runs_on_are_not_described():
+    import jax
+
+    assert not plan.is_described(jax.devices()[0])
+    assert not plan.is_described(jax.devices("cpu")[-1])

@@ -200,3 +200,16 @@ def test_packing_errors_and_placements():
         np.testing.assert_array_equal(row, np.concatenate([prompts[i], responses[i]]))
     assert float(batch.token_count) == sum(len(r) for r in responses)
     assert int(batch.num_micro_batches) <= batch.tokens.shape[0]
+
+
+def test_packing_caps_sequences_per_row_for_cudnn():
+    prompts, responses, advantages, _ = random_sequences(7)
+    free, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=200)
+    capped, placements = packing.pack(prompts, responses, advantages, num_rows=1, row_length=200,
+                                      max_sequences_per_row=2)
+    assert np.asarray(free.segment_ids).max() > 2  # without the cap, rows hold more
+    assert np.asarray(capped.segment_ids).max() <= 2
+    assert int(capped.num_micro_batches) == 4  # ceil(8 / 2) with row room to spare
+    assert float(capped.token_count) == float(free.token_count)
+    assert packing.sequence_cap(TINY.replace(attention="cudnn", attention_max_segments=3)) == 3
+    assert packing.sequence_cap(TINY.replace(attention="blockwise")) is None

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from mathgrpo.config import ModelConfig
 from mathgrpo.model.layers import (
-    Proj, RMSNorm, apply_rope, attend, cast_sharded, checkpoint_name, dtype_of, remat_policy, token_chunked,
+    Proj, RMSNorm, apply_rope, attend, cast_sharded, checkpoint_name, cudnn_packed_attention, dtype_of, remat_policy,
+    token_chunked,
 )
 
 Params = Any  # a pytree of arrays, nested like the linen modules
@@ -102,7 +103,10 @@ class Attention(nn.Module):
         # The KV-cache decode step (few queries) always takes the plain path: flash kernels are for
         # long query blocks, and the reference is exact there.
         implementation = c.attention if cache_kv is None or x.shape[1] > 1 else "reference"
-        out = attend(implementation, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
+        attention = attend(implementation, c.attention_block_size)
+        if implementation == "cudnn" and cache_kv is None:  # packed self-attention: the varlen kernel
+            attention = functools.partial(cudnn_packed_attention, max_segments=c.attention_max_segments)
+        out = attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
         out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
         out = token_chunked(lambda o: jnp.einsum("BTNH,NHD->BTD", o.astype(o_kernel.dtype), o_kernel),
                             out, c.token_chunk_size)
