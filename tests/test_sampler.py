@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from mathgrpo import hf_io
-from mathgrpo.config import ModelConfig
+from mathgrpo import hf_io, sharding
+from mathgrpo.config import MeshConfig, ModelConfig
 from mathgrpo.model import forward, init_params
 from mathgrpo.rollout import JaxSampler, Rollout, RolloutBatch, SamplingParams
 from mathgrpo.rollout.sampling import top_k_mask, top_p_mask
@@ -104,6 +104,55 @@ def test_truncation_masks_equal_numpy():
         expected = np.stack([np_support(row, 1.0, -1, p)[0] for row in logits_])
         np.testing.assert_array_equal(top_p_mask(jnp.asarray(logits_), p), expected)
     assert np.asarray(top_p_mask(jnp.asarray(logits_), 1e-6)).sum(-1).tolist() == [1, 1, 1, 1]
+
+
+def sort_top_p_mask(logits, p):
+    """The sort-based nucleus that top_p_mask replaced (sort the vocabulary, cumsum): the reference."""
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # [..., V] mass of the tokens ranked above
+    keep_count = jnp.sum(before < p, axis=-1, keepdims=True)  # [..., 1] >= 1
+    threshold = jnp.take_along_axis(sorted_logits, keep_count - 1, axis=-1)  # [..., 1]
+    return logits >= threshold
+
+
+def mixed_logit_rows(vocab, seed):
+    """[16, vocab] fp32 rows of different shapes: normal at three scales, very flat, all tied,
+    integer-rounded (many ties), three values, one dominant token; then the same 8 rows with all but
+    their top vocab // 5 (and ties) at -inf, as top-k leaves them."""
+    rng = np.random.default_rng(seed)
+    rows = np.stack([rng.normal(0, 1, vocab), rng.normal(0, 3, vocab), rng.normal(0, 30, vocab),
+                     rng.normal(0, 1e-3, vocab), np.zeros(vocab), np.round(rng.normal(0, 2, vocab)),
+                     rng.integers(0, 3, vocab).astype(float),
+                     np.where(np.arange(vocab) == 3, 50.0, rng.normal(0, 1, vocab))]).astype(np.float32)
+    top_k = np.asarray(top_k_mask(jnp.asarray(rows), max(1, vocab // 5)))
+    return np.concatenate([rows, np.where(top_k, rows, -np.inf).astype(np.float32)])
+
+
+@pytest.mark.parametrize("shape", [(16, 1), (16, 7), (16, 50), (16, 1000), (2, 8, 64), (16, 151_936)])
+def test_top_p_mask_equals_sort_reference(shape):
+    """The sort-free nucleus is the sort-based one, token for token, ties and -inf included, except
+    where fp32 rounding decides: the two sum the probabilities in different orders (a masked sum vs a
+    cumsum), so they may differ only on a token whose exact (fp64) mass of strictly more likely
+    tokens is within rounding of p (seen: one token at p = 0.95 on V = 151,936, off p by 4e-8, and a
+    few at p = 1 - 1e-7). Where the old mask reached the -inf logits (its threshold fell to -inf when
+    the fp32 mass never reached p) it marked them kept; the new one never does."""
+    logits_ = mixed_logit_rows(shape[-1], seed=shape[-1]).reshape(shape)
+    flat = logits_.reshape(-1, shape[-1]).astype(np.float64)
+    exact = np.exp(flat - flat.max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    for p in (0.1, 0.5, 0.9, 0.95, 0.999, 1 - 1e-7):
+        mask = np.asarray(jax.jit(top_p_mask, static_argnums=1)(jnp.asarray(logits_), p))
+        reference = np.asarray(sort_top_p_mask(jnp.asarray(logits_), p)) & np.isfinite(logits_)
+        assert mask.shape == logits_.shape and mask.dtype == bool
+        mask, reference = mask.reshape(flat.shape), reference.reshape(flat.shape)
+        assert not (mask & np.isinf(flat)).any()
+        assert (mask.sum(-1) >= 1).all()
+        lowest_kept = np.where(mask, flat, np.inf).min(-1, keepdims=True)
+        np.testing.assert_array_equal(mask, flat >= lowest_kept)  # a threshold: ties go together
+        for row, token in zip(*np.nonzero(mask != reference)):
+            mass_above = exact[row][flat[row] > flat[row, token]].sum()
+            assert abs(mass_above - np.float32(p)) < 1e-6, (p, row, token, mass_above)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +304,7 @@ def test_no_recompile_within_a_bucket(sampler, params):
 
 
 def test_mesh_sharded_batch_matches_single_device(sampler, params):
-    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))  # Explicit axes: the sampler uses Auto
     sharded = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8)
     prompts = random_prompts([3, 6, 8], seed=12)
     settings = SamplingParams(temperature=0.0, max_tokens=6)
@@ -263,6 +312,46 @@ def test_mesh_sharded_batch_matches_single_device(sampler, params):
     assert sharded.shapes(3, 8, 6)[0] == 8  # rows padded to the 8 batch shards
     np.testing.assert_array_equal(got.token_ids, expected.token_ids)
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (1, 4, 2)])  # configs/mesh/fsdp8, fsdp4_tp2
+def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sampler, params, data, fsdp, tensor):
+    config = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+    mesh = sharding.make_mesh(config, jax.devices()[:8])
+    rules = sharding.logical_rules(config)
+    training = sharding.param_shardings(TINY, mesh, rules)
+    sharded = JaxSampler(TINY, jax.device_put(params, training), max_length=MAX_LENGTH, mesh=mesh, rules=rules,
+                         min_prompt_bucket=8)
+
+    # The sampler's copy has training's shardings: the embedding and every kernel is split, nothing
+    # is replicated in full.
+    flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
+    for (path, leaf), expected in zip(flat, jax.tree.leaves(training)):
+        name = jax.tree_util.keystr(path)
+        assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), name
+        if name.endswith("['kernel']") or name.endswith("['embedding']"):
+            assert not leaf.sharding.is_fully_replicated, name
+            shard = leaf.addressable_shards[0].data.shape
+            assert np.prod(shard) * fsdp * tensor == np.prod(leaf.shape), (name, shard)
+
+    prompts = random_prompts([3, 6, 8, 5], seed=13)
+    settings = SamplingParams(n=2, temperature=0.0, max_tokens=7)
+    expected = sampler.generate(prompts, settings)
+    got = sharded.generate(prompts, settings)
+    np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+    np.testing.assert_array_equal(got.lengths, expected.lengths)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+
+    # update_weights takes training's (donated) params as a copy in the same shardings: deleting the
+    # source, as the next train step's donation does, leaves the sampler intact; no recompile.
+    counts = dict(sharded.trace_counts)
+    # (From a copy: placing the fixture's single-device params may alias its buffers in replicated leaves.)
+    source = jax.device_put(jax.tree.map(jnp.copy, params), training)
+    sharded.update_weights(source)
+    jax.tree.map(lambda x: x.delete(), source)
+    again = sharded.generate(prompts, settings)
+    np.testing.assert_array_equal(again.token_ids, expected.token_ids)
+    assert dict(sharded.trace_counts) == counts
 
 
 @pytest.mark.parametrize("change,message", [

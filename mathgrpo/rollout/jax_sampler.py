@@ -20,9 +20,13 @@ width. `trace_counts` counts traces per function, so tests can prove a call did 
 Log-probs follow rollout/base.py: log_softmax(logits / T) of the sampled token over the full vocab,
 never renormalized by top-k/top-p (greedy: at T = 1).
 
-Sharding: with a `mesh`, the batch dimension of the inputs, cache and state is split over the mesh's
-"data" and "fsdp" axes and the params are replicated (the sampler's copy; a sharding module with
-logical rules comes later). Without one everything lives on the first device.
+Sharding: with a `mesh` (sharding.make_mesh's data/fsdp/tensor axes), the sampler uses training's
+layout from sharding.py: its copy of the params has `param_shardings` under the same logical rules
+(FSDP over "fsdp", heads/MLP/vocab over "tensor"), the KV cache has `cache_shardings` (batch over
+data × fsdp, kv heads over tensor), and the prompts and every [B, ...] buffer of the state split their
+batch over data × fsdp. `prefill` and `decode` are jitted with these as explicit in/out shardings and
+traced with the mesh and rules active, so the model's activation constraints resolve as in the train
+step. Without a mesh everything lives on the first device.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mathgrpo import sharding
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import KVCache, abstract_params, forward, init_cache, positions_from_segments
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
 from mathgrpo.rollout.sampling import sample
-
-BATCH_MESH_AXES = ("data", "fsdp")
+from mathgrpo.train_step import MeshJit
 
 
 @flax.struct.dataclass
@@ -71,20 +75,22 @@ def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
 
 
+def state_shardings(mesh: Mesh) -> SamplingState:
+    """Shardings of a SamplingState: the cache as sharding.cache_shardings, every other [B, ...]
+    buffer split on its batch dimension over (data, fsdp), the rng and step replicated."""
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))  # [B]
+    columns = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, M]
+    return SamplingState(cache=sharding.cache_shardings(mesh), last_token=rows, position=rows, done=rows,
+                         tokens=columns, logprobs=columns, lengths=rows, rng=sharding.replicated(mesh),
+                         step=sharding.replicated(mesh))
+
+
 def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
-    """Pins the batch dimension of every [B, ...] leaf to the mesh's batch axes (no-op without a mesh)."""
+    """Pins the state to `state_shardings` (no-op without a mesh): inside the while_loop this keeps the
+    carry in the layout the jit's in/out shardings expect."""
     if mesh is None:
         return state
-
-    def along(x, batch_axis):
-        spec = P(*([None] * batch_axis), batch_mesh_axes(mesh))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    cache = state.cache.replace(k=along(state.cache.k, 1), v=along(state.cache.v, 1),
-                                segment_ids=along(state.cache.segment_ids, 0))
-    batched = {name: along(getattr(state, name), 0)
-               for name in ("last_token", "position", "done", "tokens", "logprobs", "lengths")}
-    return state.replace(cache=cache, **batched)
+    return jax.lax.with_sharding_constraint(state, state_shardings(mesh))
 
 
 def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
@@ -155,14 +161,7 @@ def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, par
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shapes: buckets and the mesh.
-
-
-def batch_mesh_axes(mesh: Mesh) -> tuple[str, ...]:
-    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} have none of {BATCH_MESH_AXES} to split the batch over")
-    return axes
+# Shapes: buckets.
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -185,12 +184,16 @@ class JaxSampler:
     """
 
     def __init__(self, config: ModelConfig, params: Any, *, max_length: int, mesh: Mesh | None = None,
-                 prompt_bucket: int | None = None, min_prompt_bucket: int = 16):
+                 rules: Sequence = sharding.LOGICAL_RULES, prompt_bucket: int | None = None,
+                 min_prompt_bucket: int = 16):
         """
         Args:
           max_length: most tokens (prompt + response) a row may hold; bounds the KV cache (vLLM's
             max_model_len). A prompt longer than `max_length - max_tokens` is refused.
-          mesh: split the batch over its "data"/"fsdp" axes; params are replicated on it.
+          mesh: a (data, fsdp, tensor) mesh (sharding.make_mesh): params, cache and batch are sharded
+            on it as in training (module docstring).
+          rules: the logical-axis rules of the params and activations (sharding.logical_rules of the
+            run's mesh config); unused without a mesh.
           prompt_bucket: pad prompts to a multiple of this; None pads to a power of two.
           min_prompt_bucket: smallest padded prompt length (short prompts share one compile).
         """
@@ -208,30 +211,40 @@ class JaxSampler:
         self.mesh = mesh
         self.prompt_bucket = prompt_bucket
         self.min_prompt_bucket = min_prompt_bucket
-        self.batch_shards = 1
-        if mesh is not None:
-            self.batch_shards = int(np.prod([mesh.shape[a] for a in batch_mesh_axes(mesh)]))
+        self.batch_shards = 1 if mesh is None else sharding.data_parallel_size(mesh)
+        # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
+        self.param_shardings = None if mesh is None else sharding.param_shardings(config, mesh, rules)
         self.trace_counts: collections.Counter = collections.Counter()
+        prefill_shardings, decode_shardings = {}, {}
+        if mesh is not None:
+            prompts = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
+            state = state_shardings(mesh)
+            prefill_shardings = dict(in_shardings=(self.param_shardings, prompts, prompts, sharding.replicated(mesh)),
+                                     out_shardings=state)
+            decode_shardings = dict(in_shardings=(self.param_shardings, state), out_shardings=state)
         # config, sampling and mesh are static (hashable); the state is donated so the while_loop's
         # cache and buffers (the bulk of the sampler's memory) are updated in place, not copied.
-        self._prefill = self._jit("prefill", prefill, donate_argnums=())
-        self._decode = self._jit("decode", decode, donate_argnums=(4,))
+        self._prefill = self._jit("prefill", prefill, rules, donate_argnums=(), **prefill_shardings)
+        self._decode = self._jit("decode", decode, rules, donate_argnums=(4,), **decode_shardings)
         self.params = None
         self.update_weights(params)
 
-    def _jit(self, name: str, function: Callable, donate_argnums: tuple[int, ...]) -> Callable:
+    def _jit(self, name: str, function: Callable, rules: Sequence, **jit_kwargs) -> Callable:
         @functools.wraps(function)
         def traced(*args):
             self.trace_counts[name] += 1  # runs only while tracing: counts compiles, not calls
             return function(*args)
 
-        return jax.jit(traced, static_argnums=(0, 1, 2), donate_argnums=donate_argnums)
+        return MeshJit(traced, self.mesh, rules, static_argnums=(0, 1, 2), **jit_kwargs)
 
     def sleep(self) -> None:
         """Nothing to release: the sampler allocates its cache per call and shares JAX's memory pool."""
 
     def update_weights(self, params: Any) -> None:
-        """Swaps in new weights (same tree and shapes as the config's params); no recompile."""
+        """Swaps in new weights (same tree and shapes as the config's params); no recompile.
+
+        With a mesh the sampler keeps its own copy in `param_shardings`, made on the devices.
+        """
         expected = {jax.tree_util.keystr(path): leaf.shape
                     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(self.config))[0]}
         got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
@@ -245,7 +258,10 @@ class JaxSampler:
         if extra:
             raise ValueError(f"update_weights: unexpected params {extra[:5]} for this model config")
         if self.mesh is not None:
-            params = jax.device_put(params, NamedSharding(self.mesh, P()))
+            # A copy, not an alias: the trainer passes its params, which the next train step donates.
+            # Params already in these shardings (training's) are copied shard by shard on the devices;
+            # others are resharded (JAX may then alias a source shard that already sits in place).
+            params = jax.device_put(params, self.param_shardings, may_alias=False)
         self.params = params
 
     def shapes(self, num_rows: int, longest_prompt: int, max_tokens: int) -> tuple[int, int]:
@@ -271,9 +287,9 @@ class JaxSampler:
             segments[r, T - len(prompt):] = 1
         rng = jax.random.key(params.seed)
         if self.mesh is not None:
-            batch = NamedSharding(self.mesh, P(batch_mesh_axes(self.mesh)))
+            batch = NamedSharding(self.mesh, P(sharding.BATCH_AXES, None))
             tokens, segments = jax.device_put((tokens, segments), batch)
-            rng = jax.device_put(rng, NamedSharding(self.mesh, P()))
+            rng = jax.device_put(rng, sharding.replicated(self.mesh))
         static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
         state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, rng)
         if M > 1:

@@ -7,7 +7,8 @@ vocabulary, before any truncation, so it equals the trainer's recomputed log-pro
 temperature (see rollout/base.py). Greedy (T = 0) takes the argmax and returns `log_softmax(logits)`.
 
 Which filters run is decided by Python values (static under jit): with the recipe's training
-settings (T = 1, top_p = 1, top-k off) no sort over the vocabulary is ever traced.
+settings (T = 1, top_p = 1, top-k off) no truncation pass over the vocabulary is ever traced.
+Top-k is a `lax.top_k`; top-p sorts nothing (a 32-step bisection, see `top_p_mask`).
 
 Ties: top-k and top-p keep every token whose logit equals the last kept one (HF's threshold rule);
 with fp32 logits of a real model exact ties are vanishingly rare.
@@ -35,19 +36,52 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
     return logits >= kth
 
 
+def _float_to_key(x: jax.Array) -> jax.Array:
+    """fp32 → uint32 whose unsigned order is the float order (-0.0 just below +0.0; NaN not handled)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _key_to_float(key: jax.Array) -> jax.Array:
+    """The inverse of `_float_to_key`."""
+    bits = jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     """[..., V] bool: the nucleus, the smallest set of most likely tokens whose probability reaches p.
 
     A token is kept iff the probability of all tokens strictly more likely than it is < p, so the most
     likely token is always kept (0 < p) and the set stops at the first token whose cumulative
-    probability reaches p. Excluded (-inf) logits have probability 0 and are never kept.
+    probability reaches p; tokens tied with the last kept one are kept. Excluded (-inf) logits have
+    probability 0 and are never kept.
+
+    Sort-free and exact: with mass(t) = the fp32 sum of probs over logits > t (non-increasing in t
+    also as computed, since each term only switches between 0 and its prob within one fixed
+    reduction), a token with logit l is kept iff mass(l) < p. Bisection over the 2^32 fp32 bit
+    patterns, in an order-preserving uint32 encoding, keeps mass(hi) < p (hi starts at the max logit)
+    and mass(lo) >= p (lo starts at -inf); after 32 halvings hi is the key right after lo, so no logit
+    lies strictly between them and `logits > lo` is exactly the kept set, with no snapping to a
+    token's value needed. If the whole fp32 mass rounds below p (p within ~1e-7 of 1), lo never moves
+    and every finite logit is kept, which is the definition too. Each step is one fused
+    compare-select-sum pass over [..., V]; vs the full sort of the vocabulary it replaced see
+    BENCHMARKS.md, "Sampler: sort-free top-p".
     """
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., V] descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # [..., V] mass of the tokens ranked above
-    keep_count = jnp.sum(before < p, axis=-1, keepdims=True)  # [..., 1] >= 1
-    threshold = jnp.take_along_axis(sorted_logits, keep_count - 1, axis=-1)  # [..., 1]
-    return logits >= threshold
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)  # [..., V]
+    batch = logits.shape[:-1] + (1,)
+    lo = jnp.full(batch, _float_to_key(jnp.float32(-jnp.inf)))  # [..., 1] mass(-inf) ≈ 1 (>= p)
+    hi = _float_to_key(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1] mass(max) = 0 < p
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2  # [..., 1] no overflow: hi >= lo
+        mass = jnp.sum(jnp.where(logits > _key_to_float(mid), probs, 0.0), axis=-1, keepdims=True)
+        reached = mass >= p
+        return jnp.where(reached, mid, lo), jnp.where(reached, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return logits > _key_to_float(lo)
 
 
 def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
