@@ -9,7 +9,8 @@ ratios (ours / theirs) are what to read:
 - train_step: forward + backward + AdamW on the GRPO loss (fp32), ours (`make_train_step` on a packed
   batch) vs `transformers.Qwen3ForCausalLM` with the same weights and the same loss written in torch;
   also achieved FLOP/s (`metrics.flops_per_step`) and its fraction of this machine's fp32 matmul peak.
-- logprob: the no-grad log-prob pass vs a torch.no_grad() forward + log_softmax gather.
+- logprob: the no-grad log-prob + entropy pass vs a torch.no_grad() forward, log_softmax gather and verl's
+  entropy_from_logits (logsumexp − Σ softmax·logits).
 - sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens.
 - reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
 - plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
@@ -246,10 +247,12 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
     def ours_logprob():
         jax.block_until_ready(logprob_fn(params, batch))
 
-    def torch_logprob():
+    def torch_logprob():  # the same outputs as ours: log-prob of each token and verl's entropy_from_logits
         with torch.no_grad():
             logits = torch_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])
+            logp = torch.log_softmax(logits, -1)
+            logp.gather(-1, ids[:, 1:, None])
+            torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
     seconds = interleaved({"ours": ours_logprob, "torch": torch_logprob}, size.repeats)
     results["logprob"] = {

@@ -49,14 +49,22 @@ KL_TYPES = ("low_var_kl", "kl", "mse")
 
 
 def _chunk_logprobs(hidden, kernel, targets, temperature: float):
-    """hidden [B, c, D], kernel [D, V] (compute dtype), targets [B, c] → (log-prob, entropy) [B, c] fp32."""
-    logits = jnp.einsum("BCD,DV->BCV", hidden.astype(kernel.dtype), kernel,
-                        preferred_element_type=jnp.float32) / temperature  # [B, c, V]
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    probs = jnp.exp(logits - lse[..., None])
-    entropy = lse - jnp.sum(probs * logits, axis=-1)  # verl's entropy_from_logits
-    return target_logit - lse, entropy
+    """hidden [B, c, D], kernel [D, V] (compute dtype), targets [B, c] → (log-prob, entropy) [B, c] fp32.
+
+    One exp pass over the [B·c, V] logits gives both: with m the row max, x = exp(logits − m) and
+    s = Σx, lse = m + log s and entropy = lse − Σ(x·logits)/s (verl's entropy_from_logits,
+    lse − Σ softmax·logits). Rows are flattened to 2-D first: XLA:CPU reduces the last axis of a
+    [1, c, V] array ~4× slower than of the same [c, V] one (measured, BENCHMARKS.md)."""
+    B, C, D = hidden.shape
+    logits = jnp.dot(hidden.reshape(B * C, D).astype(kernel.dtype), kernel,
+                     preferred_element_type=jnp.float32) / temperature  # [B·c, V]
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [B·c, 1]
+    exp = jnp.exp(logits - peak)
+    total = jnp.sum(exp, axis=-1)  # [B·c]
+    lse = peak[:, 0] + jnp.log(total)
+    entropy = lse - jnp.sum(exp * logits, axis=-1) / total
+    target_logit = jnp.take_along_axis(logits, targets.reshape(B * C, 1), axis=-1)[:, 0]
+    return (target_logit - lse).reshape(B, C), entropy.reshape(B, C)
 
 
 def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature: float = 1.0,

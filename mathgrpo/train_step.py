@@ -247,12 +247,14 @@ def make_logprob_fn(model: ModelConfig, algo: GRPOConfig, *, mesh: Mesh | None =
     """
 
     def logprobs(params, batch: PackedBatch):
-        def one(m):
+        def one(m, outputs):  # only the batch's real micro-batches run; the bucket's spare ones stay 0
             mb = _micro_batch(batch, m)
-            return grpo.token_logprobs(model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
-                                       temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)
+            values = grpo.token_logprobs(model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
+                                         temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)
+            return tuple(jax.lax.dynamic_update_index_in_dim(o, v, m, 0) for o, v in zip(outputs, values))
 
-        return jax.lax.map(one, jnp.arange(batch.tokens.shape[0]))
+        zeros = jnp.zeros(batch.tokens.shape, jnp.float32)  # [M, R, L]
+        return jax.lax.fori_loop(0, batch.num_micro_batches, one, (zeros, zeros))
 
     shardings = {}
     if mesh is not None:
