@@ -383,3 +383,28 @@ def test_bad_prompts_raise(sampler):
         RolloutBatch(prompt_index=np.zeros(2, np.int32), token_ids=np.zeros((2, 3), np.int32),
                      logprobs=np.zeros((2, 3), np.float32), lengths=np.array([1, 4]),
                      finish_reasons=("stop", "length"))
+
+
+def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
+    from mathgrpo.rollout.sampling import categorical
+
+    inf = float("inf")
+    rows = jnp.array([
+        [0.0, 1.0, -inf, 2.0, -1.0, -inf, -inf, 0.5, 3.0, -inf],  # blocks of 4: last block partial
+        [-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, 5.0, -inf],  # all mass on one token
+        [40.0, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -30.0],  # extreme spread, first and last
+    ])
+    draws = 100_000
+    keys = jax.random.split(jax.random.key(0), draws)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows, block=4)))(keys))  # [draws, 3]
+    for r in range(rows.shape[0]):
+        probs = np.asarray(jax.nn.softmax(rows[r]), np.float64)
+        counts = np.bincount(samples[:, r], minlength=rows.shape[1])
+        assert counts[probs == 0].sum() == 0, (r, counts)
+        support = probs > 1e-4
+        if support.sum() > 1:
+            expected = probs[support] / probs[support].sum() * counts[support].sum()
+            _, p_value = scipy.stats.chisquare(counts[support], expected)
+            assert p_value > 1e-3, (r, counts, expected)
+        else:
+            assert counts[support].sum() >= draws - 1

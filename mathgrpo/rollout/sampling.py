@@ -93,6 +93,34 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
+def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> jax.Array:
+    """One draw per row from softmax(logits) ([B, V] fp32, -inf = excluded) by inverse CDF.
+
+    `jax.random.categorical` draws a Gumbel per vocabulary entry (two logs each): on CPU that cost
+    more per decode step than the whole LM head at V = 151,936 (BENCHMARKS.md). This uses ONE uniform
+    per row: w = exp(logits − max) (one exp pass), block totals over blocks of `block` tokens, the
+    block where u·Σw falls (cumulative sum over the few blocks), then the token inside that block
+    (cumulative sum over `block` entries). Exact up to fp32 rounding of the sums; a token of weight 0
+    (excluded) is never returned: a draw rounding past the last positive weight takes that token.
+    """
+    B, V = logits.shape
+    blocks = -(-V // block)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], 0 where excluded
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
+    block_cdf = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
+    target = jax.random.uniform(rng, (B, 1), jnp.float32) * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
+    positive_blocks = block_cdf > jnp.concatenate([jnp.zeros((B, 1)), block_cdf[:, :-1]], axis=-1)
+    chosen = jnp.sum(block_cdf <= target, axis=-1)  # [B] first block whose cdf exceeds the target
+    last_positive = blocks - 1 - jnp.argmax(positive_blocks[:, ::-1], axis=-1)
+    chosen = jnp.minimum(chosen, last_positive)
+    before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+    inner_cdf = jnp.cumsum(inner, axis=-1)
+    index = jnp.sum(inner_cdf <= (target[:, 0] - before)[:, None], axis=-1)  # [B]
+    last_inner = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    return chosen * block + jnp.minimum(index, last_inner)
+
+
 def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row and returns it with its untruncated log-prob.
 
@@ -108,7 +136,7 @@ def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[j
     if params.greedy:
         tokens = jnp.argmax(scaled, axis=-1)  # [B]
     else:
-        tokens = jax.random.categorical(rng, truncate(scaled, params.top_k, params.top_p), axis=-1)  # [B]
+        tokens = categorical(rng, truncate(scaled, params.top_k, params.top_p))  # [B]
     tokens = tokens.astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
     return tokens, token_logprobs
