@@ -193,10 +193,13 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
     notes: list[str] = []
 
     # --- train step ---------------------------------------------------------------------------
-    algo = GRPOConfig(rollout_is=None, micro_batch_tokens=size.row_length)
+    # The torch side runs the sequences as one padded [S, row_length] batch; ours packs them into one
+    # micro-batch of S rows (same shape, one forward/backward) with the head in one chunk per row.
+    algo = GRPOConfig(rollout_is=None, micro_batch_tokens=size.row_length, logprob_chunk_size=size.row_length)
+    rows = len(size.sequence_lengths)
     optim = OptimConfig(lr=1e-6)
     prompts, responses, advantages = make_sequences(size, config.vocab_size, seed)
-    batch, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=size.row_length)
+    batch, _ = packing.pack(prompts, responses, advantages, num_rows=rows, row_length=size.row_length)
     step = train_step.make_train_step(config, algo, optim)
     holder = {"state": train_step.init_train_state(jax.tree.map(np.array, params), optim)}
 
@@ -220,7 +223,7 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
     for shift in (1, 2):
         other = make_sequences(size, config.vocab_size, seed + shift,
                                lengths=tuple(max(size.prompt_length + 1, n - shift) for n in size.sequence_lengths))
-        other_batch, _ = packing.pack(*other, num_rows=1, row_length=size.row_length)
+        other_batch, _ = packing.pack(*other, num_rows=rows, row_length=size.row_length)
         if other_batch.tokens.shape != batch.tokens.shape:
             notes.append(f"train batch shape changed with shift {shift}; recompile expected")
         holder["state"], out = step(holder["state"], other_batch)

@@ -72,8 +72,9 @@ def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature:
     """Log-probs (and entropy) of `tokens` from final hidden states, in chunks of `chunk_size`.
 
     Position t gets log p(tokens[t] | tokens[<t]) from hidden[t-1]; position 0 gets 0 (it has no
-    prediction; it is always a prompt token). Each chunk's [B, c, V] logits are rematerialized in
-    the backward pass, so memory is O(B·c·V), not O(B·T·V).
+    prediction; it is always a prompt token). With several chunks each chunk's [B, c, V] logits are
+    rematerialized in the backward pass, so memory is O(B·c·V), not O(B·T·V); one chunk (T ≤ c) is
+    not rematerialized (it is the model's last op: nothing runs between its forward and backward).
 
     Returns: (logprobs [B, T], entropy [B, T]) fp32.
     """
@@ -87,10 +88,11 @@ def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature:
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden_chunks = hidden.reshape(B, num_chunks, chunk, D).swapaxes(0, 1)  # [nc, B, c, D]
     target_chunks = targets.reshape(B, num_chunks, chunk).swapaxes(0, 1)  # [nc, B, c]
-    @jax.checkpoint
     def one_chunk(args):
         return _chunk_logprobs(args[0], kernel, args[1], temperature)
 
+    if num_chunks > 1:  # keep one chunk's logits at a time; a single chunk is the last op: nothing to save
+        one_chunk = jax.checkpoint(one_chunk)
     logprobs, entropy = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))  # [nc, B, c] each
     logprobs = logprobs.swapaxes(0, 1).reshape(B, -1)[:, :n]
     entropy = entropy.swapaxes(0, 1).reshape(B, -1)[:, :n]
