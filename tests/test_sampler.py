@@ -396,7 +396,9 @@ def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
     ])
     draws = 100_000
     keys = jax.random.split(jax.random.key(0), draws)
-    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows, block=4)))(keys))  # [draws, 3]
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows, block=4)[0]))(keys))  # [draws, 3]
+    _, lse = categorical(keys[0], rows, block=4)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(rows, axis=-1)), rtol=1e-6)
     for r in range(rows.shape[0]):
         probs = np.asarray(jax.nn.softmax(rows[r]), np.float64)
         counts = np.bincount(samples[:, r], minlength=rows.shape[1])

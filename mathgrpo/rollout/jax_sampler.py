@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from mathgrpo import sharding
 from mathgrpo.config import ModelConfig
-from mathgrpo.model import KVCache, abstract_params, forward, init_cache, positions_from_segments
+from mathgrpo.model import KVCache, abstract_params, forward, init_cache, output_kernel, positions_from_segments
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
 from mathgrpo.rollout.sampling import sample
 from mathgrpo.train_step import MeshJit
@@ -108,9 +108,12 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
     with jax.named_scope("prefill"):
         cache = init_cache(config, B, T + M)  # the cache is born inside the jit: no host copy
         positions = positions_from_segments(prompt_segments)  # [B, T]
-        logits, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache)
+        hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
+                                return_hidden=True)  # [B, T, D]
+        kernel = output_kernel(config, params)  # [D, V]: only the last position needs logits
+        logits = jnp.dot(hidden[:, -1].astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)  # [B, V]
         rng, step_rng = jax.random.split(rng)
-        token, logprob = sample(step_rng, logits[:, -1], sampling)  # [B], [B]
+        token, logprob = sample(step_rng, logits, sampling)  # [B], [B]
     real = prompt_segments[:, -1] != 0  # [B]
     state = SamplingState(
         cache=cache,

@@ -93,7 +93,7 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
-def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> jax.Array:
+def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> tuple[jax.Array, jax.Array]:
     """One draw per row from softmax(logits) ([B, V] fp32, -inf = excluded) by inverse CDF.
 
     `jax.random.categorical` draws a Gumbel per vocabulary entry (two logs each): on CPU that cost
@@ -102,10 +102,13 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> jax.Arr
     block where u·Σw falls (cumulative sum over the few blocks), then the token inside that block
     (cumulative sum over `block` entries). Exact up to fp32 rounding of the sums; a token of weight 0
     (excluded) is never returned: a draw rounding past the last positive weight takes that token.
+
+    Returns (tokens [B] int32, logsumexp(logits) [B]): the normalizer comes free with the block totals.
     """
     B, V = logits.shape
     blocks = -(-V // block)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], 0 where excluded
+    peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
+    weights = jnp.exp(logits - peak)  # [B, V], 0 where excluded
     weights = jnp.pad(weights, ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
     block_cdf = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
     target = jax.random.uniform(rng, (B, 1), jnp.float32) * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
@@ -118,7 +121,8 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> jax.Arr
     inner_cdf = jnp.cumsum(inner, axis=-1)
     index = jnp.sum(inner_cdf <= (target[:, 0] - before)[:, None], axis=-1)  # [B]
     last_inner = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
-    return chosen * block + jnp.minimum(index, last_inner)
+    lse = peak[:, 0] + jnp.log(block_cdf[:, -1])
+    return (chosen * block + jnp.minimum(index, last_inner)).astype(jnp.int32), lse
 
 
 def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -132,11 +136,12 @@ def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[j
       (greedy: at T = 1).
     """
     scaled = scale_logits(logits, params.temperature)  # [B, V]
-    logprobs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
     if params.greedy:
-        tokens = jnp.argmax(scaled, axis=-1)  # [B]
+        tokens, lse = jnp.argmax(scaled, axis=-1).astype(jnp.int32), jax.nn.logsumexp(scaled, axis=-1)
     else:
-        tokens = categorical(rng, truncate(scaled, params.top_k, params.top_p))  # [B]
-    tokens = tokens.astype(jnp.int32)
-    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+        truncated = truncate(scaled, params.top_k, params.top_p)
+        tokens, lse = categorical(rng, truncated)  # [B] each
+        if truncated is not scaled:  # the log-prob's normalizer is over the full vocabulary
+            lse = jax.nn.logsumexp(scaled, axis=-1)
+    token_logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - lse  # [B]
     return tokens, token_logprobs
