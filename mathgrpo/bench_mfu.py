@@ -9,7 +9,7 @@ Also printed, from the same run: a bf16 8192³ matmul's FLOP/s (the achievable p
 program's memory analysis and the device's measured peak bytes in use.
 
 `--mfu-compile-only` stops after compiling and prints the memory analysis: on CPU it gives XLA:CPU's
-estimate of the same program, to set against the GPU's (plan.py runs on CPU devices).
+estimate of the same program, to set against the GPU's.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from mathgrpo import metrics, packing, train_step
+    from mathgrpo import metrics, packing, plan, train_step
     from mathgrpo.config import GRPOConfig, OptimConfig, load_model_config
     from mathgrpo.model import init_params
 
@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     compiled = step.lower(abstract, batch).compile()
     report["compile_seconds"] = time.perf_counter() - started
-    analysis = compiled.memory_analysis()
-    report["compiled_memory"] = {
-        "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
-        "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-        "peak_bytes": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes}
+    report["compiled_memory"] = plan.compiled_memory(compiled)
     report["flops_per_step"] = metrics.flops_per_step(model, lengths)
     if args.mfu_compile_only:
         return report
@@ -131,12 +126,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_report(r: dict) -> str:
-    gib = 2**30
+    gib, memory = 2**30, r["compiled_memory"]
     lines = [f"mfu: Qwen3-4B shapes, {r['layers']} layers, {r['attention']} attention, remat {r['remat']}, "
              f"{r['micro_batches']} micro-batches of {r['micro_batch_tokens']} tokens "
              f"({r['sequences']} sequences, {r['tokens_per_step']} tokens) on {r['device_kind']}",
-             f"  compile {r['compile_seconds']:.1f} s; compiled peak {r['compiled_memory']['peak_bytes'] / gib:.2f} GiB "
-             f"(temp {r['compiled_memory']['temp_bytes'] / gib:.2f} GiB)"]
+             f"  compile {r['compile_seconds']:.1f} s; compiled peak {memory['peak_bytes'] / gib:.2f} GiB "
+             f"(temp {memory['temp_bytes'] / gib:.2f} GiB)"]
     if "step_seconds" in r:
         lines.append(f"  step {r['step_seconds']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
                      f"{r['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s (verl formula)")

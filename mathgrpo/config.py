@@ -171,6 +171,11 @@ QWEN3_REQUIRED_HF_KEYS = (
 )
 
 
+# ModelConfig's fields that are ours, not HF's: set per run (ModelSource), never read from config.json.
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
+                  "token_chunk_size", "scan_layers", "remat_policy")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A dense Qwen3 decoder. Architecture fields carry the names of HF `Qwen3Config`."""
@@ -195,7 +200,7 @@ class ModelConfig:
     attention: str = "reference"  # one of ATTENTION_IMPLEMENTATIONS
     attention_block_size: int = 512  # query block of the blockwise implementation
     # cudnn: sequences per packed row described to the varlen kernel (packing never puts more in a
-    # row). Its buffers grow with this × row length, so keep it near the real count (recipe: ≤ 4).
+    # row). cuDNN's backward workspace grows with this × row length (recipe: 8).
     attention_max_segments: int = 16
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
@@ -322,9 +327,7 @@ class ModelConfig:
 
     def architecture(self) -> dict:
         """The HF-derived fields only (what a preset YAML holds)."""
-        runtime = {"param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
-                   "token_chunk_size", "scan_layers", "remat_policy"}
-        return {k: v for k, v in to_dict(self).items() if k not in runtime}
+        return {k: v for k, v in to_dict(self).items() if k not in RUNTIME_FIELDS}
 
 
 def load_model_config(path: str | os.PathLike, overrides: tuple[str, ...] = ()) -> ModelConfig:
@@ -525,8 +528,7 @@ class ModelSource:
     remat_policy: str = "full"  # actor.model.enable_gradient_checkpointing=True
 
     def runtime(self) -> dict:
-        return {k: getattr(self, k) for k in ("param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
-                                              "token_chunk_size", "scan_layers", "remat_policy")}
+        return {k: getattr(self, k) for k in RUNTIME_FIELDS}
 
     def resolve(self) -> ModelConfig:
         """The ModelConfig: from the HF dir or checkpoint at `path`, else from `architecture`."""

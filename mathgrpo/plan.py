@@ -13,13 +13,14 @@ analysis is the GPU compiler's own; elsewhere fake CPU devices stand in (set bef
 __main__), and the analysis is XLA:CPU's compile of the same sharded program — an estimate of the GPU
 figure (XLA:CPU keeps some bf16 intermediates in f32), not a GPU measurement.
 
-Peak per device = arguments + outputs − aliased (donated) + temporaries. A compile for described GPUs
-does not size cuDNN's workspaces (no device to ask), and the varlen attention's backward workspace is
-large (grows with model.attention_max_segments × row tokens × heads × head dim): for described
-devices the plan adds it, `CUDNN_VARLEN_BWD_BYTES` per element, measured on an H100 as the difference
-between a real-device and a described-device compile of the same single-GPU 4B step. `fits` compares the train
-step's peak with the device memory left to JAX next to vLLM: JAX gets (1 − u) of the device, vLLM u
-(`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16 weights plus KV cache room.
+Peak per device = arguments + outputs − aliased (donated) + temporaries. A compile for described
+GPUs does not size cuDNN's workspaces (no device to ask), and the varlen attention's backward
+workspace is large (grows with model.attention_max_segments × row tokens × heads × head dim): for
+described devices the plan adds it, `CUDNN_VARLEN_BWD_BYTES` per element, measured on an H100 as the
+difference between a real-device and a described-device compile of the same single-GPU 4B step.
+`fits` compares the train step's peak with the device memory left to JAX next to vLLM: JAX gets
+(1 − u) of the device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16
+weights plus KV cache room.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _memory(compiled) -> dict:
+def compiled_memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled program, with its peak (arguments + outputs − aliased + temp)."""
     analysis = compiled.memory_analysis()
     args, out = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
     alias, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
@@ -135,7 +137,7 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         workspace = int(CUDNN_VARLEN_BWD_BYTES * model.attention_max_segments * row_length * heads * model.head_dim)
     params_bytes = per_device(abstract_state.params, state_shardings.params)
     opt_bytes = per_device(abstract_state.opt_state, state_shardings.opt_state)
-    train_memory = _memory(compiled_step)
+    train_memory = compiled_memory(compiled_step)
     train_memory["cudnn_workspace_bytes"] = workspace  # added for described devices (see above)
     train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
@@ -154,8 +156,8 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "optimizer_bytes_per_device": opt_bytes,
         "gradient_bytes_per_device": params_bytes,  # fp32 accumulator, inside the step's temporaries
         "train_step": train_memory,
-        "logprob_pass": _memory(compiled_logprob),
-        "decode_step": _memory(compiled_decode) | {"batch_per_device": inputs.decode_batch_per_device,
+        "logprob_pass": compiled_memory(compiled_logprob),
+        "decode_step": compiled_memory(compiled_decode) | {"batch_per_device": inputs.decode_batch_per_device,
                                                    "cache_length": max_sequence},
         "flops_per_micro_batch_per_device": _flops(compiled_step),
         "flops_per_step_estimate": flops_per_step(model, [max_sequence] * inputs.sequences_per_step),

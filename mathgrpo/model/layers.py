@@ -209,9 +209,10 @@ def cudnn_packed_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *,
     packing caps rows at it): a row with more gives NaN, which the train step's non-finite guard
     refuses, never a silently wrong result. Padding tokens get zeros.
 
-    Memory: JAX's varlen wrapper keeps buffers of max_segments × T tokens (measured on H100, one
-    16,384-token row, 32/8 heads of 128, fwd+bwd: 4.3 GiB at 8 segments, 16.4 GiB at 32), which is
-    why the bound is a config value and not T."""
+    Memory: JAX's wrapper describes B × max_segments sequences of up to T tokens, and cuDNN's
+    backward workspace grows with that (measured on H100, one 16,384-token row, 32/8 heads of 128,
+    fwd+bwd temporaries: 4.3 GiB at 8 segments, 16.4 GiB at 32), which is why the bound is a config
+    value and not T."""
     del kv_segment, q_index, kv_index  # self-attention: the same segments; causal within each
     _require_gpu()
     from jax._src.cudnn.fused_attention_stablehlo import MaskType

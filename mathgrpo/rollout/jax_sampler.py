@@ -219,8 +219,9 @@ class JaxSampler:
         self.param_shardings = None if mesh is None else sharding.param_shardings(config, mesh, rules)
         self.trace_counts: collections.Counter = collections.Counter()
         prefill_shardings, decode_shardings = {}, {}
+        self.prompt_sharding = None if mesh is None else NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
         if mesh is not None:
-            prompts = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
+            prompts = self.prompt_sharding
             state = state_shardings(mesh)
             prefill_shardings = dict(in_shardings=(self.param_shardings, prompts, prompts, sharding.replicated(mesh)),
                                      out_shardings=state)
@@ -290,8 +291,7 @@ class JaxSampler:
             segments[r, T - len(prompt):] = 1
         rng = jax.random.key(params.seed)
         if self.mesh is not None:
-            batch = NamedSharding(self.mesh, P(sharding.BATCH_AXES, None))
-            tokens, segments = jax.device_put((tokens, segments), batch)
+            tokens, segments = jax.device_put((tokens, segments), self.prompt_sharding)
             rng = jax.device_put(rng, sharding.replicated(self.mesh))
         static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
         state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, rng)
