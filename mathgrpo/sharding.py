@@ -149,7 +149,7 @@ def cache_shardings(mesh: Mesh) -> Any:
     """Shardings of a KVCache: batch over (data, fsdp), kv heads over tensor."""
     from mathgrpo.model import KVCache
 
-    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, "tensor", None))
+    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))  # [L, B, K, S, H]
     return KVCache(k=kv, v=kv, segment_ids=NamedSharding(mesh, PartitionSpec(BATCH_AXES, None)),
                    index=replicated(mesh))
 

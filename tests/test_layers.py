@@ -13,6 +13,7 @@ from mathgrpo.model.layers import (
     RMSNorm,
     apply_rope,
     blockwise_attention,
+    cached_attention,
     cudnn_attention,
     reference_attention,
 )
@@ -90,6 +91,22 @@ def test_reference_attention_matches_numpy(N, K):
     expected = numpy_attention(q, k, v, segments, segments, index, index)
     valid = segments != 0
     np.testing.assert_allclose(np.asarray(got)[valid], expected[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cached_attention_matches_numpy_over_a_cache(T):
+    """Queries at the end of a partly filled cache of S slots in the cache's [B, K, S, H] layout."""
+    rng = np.random.default_rng(4)
+    B, S, N, K, H = 2, 12, 8, 2, 16
+    q, k, v = random_qkv(rng, B, T, S, N, K, H)
+    kv_segment = np.zeros((B, S), np.int32)
+    kv_segment[0, 2:9], kv_segment[1, 0:9] = 1, 1  # row 0 left-padded; slots 9.. still empty
+    q_index = np.arange(9 - T, 9)
+    q_segment = np.ones((B, T), np.int32)
+    got = cached_attention(*map(jnp.asarray, (q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_segment,
+                                              kv_segment, q_index, np.arange(S))))
+    expected = numpy_attention(q, k, v, q_segment, kv_segment, q_index, np.arange(S))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("T, block", [(37, 8), (64, 16), (16, 32)])

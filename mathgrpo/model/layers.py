@@ -134,6 +134,26 @@ def reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> ja
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
+def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
+    """`reference_attention` over a KV cache's [B, K, S, H] keys and values (its layout, see
+    qwen3.KVCache): each kv head's slots are contiguous, so both matmuls read the cache in place.
+
+    Args: q [B, T, N, H]; k, v [B, K, S, H]; the rest as `reference_attention`.
+    Returns: [B, T, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * H**-0.5
+    mask = attention_mask(q_segment, kv_segment, q_index, kv_index)  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    # Both matmuls as [B·K] batches of (G·T rows) × (S or H): XLA:CPU's fast path (an output in
+    # [B, T, ...] order made it contract v's S axis as a transposed operand, 3x slower).
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
 def blockwise_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *, block_size: int):
     """Memory-efficient attention in pure JAX: queries in blocks of `block_size`.
 
@@ -283,7 +303,7 @@ def remat_policy(name: str):
 
 
 __all__ = [
-    "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention",
+    "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention", "cached_attention",
     "blockwise_attention", "cudnn_attention", "attend", "remat_policy", "checkpoint_name", "token_chunked",
     "cast_sharded",
 ]

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from mathgrpo.config import ModelConfig
 from mathgrpo.model.layers import (
-    Proj, RMSNorm, apply_rope, attend, cast_sharded, checkpoint_name, cudnn_packed_attention, dtype_of, remat_policy,
-    token_chunked,
+    Proj, RMSNorm, apply_rope, attend, cached_attention, cast_sharded, checkpoint_name, cudnn_packed_attention,
+    dtype_of, remat_policy, token_chunked,
 )
 
 Params = Any  # a pytree of arrays, nested like the linen modules
@@ -38,19 +38,19 @@ class KVCache:
     """Keys and values of every layer, written in place at `index` (prompts are left-padded so all
     rows write the same slot). Empty slots have segment id 0 and are never attended."""
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them
+    v: jax.Array  # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
     index: jax.Array  # [] int32: the next slot to write
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
     dtype = dtype_of(dtype or config.compute_dtype)
-    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -72,7 +72,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index):
+    def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index,
+                 layer_index=None):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_kernel = _proj(c, "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), "q_proj")(None)
@@ -95,18 +96,29 @@ class Attention(nn.Module):
             q_norm(jnp.zeros((1, 1, N, H))), k_norm(jnp.zeros((1, 1, K, H)))
         q, k, v = token_chunked(project, (x, positions), c.token_chunk_size)
         if cache_kv is not None:
-            cache_k, cache_v = cache_kv  # [B, S, K, H]
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, 1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, 1)
+            # The whole [L, B, S, K, H] cache rides in the layer scan's carry: this layer writes only
+            # its new keys/values in place and reads its own slice. (Scanning the cache as per-layer
+            # inputs/outputs instead copied every layer's slice out and back each decode step: 60% of
+            # a 64-row decode step on CPU, BENCHMARKS.md.)
+            # Its [L, B, K, S, H] layout lets the decode step's two attention matmuls read each
+            # head's slots in place (an [.., S, K, H] cache cost two transposing copies per layer).
+            cache_k, cache_v = cache_kv
+            start = (layer_index, 0, 0, cache_index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype)[None], start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype)[None], start)
             cache_kv = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)  # [B, S, K, H]
-        # The KV-cache decode step (few queries) always takes the plain path: flash kernels are for
-        # long query blocks, and the reference is exact there.
-        implementation = c.attention if cache_kv is None or x.shape[1] > 1 else "reference"
-        attention = attend(implementation, c.attention_block_size)
-        if implementation == "cudnn" and cache_kv is None:  # packed self-attention: the varlen kernel
-            attention = functools.partial(cudnn_packed_attention, max_segments=c.attention_max_segments)
-        out = attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+            k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B, K, S, H]
+            v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)
+            if x.shape[1] == 1:  # the decode step: plain attention over the cache's slots
+                out = cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+            else:  # a prefill: the configured implementation over the slots, in [B, S, K, H]
+                out = attend(c.attention, c.attention_block_size)(
+                    q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
+        elif c.attention == "cudnn":  # packed self-attention: the varlen kernel
+            out = cudnn_packed_attention(q, k, v, q_segment, kv_segment, q_index, kv_index,
+                                         max_segments=c.attention_max_segments)
+        else:
+            out = attend(c.attention, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
         out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
         out = token_chunked(lambda o: jnp.einsum("BTNH,NHD->BTD", o.astype(o_kernel.dtype), o_kernel),
                             out, c.token_chunk_size)
@@ -133,21 +145,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; signature `(carry, *xs) -> (carry, ys)` so `nn.scan` can stack it."""
+    """One pre-norm block; signature `(carry, *xs) -> (carry, ys)` so `nn.scan` can stack it.
+
+    The carry is (x [B, T, D], cache) with cache None or the whole stacked (k, v) [L, B, S, K, H];
+    `layer_index` (the scanned input) says which layer's slots this block writes and reads."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_index, cache_kv):
+    def __call__(self, carry, positions, q_segment, kv_segment, q_index, kv_index, cache_index, layer_index):
         c = self.config
+        x, cache_kv = carry
         attn_out, cache_kv = Attention(c, name="self_attn")(
             _norm(c, "embed", "input_layernorm")(x),
-            positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index,
+            positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index, layer_index,
         )
         x = x + attn_out
         x = x + MLP(c, name="mlp")(_norm(c, "embed", "post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        return x, cache_kv
+        return (x, cache_kv), None
 
 
 class Qwen3(nn.Module):
@@ -211,8 +227,9 @@ class Qwen3(nn.Module):
             q_index = cache_index + jnp.arange(T, dtype=jnp.int32)
             kv_index = jnp.arange(cache.max_length, dtype=jnp.int32)
             cache_kv = (cache.k, cache.v)
-        x, cache_kv = self.layers(
-            x, positions, segment_ids, kv_segment, q_index, kv_index, cache_index, cache_kv
+        layer_index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, cache_kv), _ = self.layers(
+            (x, cache_kv), positions, segment_ids, kv_segment, q_index, kv_index, cache_index, layer_index
         )
         x = self.norm(x)
         if cache is not None:
