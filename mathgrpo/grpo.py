@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import forward, output_kernel
@@ -48,22 +49,49 @@ KL_TYPES = ("low_var_kl", "kl", "mse")
 # Log-probs and entropy, chunked over the sequence so [T, V] fp32 logits never exist at once.
 
 
-def _chunk_logprobs(hidden, kernel, targets, temperature: float):
+def _vocab_parallel_axes() -> tuple[str, ...] | None:
+    """The mesh axes the LM head splits the vocabulary over: all of them, when a mesh of more than
+    one device is active (train step, log-prob pass); None otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return tuple(name for name, size in zip(mesh.axis_names, mesh.axis_sizes) if size > 1)
+
+
+def _chunk_logprobs(hidden, kernel, targets, temperature: float, vocab_axes: tuple[str, ...] | None = None):
     """hidden [B, c, D], kernel [D, V] (compute dtype), targets [B, c] → (log-prob, entropy) [B, c] fp32.
 
     One exp pass over the [B·c, V] logits gives both: with m the row max, x = exp(logits − m) and
     s = Σx, lse = m + log s and entropy = lse − Σ(x·logits)/s (verl's entropy_from_logits,
     lse − Σ softmax·logits). Rows are flattened to 2-D first: XLA:CPU reduces the last axis of a
-    [1, c, V] array ~4× slower than of the same [c, V] one (measured, BENCHMARKS.md)."""
+    [1, c, V] array ~4× slower than of the same [c, V] one (measured, BENCHMARKS.md).
+
+    With `vocab_axes` (a sharded step) the head is vocabulary-parallel: every device takes the
+    chunk's hidden states of ALL devices (an all-gather of [B·c, D]) and computes the logits of its
+    own V / devices columns, so the [D, V] head is never gathered and its gradient never exists in
+    full on one device (an FSDP head would gather 0.72 GiB of bf16 kernel and hold a 1.45 GiB fp32
+    full gradient per device at the 4B shapes). The row max, Σexp and Σx·logits become small
+    all-reduces, and the target logit is a masked sum over the local columns (a gather along a
+    sharded axis would gather the logits)."""
     B, C, D = hidden.shape
-    logits = jnp.dot(hidden.reshape(B * C, D).astype(kernel.dtype), kernel,
-                     preferred_element_type=jnp.float32) / temperature  # [B·c, V]
+    rows = hidden.reshape(B * C, D).astype(kernel.dtype)
+    targets = targets.reshape(B * C)
+    if vocab_axes is not None:
+        rows = jax.lax.with_sharding_constraint(rows, P())  # [B·c, D] every device's tokens
+        targets = jax.lax.with_sharding_constraint(targets, P())
+    logits = jnp.dot(rows, kernel, preferred_element_type=jnp.float32) / temperature  # [B·c, V]
+    if vocab_axes is not None:
+        logits = jax.lax.with_sharding_constraint(logits, P(None, vocab_axes))
     peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [B·c, 1]
     exp = jnp.exp(logits - peak)
     total = jnp.sum(exp, axis=-1)  # [B·c]
     lse = peak[:, 0] + jnp.log(total)
     entropy = lse - jnp.sum(exp * logits, axis=-1) / total
-    target_logit = jnp.take_along_axis(logits, targets.reshape(B * C, 1), axis=-1)[:, 0]
+    if vocab_axes is None:
+        target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    else:
+        columns = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        target_logit = jnp.sum(jnp.where(columns == targets[:, None], logits, 0.0), axis=-1)
     return (target_logit - lse).reshape(B, C), entropy.reshape(B, C)
 
 
@@ -88,8 +116,12 @@ def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature:
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden_chunks = hidden.reshape(B, num_chunks, chunk, D).swapaxes(0, 1)  # [nc, B, c, D]
     target_chunks = targets.reshape(B, num_chunks, chunk).swapaxes(0, 1)  # [nc, B, c]
+    vocab_axes = _vocab_parallel_axes()
+    if vocab_axes is not None:  # the head's columns split over every device (see _chunk_logprobs)
+        kernel = jax.lax.with_sharding_constraint(kernel, P(None, vocab_axes))
+
     def one_chunk(args):
-        return _chunk_logprobs(args[0], kernel, args[1], temperature)
+        return _chunk_logprobs(args[0], kernel, args[1], temperature, vocab_axes)
 
     if num_chunks > 1:  # keep one chunk's logits at a time; a single chunk is the last op: nothing to save
         one_chunk = jax.checkpoint(one_chunk)
