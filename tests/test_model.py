@@ -126,6 +126,25 @@ def test_remat_policies_keep_gradients(params, policy):
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6), got, expected)
 
 
+def test_full_remat_saves_layer_inputs_as_bits_not_widened_floats(params):
+    """Under `full` remat the backward reads one [L, B, T, D] stack of saved layer inputs. In bf16 it
+    must stay 2 bytes per element after XLA's optimizations (XLA:CPU once widened it to fp32) and
+    the gradients must equal nn.remat's (`save_attention_out` recomputes the same ops)."""
+    config = TINY.replace(compute_dtype="bfloat16", remat_policy="full")
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 8)))
+
+    def loss(config, p):
+        return jnp.mean(jax.nn.log_softmax(logits(config, p, tokens))[..., 0])
+
+    grad = jax.jit(jax.grad(lambda p: loss(config, p)))
+    hlo = grad.lower(params).compile().as_text()
+    L, D = TINY.num_hidden_layers, TINY.hidden_size
+    assert f"u16[{L},2,8,{D}]" in hlo, "the saved inputs are a u16 stack"
+    assert f"f32[{L},2,8,{D}]" not in hlo and f"bf16[{L},2,8,{D}]" not in hlo, "no float copy of the stack"
+    expected = jax.grad(lambda p: loss(config.replace(remat_policy="save_attention_out"), p))(params)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6), grad(params), expected)
+
+
 def test_bf16_compute_keeps_fp32_params_and_logits(params):
     config = TINY.replace(compute_dtype="bfloat16")
     tokens = jnp.asarray([[1, 2, 3, 4]])
