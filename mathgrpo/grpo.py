@@ -133,13 +133,14 @@ def hidden_logprobs(config: ModelConfig, kernel, hidden, tokens, *, temperature:
 
 
 def token_logprobs(config: ModelConfig, params: Any, tokens, positions, segment_ids, *,
-                   temperature: float = 1.0, chunk_size: int = 512):
+                   temperature: float = 1.0, chunk_size: int = 512, grad_sink: Any = None):
     """Log-prob and entropy of every token under the model at `temperature` ([B, T] each, fp32).
 
     Rows may pack several sequences (segment ids); position t is scored from t-1, so the first
     token of each packed sequence gets a meaningless value that the response mask excludes.
+    `grad_sink`: an accumulator for the layers' gradient (model.full_remat_layers).
     """
-    hidden, _ = forward(config, params, tokens, positions, segment_ids, return_hidden=True)
+    hidden, _ = forward(config, params, tokens, positions, segment_ids, return_hidden=True, grad_sink=grad_sink)
     return hidden_logprobs(config, output_kernel(config, params), hidden, tokens,
                            temperature=temperature, chunk_size=chunk_size)
 

@@ -79,15 +79,16 @@ def _micro_batch(batch: PackedBatch, m) -> dict:
 
 
 def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_count, num_sequences: int, *,
-                     model: ModelConfig, algo: GRPOConfig, fused: bool = True):
+                     model: ModelConfig, algo: GRPOConfig, fused: bool = True, grad_sink=None):
     """This micro-batch's share of the mini-batch loss, and sums for the metrics.
 
+    `grad_sink`: the layers' gradient accumulator, see `accumulate_gradients`.
     Returns (loss, aux) where aux holds per-token π_old log-probs and entropy [R, L] and metric sums.
     """
     mask = mb["loss_mask"]
     logprobs, entropy = grpo.token_logprobs(
         model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
-        temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)  # [R, L] each
+        temperature=algo.temperature, chunk_size=algo.logprob_chunk_size, grad_sink=grad_sink)  # [R, L] each
     old = jax.lax.stop_gradient(logprobs) if fused else mb["old_logprobs"]
     is_weights = None
     if algo.rollout_is is not None:
@@ -147,7 +148,22 @@ def accumulate_gradients(params, batch: PackedBatch, *, model: ModelConfig, algo
     Returns (loss, grads, sums, old_logprobs [M, R, L], entropy [M, R, L]).
     """
     num_sequences = batch.sequence_slots.shape[0]
-    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+    # Under full remat the backward scan adds each layer's gradient into the accumulator in place
+    # (model.full_remat_layers: no second [L, ...] gradient buffer per micro-batch); it comes back as
+    # the gradient of `grad_sink`, and the layers' own gradient is zero and dropped.
+    in_place = model.remat_policy == "full"
+
+    def grad_fn(params, mb, *args, grads, **kwargs):
+        if not in_place:
+            value, micro_grads = jax.value_and_grad(micro_batch_loss, has_aux=True)(params, mb, *args, **kwargs)
+            return value, jax.tree.map(jnp.add, grads, micro_grads)
+        def loss(params, sink):
+            return micro_batch_loss(params, mb, *args, grad_sink=sink, **kwargs)
+
+        value, (micro_grads, layers) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, grads["layers"])
+        return value, type(grads)({name: layers if name == "layers" else jax.tree.map(jnp.add, grads[name], g)
+                                   for name, g in micro_grads.items()})
+
     M, R, L = batch.tokens.shape
     names = ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy") + (
         ("kl_loss",) if algo.use_kl_loss else ())
@@ -155,9 +171,9 @@ def accumulate_gradients(params, batch: PackedBatch, *, model: ModelConfig, algo
     def body(m, carry):
         grads, loss_total, sums, old_all, entropy_all = carry
         legacy_weight = jax.lax.dynamic_index_in_dim(batch.legacy_weight, m, 0, keepdims=False)
-        (loss, aux), micro_grads = grad_fn(params, _micro_batch(batch, m), legacy_weight, batch.token_count,
-                                           batch.sequence_count, num_sequences, model=model, algo=algo, fused=fused)
-        grads = jax.tree.map(jnp.add, grads, micro_grads)
+        (loss, aux), grads = grad_fn(params, _micro_batch(batch, m), legacy_weight, batch.token_count,
+                                     batch.sequence_count, num_sequences, grads=grads, model=model, algo=algo,
+                                     fused=fused)
         sums = {k: sums[k] + aux["sums"][k] for k in sums}
         old_all = jax.lax.dynamic_update_index_in_dim(old_all, aux["old_logprobs"], m, 0)
         entropy_all = jax.lax.dynamic_update_index_in_dim(entropy_all, aux["entropy"], m, 0)

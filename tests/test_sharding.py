@@ -19,8 +19,11 @@ from mathgrpo.model import init_params
 from tests.test_config import CONFIGS as MODEL_CONFIGS
 
 MESH_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mesh"
+# remat "full" as in the recipe: the hand-written remat and its in-place layer-gradient accumulation
+# (model.full_remat_layers) run sharded; the vocabulary-parallel head runs whenever a mesh is set.
 SHARDED_TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, compute_dtype="float32")
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, compute_dtype="float32",
+                           remat_policy="full")
 ROOT = Path(__file__).resolve().parents[1]
 
 
