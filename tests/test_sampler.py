@@ -410,3 +410,19 @@ def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
             assert p_value > 1e-3, (r, counts, expected)
         else:
             assert counts[support].sum() >= draws - 1
+
+
+def test_bf16_sampler_runs_with_every_cpu_attention_and_agrees(params):
+    """bf16 compute on CPU: the prefill attends the cache's [B, K, S, H] slots through the configured
+    implementation and each decode step through `cached_attention` (a bf16 dot that XLA:CPU could not
+    run once broke `generate` on bf16 checkpoints). Reference and blockwise prefill give one answer."""
+    prompts = random_prompts([5, 11], seed=7)
+    sampling = SamplingParams(n=2, temperature=0.0, max_tokens=6)
+    results = []
+    for attention in ("reference", "blockwise"):
+        config = TINY.replace(compute_dtype="bfloat16", attention=attention, attention_block_size=4)
+        out = JaxSampler(config, params, max_length=MAX_LENGTH, min_prompt_bucket=8).generate(prompts, sampling)
+        assert out.token_ids.shape == (4, 6) and np.all(out.lengths == 6)
+        assert np.all(np.isfinite(out.logprobs)) and np.all(out.logprobs <= 0)
+        results.append(out.token_ids)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -130,8 +130,10 @@ def reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> ja
     mask = attention_mask(q_segment, kv_segment, q_index, kv_index)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    # Output in the batch order of the matmul ([B, K] first; see cached_attention): an output in
+    # [B, T, ...] order made XLA:CPU emit a plain dot that it cannot run on bf16 operands.
+    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
 def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
