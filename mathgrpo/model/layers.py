@@ -123,17 +123,9 @@ def reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> ja
       q_segment: [B, T]; kv_segment: [B, S]; q_index: [T]; kv_index: [S].
     Returns: [B, T, N, H] in q's dtype.
     """
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * H**-0.5
-    mask = attention_mask(q_segment, kv_segment, q_index, kv_index)  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    # Output in the batch order of the matmul ([B, K] first; see cached_attention): an output in
-    # [B, T, ...] order made XLA:CPU emit a plain dot that it cannot run on bf16 operands.
-    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs, v, preferred_element_type=jnp.float32)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+    # The same computation as over a KV cache's [B, K, S, H] layout; XLA folds the transposes into
+    # the matmuls.
+    return cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
 
 
 def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
@@ -151,7 +143,8 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     # Both matmuls as [B·K] batches of (G·T rows) × (S or H): XLA:CPU's fast path (an output in
-    # [B, T, ...] order made it contract v's S axis as a transposed operand, 3x slower).
+    # [B, T, ...] order made it contract v's S axis as a transposed operand: 3x slower, and a plain
+    # dot it cannot run on bf16 operands).
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v, preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 

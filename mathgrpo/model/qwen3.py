@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, q_segment, kv_segment, q_index, kv_index, cache_kv, cache_index,
-                 layer_index=None):
+                 layer_index):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_kernel = _proj(c, "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), "q_proj")(None)
@@ -96,7 +96,7 @@ class Attention(nn.Module):
             q_norm(jnp.zeros((1, 1, N, H))), k_norm(jnp.zeros((1, 1, K, H)))
         q, k, v = token_chunked(project, (x, positions), c.token_chunk_size)
         if cache_kv is not None:
-            # The whole [L, B, S, K, H] cache rides in the layer scan's carry: this layer writes only
+            # The whole [L, B, K, S, H] cache rides in the layer scan's carry: this layer writes only
             # its new keys/values in place and reads its own slice. (Scanning the cache as per-layer
             # inputs/outputs instead copied every layer's slice out and back each decode step: 60% of
             # a 64-row decode step on CPU, BENCHMARKS.md.)
@@ -147,7 +147,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """One pre-norm block; signature `(carry, *xs) -> (carry, ys)` so `nn.scan` can stack it.
 
-    The carry is (x [B, T, D], cache) with cache None or the whole stacked (k, v) [L, B, S, K, H];
+    The carry is (x [B, T, D], cache) with cache None or the whole stacked (k, v) [L, B, K, S, H];
     `layer_index` (the scanned input) says which layer's slots this block writes and reads."""
 
     config: ModelConfig
@@ -200,25 +200,7 @@ def full_remat_layers(config: ModelConfig, layer_params: Params, x: jax.Array, i
         (y, _), _ = layer.apply({"params": params}, (x, None), *inputs, zero, zero)
         return y
 
-    @jax.custom_vjp
-    def block(params, x, inputs):
-        return apply(params, x, inputs)
-
-    def block_fwd(params, x, inputs):
-        return apply(params, x, inputs), (params, _as_bits(x), inputs)
-
-    def block_bwd(residuals, grad_y):
-        params, bits, inputs = residuals
-        x = jax.lax.bitcast_convert_type(bits, dtype)
-        _, vjp = jax.vjp(lambda params, x: apply(params, x, inputs), params, x)
-        grad_params, grad_x = vjp(grad_y)
-        return grad_params, grad_x, None
-
-    block.defvjp(block_fwd, block_bwd)
     unroll = 1 if config.scan_layers else config.num_hidden_layers
-    if grad_sink is None:
-        x, _ = jax.lax.scan(lambda x, params: (block(params, x, inputs), None), x, layer_params, unroll=unroll)
-        return x
 
     @jax.custom_vjp
     def stack(layer_params, grad_sink, x, inputs):
@@ -232,19 +214,23 @@ def full_remat_layers(config: ModelConfig, layer_params: Params, x: jax.Array, i
     def stack_bwd(residuals, grad_y):
         layer_params, sink, bits, inputs = residuals
 
-        def step(carry, xs):
+        def step(carry, xs):  # one layer, last to first: recompute it from its saved input, then its VJP
             grad_x, sink = carry
             index, params, bits = xs
             _, vjp = jax.vjp(lambda params, x: apply(params, x, inputs), params,
                              jax.lax.bitcast_convert_type(bits, dtype))
             grad_params, grad_x = vjp(grad_x)
+            if sink is None:  # the layer gradients come out stacked, as the scan's outputs
+                return (grad_x, None), grad_params
             sink = jax.tree.map(lambda acc, g: jax.lax.dynamic_update_index_in_dim(
                 acc, jax.lax.dynamic_index_in_dim(acc, index, 0, keepdims=False) + g, index, 0), sink, grad_params)
             return (grad_x, sink), None
 
         indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-        (grad_x, sink), _ = jax.lax.scan(step, (grad_y, sink), (indices, layer_params, bits), reverse=True,
-                                         unroll=unroll)
+        (grad_x, sink), grads = jax.lax.scan(step, (grad_y, sink), (indices, layer_params, bits), reverse=True,
+                                             unroll=unroll)
+        if sink is None:
+            return grads, None, grad_x, None
         return None, sink, grad_x, None
 
     stack.defvjp(stack_fwd, stack_bwd)
@@ -312,7 +298,6 @@ class Qwen3(nn.Module):
             q_index = cache_index + jnp.arange(T, dtype=jnp.int32)
             kv_index = jnp.arange(cache.max_length, dtype=jnp.int32)
             cache_kv = (cache.k, cache.v)
-        layer_index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
         if grad_sink is not None and (cache is not None or self.config.remat_policy != "full"):
             raise ValueError("grad_sink needs the training forward (no cache) under remat_policy 'full', got "
                              f"remat_policy={self.config.remat_policy!r}, cache={cache is not None}")
@@ -320,6 +305,7 @@ class Qwen3(nn.Module):
             x = full_remat_layers(self.config, self.variables["params"]["layers"], x,
                                   (positions, segment_ids, kv_segment, q_index, kv_index), grad_sink)
         else:
+            layer_index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
             (x, cache_kv), _ = self.layers(
                 (x, cache_kv), positions, segment_ids, kv_segment, q_index, kv_index, cache_index, layer_index
             )
