@@ -96,6 +96,9 @@ def _fake_devices_for(config_path: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mathgrpo import host_memory
+
+    host_memory.keep_freed_host_memory()  # before JAX starts its threads (XLA:CPU only)
     args = build_parser().parse_args(argv)
     if args.command == "convert":
         from mathgrpo import checkpoint

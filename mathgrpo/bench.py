@@ -8,7 +8,9 @@ ratios (ours / theirs) are what to read:
 
 - train_step: forward + backward + AdamW on the GRPO loss (fp32), ours (`make_train_step` on a packed
   batch) vs `transformers.Qwen3ForCausalLM` with the same weights and the same loss written in torch;
-  also achieved FLOP/s (`metrics.flops_per_step`) and its fraction of this machine's fp32 matmul peak.
+  also achieved FLOP/s by the usual MFU accounting (`metrics.model_flops_per_step`: no FLOPs for the
+  embedding lookup, causal attention) and its fraction of this machine's fp32 matmul peak, and by
+  verl's estimate (`metrics.flops_per_step`, which also counts the embedding as a matmul).
 - logprob: the no-grad log-prob + entropy pass vs a torch.no_grad() forward, log_softmax gather and verl's
   entropy_from_logits (logsumexp − Σ softmax·logits).
 - sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens.
@@ -97,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mfu.add_argument("--mfu-token-chunk", type=int, default=0, help="model.token_chunk_size")
     mfu.add_argument("--mfu-max-segments", type=int, default=8, help="model.attention_max_segments (cuDNN varlen)")
     mfu.add_argument("--mfu-logprob-chunk", type=int, default=512, help="grpo.logprob_chunk_size (recipe: 512)")
+    mfu.add_argument("--mfu-vocab-block", type=int, default=16384,
+                     help="grpo.logprob_vocab_block: columns per tile of the fused head (one device)")
     mfu.add_argument("--mfu-compile-only", action="store_true", help="compile and print memory analysis only")
 
 
@@ -194,8 +198,11 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
 
     # --- train step ---------------------------------------------------------------------------
     # The torch side runs the sequences as one padded [S, row_length] batch; ours packs them into one
-    # micro-batch of S rows (same shape, one forward/backward) with the head in one chunk per row.
-    algo = GRPOConfig(rollout_is=None, micro_batch_tokens=size.row_length, logprob_chunk_size=size.row_length)
+    # micro-batch of S rows (same shape, one forward/backward). Our head scores only the response
+    # tokens (the loss needs nothing else), in blocks of 256 rows, and keeps its fp32 logits for the
+    # backward pass as torch's autograd does (logprob_save_logits; the recipe recomputes them).
+    algo = GRPOConfig(rollout_is=None, micro_batch_tokens=size.row_length, logprob_chunk_size=256,
+                      logprob_save_logits=True)
     rows = len(size.sequence_lengths)
     optim = OptimConfig(lr=1e-6)
     prompts, responses, advantages = make_sequences(size, config.vocab_size, seed)
@@ -228,7 +235,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
             notes.append(f"train batch shape changed with shift {shift}; recompile expected")
         holder["state"], out = step(holder["state"], other_batch)
         jax.block_until_ready(out["metrics"])
-    flops = metrics.flops_per_step(config, size.sequence_lengths)
+    flops = metrics.model_flops_per_step(config, size.sequence_lengths)
+    verl_flops = metrics.flops_per_step(config, size.sequence_lengths)
     results["train_step"] = {
         "tokens": tokens,
         "seconds": seconds["ours"],
@@ -239,6 +247,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str) -> tuple[dict, list[s
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / seconds["ours"],
         "torch_achieved_flops_per_s": flops / seconds["torch"],
+        "verl_flops_per_step": verl_flops,
+        "verl_achieved_flops_per_s": verl_flops / seconds["ours"],
     }
     del holder["state"]
 

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> dict:
                           attention_block_size=512, attention_max_segments=args.mfu_max_segments,
                           token_chunk_size=args.mfu_token_chunk,
                           remat_policy=args.mfu_remat)
-    algo = GRPOConfig(rollout_is="token", micro_batch_tokens=args.mfu_tokens, logprob_chunk_size=args.mfu_logprob_chunk)
+    algo = GRPOConfig(rollout_is="token", micro_batch_tokens=args.mfu_tokens, logprob_chunk_size=args.mfu_logprob_chunk,
+                      logprob_vocab_block=args.mfu_vocab_block)
     optim = OptimConfig(lr=1e-6)
     rng = np.random.default_rng(0)
     prompts, responses, lengths = [], [], []

@@ -363,7 +363,9 @@ class GRPOConfig:
     temperature: float = 1.0  # rollout temperature: log-probs are of logits / T
     max_response_length: int = 7168  # data.max_response_length (horizon of seq-mean-token-sum-norm)
     micro_batch_tokens: int = 32768  # actor.ppo_max_token_len_per_gpu: token budget of a micro-batch row
-    logprob_chunk_size: int = 512  # sequence chunk of the log-prob/entropy pass
+    logprob_chunk_size: int = 512  # rows (tokens) per block of the LM head's log-prob/entropy pass
+    logprob_vocab_block: int = 8192  # vocabulary columns per block of the fused head (one device)
+    logprob_save_logits: bool = False  # fused head: keep fp32 logit tiles for backward (no recompute)
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -388,8 +390,10 @@ class GRPOConfig:
             raise ConfigError(f"grpo.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
         if self.temperature <= 0:
             raise ConfigError(f"grpo.temperature must be > 0 for training log-probs, got {self.temperature}")
-        if self.micro_batch_tokens < 1 or self.logprob_chunk_size < 1:
-            raise ConfigError("grpo.micro_batch_tokens and grpo.logprob_chunk_size must be >= 1")
+        if self.micro_batch_tokens < 1 or self.logprob_chunk_size < 1 or self.logprob_vocab_block < 1:
+            raise ConfigError("grpo.micro_batch_tokens, grpo.logprob_chunk_size and grpo.logprob_vocab_block "
+                              f"must be >= 1, got {self.micro_batch_tokens}, {self.logprob_chunk_size}, "
+                              f"{self.logprob_vocab_block}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -139,6 +139,18 @@ def flops_per_step(model, sequence_lengths: Iterable[int]) -> float:
     return float(6 * dense_parameters(model) * int(lengths.sum()) + attention * int((lengths * lengths).sum()))
 
 
+def model_flops_per_step(model, sequence_lengths: Iterable[int]) -> float:
+    """The matmul FLOPs a forward + backward of the model must execute, the usual MFU accounting:
+    6·(layer weights + LM head)·Σ tokens + 6·Σ seqlen²·H·N·L (causal: half the score square).
+
+    Unlike verl's estimate it counts no FLOPs for the embedding lookup (a gather) and half the
+    attention square; it counts the head on every token, also where a step skips it (prompts)."""
+    lengths = np.asarray(list(sequence_lengths), dtype=np.int64)
+    weights = dense_parameters(model) - model.vocab_size * model.hidden_size  # without the embedding table
+    attention = 6 * model.head_dim * model.num_attention_heads * model.num_hidden_layers
+    return float(6 * weights * int(lengths.sum()) + attention * int((lengths * lengths).sum()))
+
+
 def mfu(model, *, sequence_lengths: Iterable[int], seconds: float, n_devices: int, peak_flops: float,
         ppo_epochs: int = 1) -> float:
     """perf/mfu/actor: est_flops · ppo_epochs / seconds / peak_flops / n_devices.

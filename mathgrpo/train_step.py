@@ -78,6 +78,12 @@ def _micro_batch(batch: PackedBatch, m) -> dict:
     return {n: jax.lax.dynamic_index_in_dim(getattr(batch, n), m, 0, keepdims=False) for n in names}
 
 
+def head_options(algo: GRPOConfig) -> dict:
+    """grpo.token_logprobs' LM-head keywords from the config."""
+    return dict(temperature=algo.temperature, chunk_size=algo.logprob_chunk_size,
+                vocab_block=algo.logprob_vocab_block, save_logits=algo.logprob_save_logits)
+
+
 def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_count, num_sequences: int, *,
                      model: ModelConfig, algo: GRPOConfig, fused: bool = True, grad_sink=None):
     """This micro-batch's share of the mini-batch loss, and sums for the metrics.
@@ -87,8 +93,8 @@ def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_coun
     """
     mask = mb["loss_mask"]
     logprobs, entropy = grpo.token_logprobs(
-        model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
-        temperature=algo.temperature, chunk_size=algo.logprob_chunk_size, grad_sink=grad_sink)  # [R, L] each
+        model, params, mb["tokens"], mb["positions"], mb["segment_ids"], grad_sink=grad_sink, mask=mask,
+        **head_options(algo))  # [R, L] each, 0 off the response tokens
     old = jax.lax.stop_gradient(logprobs) if fused else mb["old_logprobs"]
     is_weights = None
     if algo.rollout_is is not None:
@@ -257,7 +263,8 @@ def make_train_step(model: ModelConfig, algo: GRPOConfig, optim: OptimConfig, *,
 
 def make_logprob_fn(model: ModelConfig, algo: GRPOConfig, *, mesh: Mesh | None = None,
                     rules=sharding.LOGICAL_RULES):
-    """The jitted log-prob/entropy pass over a PackedBatch (no gradient): [M, R, L] each.
+    """The jitted log-prob/entropy pass over a PackedBatch (no gradient): [M, R, L] each, on the response
+    tokens (`loss_mask`; 0 elsewhere).
 
     Used for π_old when a rollout is reused for several updates, and for a reference policy.
     """
@@ -266,7 +273,7 @@ def make_logprob_fn(model: ModelConfig, algo: GRPOConfig, *, mesh: Mesh | None =
         def one(m, outputs):  # only the batch's real micro-batches run; the bucket's spare ones stay 0
             mb = _micro_batch(batch, m)
             values = grpo.token_logprobs(model, params, mb["tokens"], mb["positions"], mb["segment_ids"],
-                                         temperature=algo.temperature, chunk_size=algo.logprob_chunk_size)
+                                         mask=mb["loss_mask"], **head_options(algo))
             return tuple(jax.lax.dynamic_update_index_in_dim(o, v, m, 0) for o, v in zip(outputs, values))
 
         zeros = jnp.zeros(batch.tokens.shape, jnp.float32)  # [M, R, L]

@@ -8,6 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+from mathgrpo import host_memory  # noqa: E402
+
+host_memory.keep_freed_host_memory()  # as the CLI does, before JAX starts its threads
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

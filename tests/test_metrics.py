@@ -165,6 +165,10 @@ def test_mfu_qwen3_4b():
     two_epochs = metrics.mfu(model, sequence_lengths=[1000, 3000], seconds=10.0, n_devices=8, peak_flops=989e12,
                              ppo_epochs=2)
     assert two_epochs == pytest.approx(2 * value)
+    # The usual MFU accounting drops the embedding table (a gather) and halves the causal square:
+    #   weights 4,411,228,160 − 151936·2560 = 4,022,272,000; attention 6·128·32·36 = 884,736 per token².
+    #   6·4,022,272,000·4000 = 96,534,528,000,000; 884,736·(1000² + 3000²) = 8,847,360,000,000.
+    assert metrics.model_flops_per_step(model, [1000, 3000]) == 96_534_528_000_000 + 8_847_360_000_000
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""The LM head's log-prob and entropy, fused: vocabulary blocks, online log-sum-exp, hand-written VJP.
+
+For N rows of final hidden states h [N, D], the head W [D, V] and one target token per row:
+
+    x = h·W / T                      logits at temperature T, [N, V], never materialized whole
+    logprob = x[target] − lse(x)     entropy = lse(x) − Σ_v p_v x_v  (verl's entropy_from_logits)
+
+The forward pass walks the rows in blocks of `row_block` and, inside each, the vocabulary in blocks of
+~`vocab_block` columns, keeping a running max m, Σexp(x − m) and Σexp(x − m)·x per row (the online
+softmax of flash attention). A [row_block, vocab_block] tile of logits is all that exists at once, so
+its max, exp and both sums run out of cache instead of making four passes over a [N, V] array in
+memory (XLA:CPU, [1280, 512] × [512, 151,936]: matmul + log-sum-exp 1.84 s whole, 1.21 s in vocabulary
+blocks; BENCHMARKS.md).
+
+Rows from `count` on are skipped (the loops run over ceil(count / row_block) blocks and those rows
+give 0): the caller puts the rows it needs first, so a micro-batch pays only for its response tokens.
+
+Backward, with g and e the cotangents of logprob and entropy, p = softmax(x) and x̄ = Σ p·x:
+
+    ∂/∂x = g·(onehot(target) − p) + e·p·(x̄ − x)        then ∂h = ∂x·Wᵀ / T,  ∂W = hᵀ·∂x / T
+
+walked vocabulary block by vocabulary block (each block's ∂W is summed over the row blocks in cache,
+∂h is carried). `save_logits=False` recomputes each tile's logits (memory O(row_block·vocab_block),
+two matmuls in the backward pass besides the forward's one: the recipe's setting); `save_logits=True`
+keeps the forward's fp32 tiles ([N, V] bytes) and skips that matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def vocab_block_size(vocab: int, target: int) -> int:
+    """The largest divisor of `vocab` in [target / 4, target] (Qwen3's 151,936 and 8,192 → 4,748), so
+    blocks tile the vocabulary without padding; `target` itself when no such divisor exists."""
+    if vocab <= target:
+        return vocab
+    for size in range(target, max(target // 4, 1) - 1, -1):
+        if vocab % size == 0:
+            return size
+    return target
+
+
+def _blocked_kernel(kernel, block: int):
+    """[D, V] → [nb, D, block] (zero columns pad the last block), and the real column count."""
+    D, V = kernel.shape
+    blocks = -(-V // block)
+    kernel = jnp.pad(kernel, ((0, 0), (0, blocks * block - V)))
+    return kernel.reshape(D, blocks, block).transpose(1, 0, 2), V
+
+
+def _tile_logits(h, w, b, vocab: int, temperature: float):
+    """Logits of rows h [r, D] against block b, w [D, vb] → fp32 [r, vb]. Padding columns get the lowest
+    finite float, not −inf: exp gives 0 there and 0·x stays 0 in the entropy sums."""
+    x = jnp.dot(h, w, preferred_element_type=jnp.float32) / temperature
+    vb = w.shape[1]
+    if vocab % vb:  # only a padded last block has columns ≥ vocab
+        columns = b * vb + jnp.arange(vb)
+        x = jnp.where(columns[None, :] < vocab, x, jnp.finfo(jnp.float32).min)
+    return x
+
+
+def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float, row_block: int, save: bool):
+    """(logprob [N], entropy [N], lse [N], mean logit x̄ [N], saved tiles [nr, nb, rb, vb] or None)."""
+    N, D = h.shape
+    nb, _, vb = kernel_blocks.shape
+    nr = N // row_block
+    rows = h.reshape(nr, row_block, D)
+    row_targets = targets.reshape(nr, row_block)
+
+    def row_body(r, outputs):
+        h_r, t_r = rows[r], row_targets[r]  # [rb, D], [rb]
+
+        def vocab_step(carry, block):
+            peak, total, weighted, target_logit = carry  # [rb] each
+            w, b = block
+            x = _tile_logits(h_r, w, b, vocab, temperature)  # [rb, vb]
+            new_peak = jnp.maximum(peak, jnp.max(x, axis=-1))
+            scale = jnp.exp(peak - new_peak)
+            e = jnp.exp(x - new_peak[:, None])
+            total = total * scale + jnp.sum(e, axis=-1)
+            weighted = weighted * scale + jnp.sum(e * x, axis=-1)
+            local = t_r - b * vb
+            hit = (local >= 0) & (local < vb)
+            picked = jnp.take_along_axis(x, jnp.clip(local, 0, vb - 1)[:, None], axis=-1)[:, 0]
+            target_logit = target_logit + jnp.where(hit, picked, 0.0)
+            return (new_peak, total, weighted, target_logit), (x if save else None)
+
+        zeros = jnp.zeros((row_block,), jnp.float32)
+        init = (jnp.full((row_block,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+        (peak, total, weighted, target_logit), tiles = jax.lax.scan(
+            vocab_step, init, (kernel_blocks, jnp.arange(nb)))
+        lse = peak + jnp.log(total)
+        mean_logit = weighted / total
+        values = (target_logit - lse, lse - mean_logit, lse, mean_logit) + ((tiles,) if save else ())
+        return tuple(jax.lax.dynamic_update_index_in_dim(o, v, r, 0) for o, v in zip(outputs, values))
+
+    per_row = jnp.zeros((nr, row_block), jnp.float32)
+    outputs = (per_row,) * 4 + ((jnp.zeros((nr, nb, row_block, vb), jnp.float32),) if save else ())
+    active = (jnp.minimum(count, N) + row_block - 1) // row_block
+    outputs = jax.lax.fori_loop(0, active, row_body, outputs)
+    logprob, entropy, lse, mean_logit = (o.reshape(N) for o in outputs[:4])
+    return logprob, entropy, lse, mean_logit, (outputs[4] if save else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(h, kernel_blocks, targets, count, vocab, temperature, row_block, save):
+    logprob, entropy, *_ = _forward(h, kernel_blocks, targets, count, vocab=vocab, temperature=temperature,
+                                    row_block=row_block, save=False)
+    return logprob, entropy
+
+
+def _fused_fwd(h, kernel_blocks, targets, count, vocab, temperature, row_block, save):
+    logprob, entropy, lse, mean_logit, tiles = _forward(
+        h, kernel_blocks, targets, count, vocab=vocab, temperature=temperature, row_block=row_block, save=save)
+    return (logprob, entropy), (h, kernel_blocks, targets, count, lse, mean_logit, tiles)
+
+
+def _fused_bwd(vocab, temperature, row_block, save, residuals, cotangents):
+    h, kernel_blocks, targets, count, lse, mean_logit, tiles = residuals
+    g_logprob, g_entropy = cotangents  # [N] each
+    N, D = h.shape
+    nb, _, vb = kernel_blocks.shape
+    nr = N // row_block
+    rows = h.reshape(nr, row_block, D)
+    row_targets = targets.reshape(nr, row_block)
+    per_row = [a.reshape(nr, row_block) for a in (lse, mean_logit, g_logprob, g_entropy)]
+    active = (jnp.minimum(count, N) + row_block - 1) // row_block
+    compute = kernel_blocks.dtype
+
+    def vocab_step(dh, block):  # dh [nr, rb, D] fp32, carried over the vocabulary blocks
+        w, b = block
+
+        def row_body(r, carry):
+            dw, dh = carry
+            h_r = rows[r]
+            lse_r, mean_r, g_r, e_r = (a[r] for a in per_row)
+            if save:
+                x = jax.lax.dynamic_slice(tiles, (r, b, 0, 0), (1, 1, row_block, vb))[0, 0]
+            else:
+                x = _tile_logits(h_r, w, b, vocab, temperature)
+            p = jnp.exp(x - lse_r[:, None])  # [rb, vb]; 0 on padding columns
+            onehot = (b * vb + jnp.arange(vb))[None, :] == row_targets[r][:, None]
+            dx = g_r[:, None] * (onehot - p) + e_r[:, None] * p * (mean_r[:, None] - x)
+            dx = (dx / temperature).astype(compute)  # [rb, vb]
+            dw = dw + jax.lax.dot_general(h_r, dx, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            dh_r = jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return dw, jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0)
+
+        dw, dh = jax.lax.fori_loop(0, active, row_body, (jnp.zeros((D, vb), jnp.float32), dh))
+        return dh, dw.astype(compute)
+
+    dh, dkernel = jax.lax.scan(vocab_step, jnp.zeros((nr, row_block, D), jnp.float32),
+                               (kernel_blocks, jnp.arange(nb)))
+    return dh.reshape(N, D).astype(h.dtype), dkernel, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_logprobs(hidden, kernel, targets, count, *, temperature: float = 1.0, row_block: int = 512,
+                   vocab_block: int = 8192, save_logits: bool = False):
+    """Log-prob of `targets` and entropy under logits hidden·kernel / temperature, row by row.
+
+    hidden [N, D] and kernel [D, V] in the compute dtype, targets [N] int, count [] int: rows ≥ count
+    are not computed and give 0 (put the needed rows first). Differentiable in hidden and kernel
+    through both outputs. Returns (logprob [N], entropy [N]) fp32.
+    """
+    N, D = hidden.shape
+    if kernel.shape[0] != D:
+        raise ValueError(f"kernel {kernel.shape} does not match hidden size {D}; expected [D, V]")
+    row_block = max(1, min(row_block, N))
+    pad = -N % row_block
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets = jnp.pad(jnp.asarray(targets, jnp.int32), (0, pad))
+    kernel_blocks, vocab = _blocked_kernel(kernel, vocab_block_size(kernel.shape[1], vocab_block))
+    logprob, entropy = _fused(hidden, kernel_blocks, targets, jnp.asarray(count, jnp.int32), vocab,
+                              float(temperature), row_block, bool(save_logits))
+    needed = jnp.arange(N) < count  # the last computed block may run past count
+    return jnp.where(needed, logprob[:N], 0.0), jnp.where(needed, entropy[:N], 0.0)

@@ -1,0 +1,49 @@
+"""Host allocator settings for XLA:CPU: keep freed memory in the process instead of faulting it back.
+
+XLA:CPU allocates each executable's buffers with posix_memalign from its worker threads. glibc serves
+a thread from its own arena, and such an arena maps every large chunk with mmap and unmaps it on free
+(even with mmap "disabled", non-main arenas fall back to it), so every train step writes into fresh
+pages: ~1.07 M page faults (4.1 GB) per step of the full-size bench, and on the virtual machines we
+run on a fresh page costs 3-9 µs (1 GiB: 0.85-2.3 s to fill fresh, 0.06 s to refill). With one arena,
+no mmap and no trimming, freed chunks stay in the heap and the next step reuses them: 0 faults after
+warm-up, the same step 9-14 s → 7-8 s (BENCHMARKS.md). The cost: the process keeps its high-water mark
+of host memory until it exits.
+
+Applied only where JAX runs on the CPU (no accelerator plugin installed, or JAX_PLATFORMS=cpu), on
+glibc, before JAX starts its threads; `MATHGRPO_HOST_MALLOC=default` opts out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import platform
+
+# mallopt(3) parameters (glibc malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def runs_on_cpu() -> bool:
+    """True when JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
+def keep_freed_host_memory() -> bool:
+    """One malloc arena, no mmap'd chunks, no trimming (see the module docstring). Call before JAX
+    initializes; returns whether the settings were applied."""
+    if os.environ.get("MATHGRPO_HOST_MALLOC", "") == "default" or not runs_on_cpu():
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # Arena count first: threads that start later share the main arena, which grows with brk.
+    return all(libc.mallopt(param, value) == 1
+               for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))

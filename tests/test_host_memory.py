@@ -1,0 +1,50 @@
+"""The host allocator settings: XLA:CPU's per-step buffers are reused, not faulted in afresh."""
+
+import subprocess
+import sys
+import textwrap
+
+from mathgrpo import host_memory
+
+SCRIPT = textwrap.dedent("""
+    import os, resource, sys
+    from mathgrpo import host_memory
+    applied = host_memory.keep_freed_host_memory() if sys.argv[1] == "apply" else False
+    import jax, jax.numpy as jnp
+    x = jnp.ones((2**24,))  # 64 MiB
+    step = jax.jit(lambda x: jnp.sum(jnp.exp(x) * 2.0 + jnp.cumsum(x)))  # 64 MiB temporaries
+    step(x).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step(x).block_until_ready()
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def faults_of_ten_steps(mode: str) -> tuple[bool, int]:
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    applied, faults = done.stdout.split()
+    return applied == "True", int(faults)
+
+
+def test_steps_after_warmup_reuse_host_memory():
+    applied, faults = faults_of_ten_steps("apply")
+    assert applied
+    # Without the settings each step maps its 64 MiB temporaries afresh: 10 × 16,384 pages at least.
+    _, default_faults = faults_of_ten_steps("default")
+    assert default_faults > 10 * 16384, default_faults
+    # With them most steps fault nothing; the heap's layout settles over the first few (it depends on
+    # the order the worker threads allocate in), measured 0-76 k faults in 10 steps vs 350-380 k.
+    assert faults < default_faults / 2, (faults, default_faults)
+
+
+def test_not_applied_for_accelerators_or_when_opted_out(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host_memory.runs_on_cpu()
+    assert not host_memory.keep_freed_host_memory()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.runs_on_cpu()
+    monkeypatch.setenv("MATHGRPO_HOST_MALLOC", "default")
+    assert not host_memory.keep_freed_host_memory()
