@@ -63,13 +63,20 @@ def _tile_logits(h, w, b, vocab: int, temperature: float):
     return x
 
 
+def _row_blocks(h, targets, count, row_block: int):
+    """h [N, D] → [nr, rb, D], targets → [nr, rb], and how many row blocks hold rows < count."""
+    N, D = h.shape
+    nr = N // row_block
+    active = (jnp.minimum(count, N) + row_block - 1) // row_block
+    return h.reshape(nr, row_block, D), targets.reshape(nr, row_block), active
+
+
 def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float, row_block: int, save: bool):
     """(logprob [N], entropy [N], lse [N], mean logit x̄ [N], saved tiles [nr, nb, rb, vb] or None)."""
-    N, D = h.shape
+    N = h.shape[0]
     nb, _, vb = kernel_blocks.shape
-    nr = N // row_block
-    rows = h.reshape(nr, row_block, D)
-    row_targets = targets.reshape(nr, row_block)
+    rows, row_targets, active = _row_blocks(h, targets, count, row_block)
+    nr = rows.shape[0]
 
     def row_body(r, outputs):
         h_r, t_r = rows[r], row_targets[r]  # [rb, D], [rb]
@@ -100,7 +107,6 @@ def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float
 
     per_row = jnp.zeros((nr, row_block), jnp.float32)
     outputs = (per_row,) * 4 + ((jnp.zeros((nr, nb, row_block, vb), jnp.float32),) if save else ())
-    active = (jnp.minimum(count, N) + row_block - 1) // row_block
     outputs = jax.lax.fori_loop(0, active, row_body, outputs)
     logprob, entropy, lse, mean_logit = (o.reshape(N) for o in outputs[:4])
     return logprob, entropy, lse, mean_logit, (outputs[4] if save else None)
@@ -124,11 +130,9 @@ def _fused_bwd(vocab, temperature, row_block, save, residuals, cotangents):
     g_logprob, g_entropy = cotangents  # [N] each
     N, D = h.shape
     nb, _, vb = kernel_blocks.shape
-    nr = N // row_block
-    rows = h.reshape(nr, row_block, D)
-    row_targets = targets.reshape(nr, row_block)
+    rows, row_targets, active = _row_blocks(h, targets, count, row_block)
+    nr = rows.shape[0]
     per_row = [a.reshape(nr, row_block) for a in (lse, mean_logit, g_logprob, g_entropy)]
-    active = (jnp.minimum(count, N) + row_block - 1) // row_block
     compute = kernel_blocks.dtype
 
     def vocab_step(dh, block):  # dh [nr, rb, D] fp32, carried over the vocabulary blocks

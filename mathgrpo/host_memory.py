@@ -16,13 +16,24 @@ glibc, before JAX starts its threads; `MATHGRPO_HOST_MALLOC=default` opts out.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import platform
 
 # mallopt(3) parameters (glibc malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def _accelerator_installed() -> bool:
+    """Whether JAX would find an accelerator backend, found the way JAX finds one (xla_bridge's plugin
+    discovery: modules of the `jax_plugins` namespace package or `jax_plugins` entry points; libtpu),
+    without importing JAX."""
+    if importlib.util.find_spec("libtpu") is not None or importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    namespace = importlib.util.find_spec("jax_plugins")
+    return namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations))
 
 
 def runs_on_cpu() -> bool:
@@ -30,7 +41,7 @@ def runs_on_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+    return not _accelerator_installed()
 
 
 def keep_freed_host_memory() -> bool:

@@ -48,3 +48,16 @@ def test_not_applied_for_accelerators_or_when_opted_out(monkeypatch):
     assert host_memory.runs_on_cpu()
     monkeypatch.setenv("MATHGRPO_HOST_MALLOC", "default")
     assert not host_memory.keep_freed_host_memory()
+
+
+def test_an_installed_jax_plugin_counts_as_an_accelerator(monkeypatch, tmp_path):
+    """Plugins are found as JAX finds them: a module in the `jax_plugins` namespace package."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "jax_plugins", raising=False)
+    assert host_memory.runs_on_cpu()  # this machine has none
+    plugin = tmp_path / "jax_plugins" / "xla_fake_gpu"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not host_memory.runs_on_cpu()
+    assert not host_memory.keep_freed_host_memory()
