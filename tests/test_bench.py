@@ -50,3 +50,30 @@ def test_bench_parser_is_light():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
     assert build_parser().parse_args(["bench", "--tiny"]).tiny
+
+
+def test_torch_worker_reports_its_errors(tmp_path):
+    """The torch reference runs in its own process; a failure there is raised here, naming the cause."""
+    import pytest
+
+    from mathgrpo.bench_torch import TorchSide
+
+    with pytest.raises(RuntimeError, match="torch worker failed: .*"):
+        TorchSide(str(tmp_path / "no-model-here"), threads=1)
+
+
+def test_torch_worker_times_its_calls(tmp_path):
+    """Each call comes back with the worker's own seconds and page-fault count; an unknown data-less
+    call fails with the method named."""
+    import pytest
+
+    from mathgrpo.bench_torch import TorchSide
+    from mathgrpo.tiny import make_tiny_qwen3
+
+    make_tiny_qwen3(tmp_path)
+    with TorchSide(str(tmp_path), threads=1) as reference:
+        reference.call("set_sample_args", [[5, 6, 7], [8, 9, 10]], 4)
+        seconds, faults = reference.call("sample")
+        assert seconds > 0 and faults >= 0
+        with pytest.raises(RuntimeError, match="train: "):  # no train data sent yet
+            reference.call("train")
