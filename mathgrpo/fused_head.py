@@ -44,12 +44,17 @@ def vocab_block_size(vocab: int, target: int) -> int:
     return target
 
 
-def _blocked_kernel(kernel, block: int):
-    """[D, V] → [nb, D, block] (zero columns pad the last block), and the real column count."""
-    D, V = kernel.shape
-    blocks = -(-V // block)
-    kernel = jnp.pad(kernel, ((0, 0), (0, blocks * block - V)))
-    return kernel.reshape(D, blocks, block).transpose(1, 0, 2), V
+def _padded_kernel(kernel, block: int):
+    """[D, V] → [D, nb·block]: zero columns pad the last block (no copy when block divides V)."""
+    pad = -kernel.shape[1] % block
+    return jnp.pad(kernel, ((0, 0), (0, pad))) if pad else kernel
+
+
+def _kernel_block(kernel, b, block: int):
+    """Columns [b·block, (b+1)·block) of the [D, nb·block] kernel: sliced where it is used, so the kernel
+    is never copied into a blocked layout (a [D, V] transpose each way: 311 MB for the bench's fp32
+    head, 0.78 GB for 4B's bf16 one)."""
+    return jax.lax.dynamic_slice_in_dim(kernel, b * block, block, axis=1)
 
 
 def _tile_logits(h, w, b, vocab: int, temperature: float):
@@ -71,20 +76,21 @@ def _row_blocks(h, targets, count, row_block: int):
     return h.reshape(nr, row_block, D), targets.reshape(nr, row_block), active
 
 
-def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float, row_block: int, save: bool):
+def _forward(h, kernel, targets, count, *, vocab: int, temperature: float, row_block: int, vocab_block: int,
+             save: bool):
     """(logprob [N], entropy [N], lse [N], mean logit x̄ [N], saved tiles [nr, nb, rb, vb] or None)."""
     N = h.shape[0]
-    nb, _, vb = kernel_blocks.shape
+    vb = vocab_block
+    nb = kernel.shape[1] // vb
     rows, row_targets, active = _row_blocks(h, targets, count, row_block)
     nr = rows.shape[0]
 
     def row_body(r, outputs):
         h_r, t_r = rows[r], row_targets[r]  # [rb, D], [rb]
 
-        def vocab_step(carry, block):
+        def vocab_step(carry, b):
             peak, total, weighted, target_logit = carry  # [rb] each
-            w, b = block
-            x = _tile_logits(h_r, w, b, vocab, temperature)  # [rb, vb]
+            x = _tile_logits(h_r, _kernel_block(kernel, b, vb), b, vocab, temperature)  # [rb, vb]
             new_peak = jnp.maximum(peak, jnp.max(x, axis=-1))
             scale = jnp.exp(peak - new_peak)
             e = jnp.exp(x - new_peak[:, None])
@@ -99,7 +105,7 @@ def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float
         zeros = jnp.zeros((row_block,), jnp.float32)
         init = (jnp.full((row_block,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
         (peak, total, weighted, target_logit), tiles = jax.lax.scan(
-            vocab_step, init, (kernel_blocks, jnp.arange(nb)))
+            vocab_step, init, jnp.arange(nb))
         lse = peak + jnp.log(total)
         mean_logit = weighted / total
         values = (target_logit - lse, lse - mean_logit, lse, mean_logit) + ((tiles,) if save else ())
@@ -112,31 +118,34 @@ def _forward(h, kernel_blocks, targets, count, *, vocab: int, temperature: float
     return logprob, entropy, lse, mean_logit, (outputs[4] if save else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _fused(h, kernel_blocks, targets, count, vocab, temperature, row_block, save):
-    logprob, entropy, *_ = _forward(h, kernel_blocks, targets, count, vocab=vocab, temperature=temperature,
-                                    row_block=row_block, save=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(h, kernel, targets, count, vocab, temperature, row_block, vocab_block, save):
+    logprob, entropy, *_ = _forward(h, kernel, targets, count, vocab=vocab, temperature=temperature,
+                                    row_block=row_block, vocab_block=vocab_block, save=False)
     return logprob, entropy
 
 
-def _fused_fwd(h, kernel_blocks, targets, count, vocab, temperature, row_block, save):
+def _fused_fwd(h, kernel, targets, count, vocab, temperature, row_block, vocab_block, save):
     logprob, entropy, lse, mean_logit, tiles = _forward(
-        h, kernel_blocks, targets, count, vocab=vocab, temperature=temperature, row_block=row_block, save=save)
-    return (logprob, entropy), (h, kernel_blocks, targets, count, lse, mean_logit, tiles)
+        h, kernel, targets, count, vocab=vocab, temperature=temperature, row_block=row_block,
+        vocab_block=vocab_block, save=save)
+    return (logprob, entropy), (h, kernel, targets, count, lse, mean_logit, tiles)
 
 
-def _fused_bwd(vocab, temperature, row_block, save, residuals, cotangents):
-    h, kernel_blocks, targets, count, lse, mean_logit, tiles = residuals
+def _fused_bwd(vocab, temperature, row_block, vocab_block, save, residuals, cotangents):
+    h, kernel, targets, count, lse, mean_logit, tiles = residuals
     g_logprob, g_entropy = cotangents  # [N] each
     N, D = h.shape
-    nb, _, vb = kernel_blocks.shape
+    vb = vocab_block
+    nb = kernel.shape[1] // vb
     rows, row_targets, active = _row_blocks(h, targets, count, row_block)
     nr = rows.shape[0]
     per_row = [a.reshape(nr, row_block) for a in (lse, mean_logit, g_logprob, g_entropy)]
-    compute = kernel_blocks.dtype
+    compute = kernel.dtype
 
-    def vocab_step(dh, block):  # dh [nr, rb, D] fp32, carried over the vocabulary blocks
-        w, b = block
+    def vocab_step(carry, b):  # dh [nr, rb, D] fp32 and ∂W [D, nb·vb], carried over the vocabulary blocks
+        dh, dkernel = carry
+        w = _kernel_block(kernel, b, vb)
 
         def row_body(r, carry):
             dw, dh = carry
@@ -155,10 +164,10 @@ def _fused_bwd(vocab, temperature, row_block, save, residuals, cotangents):
             return dw, jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0)
 
         dw, dh = jax.lax.fori_loop(0, active, row_body, (jnp.zeros((D, vb), jnp.float32), dh))
-        return dh, dw.astype(compute)
+        return (dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dw.astype(compute), b * vb, axis=1)), None
 
-    dh, dkernel = jax.lax.scan(vocab_step, jnp.zeros((nr, row_block, D), jnp.float32),
-                               (kernel_blocks, jnp.arange(nb)))
+    (dh, dkernel), _ = jax.lax.scan(vocab_step, (jnp.zeros((nr, row_block, D), jnp.float32),
+                                                 jnp.zeros_like(kernel)), jnp.arange(nb))
     return dh.reshape(N, D).astype(h.dtype), dkernel, None, None
 
 
@@ -180,8 +189,10 @@ def fused_logprobs(hidden, kernel, targets, count, *, temperature: float = 1.0, 
     pad = -N % row_block
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     targets = jnp.pad(jnp.asarray(targets, jnp.int32), (0, pad))
-    kernel_blocks, vocab = _blocked_kernel(kernel, vocab_block_size(kernel.shape[1], vocab_block))
-    logprob, entropy = _fused(hidden, kernel_blocks, targets, jnp.asarray(count, jnp.int32), vocab,
-                              float(temperature), row_block, bool(save_logits))
+    vocab = kernel.shape[1]
+    block = vocab_block_size(vocab, vocab_block)
+    padded = _padded_kernel(kernel, block)
+    logprob, entropy = _fused(hidden, padded, targets, jnp.asarray(count, jnp.int32), vocab,
+                              float(temperature), row_block, block, bool(save_logits))
     needed = jnp.arange(N) < count  # the last computed block may run past count
     return jnp.where(needed, logprob[:N], 0.0), jnp.where(needed, entropy[:N], 0.0)
