@@ -29,13 +29,14 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mathgrpo.bench_torch import measured, timed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,21 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mfu.add_argument("--mfu-vocab-block", type=int, default=16384,
                      help="grpo.logprob_vocab_block: columns per tile of the fused head (one device)")
     mfu.add_argument("--mfu-compile-only", action="store_true", help="compile and print memory analysis only")
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def measured(function):
-    """A callable returning (seconds, minor page faults) of one call of `function` in this process."""
-    def run():
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds = timed(function)
-        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return run
 
 
 def interleaved(sides: dict, repeats: int, warmup: int = WARMUP_CALLS) -> dict[str, dict]:

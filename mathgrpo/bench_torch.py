@@ -20,6 +20,21 @@ import resource
 import time
 
 
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def measured(function):
+    """A callable returning (seconds, minor page faults) of one call of `function` in this process."""
+    def run():
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = timed(function)
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return run
+
+
 def torch_grpo_loss(model, prompts, responses, advantages):
     """The same token-mean GRPO loss in torch, sequences right-padded to one batch.
 
@@ -118,11 +133,8 @@ def _serve(connection, work_dir: str, threads: int) -> None:
         if method == "stop":
             return
         try:
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            getattr(reference, method)(*args)
-            seconds = time.perf_counter() - start
-            connection.send(("ok", seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+            seconds, faults = measured(lambda: getattr(reference, method)(*args))()
+            connection.send(("ok", seconds, faults))
         except Exception as error:  # noqa: BLE001
             connection.send(("error", f"{method}: {type(error).__name__}: {error}"))
 
