@@ -147,8 +147,7 @@ def _fused_bwd(vocab, temperature, row_block, vocab_block, save, residuals, cota
         dh, dkernel = carry
         w = _kernel_block(kernel, b, vb)
 
-        def row_body(r, carry):
-            dw, dh = carry
+        def row_terms(r, live=None):  # row block r's ∂W [D, vb] and ∂h [rb, D] terms from this vocabulary block
             h_r = rows[r]
             lse_r, mean_r, g_r, e_r = (a[r] for a in per_row)
             if save:
@@ -158,12 +157,22 @@ def _fused_bwd(vocab, temperature, row_block, vocab_block, save, residuals, cota
             p = jnp.exp(x - lse_r[:, None])  # [rb, vb]; 0 on padding columns
             onehot = (b * vb + jnp.arange(vb))[None, :] == row_targets[r][:, None]
             dx = g_r[:, None] * (onehot - p) + e_r[:, None] * p * (mean_r[:, None] - x)
+            if live is not None:  # a block the forward skipped has no lse: its p may overflow, and 0·inf = nan
+                dx = jnp.where(live, dx, 0.0)
             dx = (dx / temperature).astype(compute)  # [rb, vb]
-            dw = dw + jax.lax.dot_general(h_r, dx, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            dh_r = jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            return dw, jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0)
+            dw = jax.lax.dot_general(h_r, dx, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return dw, jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-        dw, dh = jax.lax.fori_loop(0, active, row_body, (jnp.zeros((D, vb), jnp.float32), dh))
+        def row_body(r, carry):
+            dw, dh = carry
+            dw_r, dh_r = row_terms(r)
+            return dw + dw_r, jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0)
+
+        # Row block 0 outside the loop: ∂W starts as its term, not as zeros plus it (one [D, vb] fill and
+        # add fewer per vocabulary block). It runs even when no row is scored, then giving 0.
+        dw, dh_0 = row_terms(0, live=active > 0)
+        dh = jax.lax.dynamic_update_index_in_dim(dh, dh[0] + dh_0, 0, 0)
+        dw, dh = jax.lax.fori_loop(1, active, row_body, (dw, dh))
         return (dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dw.astype(compute), b * vb, axis=1)), None
 
     (dh, dkernel), _ = jax.lax.scan(vocab_step, (jnp.zeros((nr, row_block, D), jnp.float32),
