@@ -9,7 +9,8 @@ from mathgrpo.__main__ import build_parser, main
 
 KEYS = (
     "train_step.tokens_per_s", "train_step.torch_tokens_per_s", "train_step.ratio_vs_torch",
-    "train_step.achieved_flops_per_s", "train_step.fraction_of_matmul_peak", "machine.matmul_flops_per_s",
+    "train_step.achieved_flops_per_s", "train_step.fraction_of_matmul_peak", "train_step.matmul_flops_per_s",
+    "machine.matmul_flops_per_s", "machine.matmul_flops_per_s_at_start",
     "logprob.tokens_per_s", "logprob.torch_tokens_per_s", "logprob.ratio_vs_torch",
     "sampler.tokens_per_s", "sampler.hf_generate_tokens_per_s", "sampler.ratio_vs_hf_generate",
     "reward.responses_per_s",
@@ -33,6 +34,11 @@ def test_bench_tiny_reports_every_measure(tmp_path, capsys):
         value = lookup(results, key)
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     assert results["recompiles_after_warmup"] == 0, results["recompiles"]
+    # the fraction is of the peak measured between the train steps, and says so
+    train = results["train_step"]
+    assert train["fraction_of_matmul_peak"] == train["achieved_flops_per_s"] / train["matmul_flops_per_s"]
+    assert results["machine"]["matmul_flops_per_s"] == train["matmul_flops_per_s"]
+    assert len(train["calls"]["matmul"]["seconds"]) == results["sizes"]["repeats"]
     assert results["plan"] == {"per_device_peak_bytes": None, "flops_per_step_estimate": None}
     assert any("plan skipped" in note for note in results["notes"])
     # The responses mix correct and wrong answers, so the mean score is strictly between 0 and 1.
@@ -77,3 +83,32 @@ def test_torch_worker_times_its_calls(tmp_path):
         assert seconds > 0 and faults >= 0
         with pytest.raises(RuntimeError, match="train: "):  # no train data sent yet
             reference.call("train")
+
+
+def test_calls_that_grow_the_heap_are_replaced_and_kept_in_the_record():
+    """`interleaved` times `repeats` calls per side that did not grow the heap, replacing a call with
+    HEAP_GROWTH_FAULTS or more page faults by one more (at most `extra`), and reports those apart."""
+    from mathgrpo.bench import HEAP_GROWTH_FAULTS, interleaved
+
+    big = HEAP_GROWTH_FAULTS
+    script = {
+        # 2 warm-up calls, then: steady, growth, growth, steady, steady -> median of 1, 3, 5 = 3
+        "ours": iter([(9.0, big), (9.0, 0), (1.0, 0), (7.0, big), (8.0, big + 1), (3.0, 0), (5.0, 10)]),
+        # never steady: the first 3 + 1 extra calls are all reported, their median
+        "theirs": iter([(0.0, 0), (0.0, 0), (2.0, big), (4.0, big), (6.0, big), (8.0, big)]),
+    }
+    sides = {name: (lambda it=it: next(it)) for name, it in script.items()}
+    result = interleaved(sides, repeats=3, warmup=2, extra=1)
+    # ours needed 2 extra calls but may take only 1: its 2 steady calls so far are what it reports
+    assert result["ours"]["seconds"] == [1.0, 3.0] and result["ours"]["median"] == 2.0
+    assert result["ours"]["heap_growth_calls"] == [[7.0, big], [8.0, big + 1]]
+    assert result["theirs"]["seconds"] == [2.0, 4.0, 6.0, 8.0] and result["theirs"]["median"] == 5.0
+    assert result["theirs"]["page_faults"] == [big] * 4
+
+    script["ours"] = iter([(0.0, 0)] * 2 + [(1.0, 0), (7.0, big), (3.0, 0), (5.0, 10)])
+    script["theirs"] = iter([(0.0, 0)] * 2 + [(2.0, 0)] * 3)
+    sides = {name: (lambda it=it: next(it)) for name, it in script.items()}
+    result = interleaved(sides, repeats=3, warmup=2, extra=4)
+    assert result["ours"]["seconds"] == [1.0, 3.0, 5.0] and result["ours"]["median"] == 3.0
+    assert result["ours"]["heap_growth_calls"] == [[7.0, big]]
+    assert result["theirs"]["heap_growth_calls"] == []

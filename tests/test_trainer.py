@@ -2,6 +2,7 @@
 SIGKILL (mid-step, mid-save, at a random time), and a disk that fills during a save."""
 
 import errno
+import functools
 import json
 import os
 import random
@@ -40,8 +41,13 @@ def overrides(task, output_dir, steps=6):
             "trainer.test_freq=3", "trainer.val_before_train=false", f"trainer.output_dir={output_dir}"]
 
 
-def run_cli(args, env_extra=None, kill_after=None):
+def run_cli(args, env_extra=None, kill_after=None, compile_cache=None):
+    """`python -m mathgrpo train` in a subprocess; with `compile_cache` (a directory) JAX's persistent
+    compilation cache is shared by the runs, so the runs after the first skip XLA compilation (the
+    same programs, so the same executables: results are unchanged)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if compile_cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(env_extra or {})
     process = subprocess.Popen([sys.executable, "-m", "mathgrpo", "train", "--config", DEMO, *args], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -80,24 +86,25 @@ def test_a_short_run_logs_checkpoints_and_exports(task, tmp_path):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(task, tmp_path):
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    code, log = run_cli(overrides(task, reference_dir))
+    run = functools.partial(run_cli, compile_cache=tmp_path / "jax-cache")
+    code, log = run(overrides(task, reference_dir))
     assert code == 0, log[-3000:]
     reference = final_params(reference_dir)
 
     args = overrides(task, resumed_dir)
-    code, log = run_cli(args, {trainer.KILL_AT_ENV: "step:3"})  # mid-step 3
+    code, log = run(args, {trainer.KILL_AT_ENV: "step:3"})  # mid-step 3
     assert code == -signal.SIGKILL, log[-2000:]
     # Step 2's save is async: the kill leaves it committed, or (still in flight) nothing at all.
     committed = checkpoint.TrainCheckpointer(resumed_dir / "checkpoints").all_steps()
     assert committed in ([], [2]), committed
-    code, log = run_cli(args, {trainer.KILL_AT_ENV: "save:4"})  # right after step 4's async save began
+    code, log = run(args, {trainer.KILL_AT_ENV: "save:4"})  # right after step 4's async save began
     assert code == -signal.SIGKILL, log[-2000:]
     if committed:  # the next run resumes from the last committed checkpoint, never from a partial one
         assert "resumed from" in log and "(step 2)" in log
     else:
         assert "resumed from" not in log
-    code, log = run_cli(args, kill_after=random.Random(0).uniform(4.0, 9.0))  # at a random point
-    code, log = run_cli(args)
+    code, log = run(args, kill_after=random.Random(0).uniform(4.0, 9.0))  # at a random point
+    code, log = run(args)
     assert code == 0, log[-3000:]
     resumed = final_params(resumed_dir)
     assert sorted(resumed) == sorted(reference)
