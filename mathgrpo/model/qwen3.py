@@ -137,9 +137,12 @@ class MLP(nn.Module):
         down_kernel = _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(None)  # [F, D]
 
         def swiglu(x):  # [B, c, D] -> [B, c, D]
-            x = x.astype(gate_kernel.dtype)
-            hidden = nn.silu(jnp.einsum("BTD,DF->BTF", x, gate_kernel)) * jnp.einsum("BTD,DF->BTF", x, up_kernel)
-            return jnp.einsum("BTF,FD->BTD", hidden, down_kernel)
+            # On [B·c, D] rows, not [B, c, D]: with the 3-D einsums XLA:CPU wrote the backward's silu′
+            # as a transposed [F, B, c] copy for the weight gradients (fwd + bwd at B 2, c 1024, D 512,
+            # F 1536: 0.334 -> 0.246 s; BENCHMARKS.md session 6).
+            rows = x.reshape(-1, x.shape[-1]).astype(gate_kernel.dtype)
+            hidden = nn.silu(jnp.einsum("ND,DF->NF", rows, gate_kernel)) * jnp.einsum("ND,DF->NF", rows, up_kernel)
+            return jnp.einsum("NF,FD->ND", hidden, down_kernel).reshape(x.shape)
 
         return token_chunked(swiglu, x, c.token_chunk_size)
 
