@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan the step without memory work (O(T²) attention, no remat, full fp32 logits)")
     plan.add_argument("--described-devices", action="store_true",
                       help="on a GPU machine, compile for described GPUs even when enough real ones exist")
+    plan.add_argument("--gpu-spec", default=None, metavar="TXTPB",
+                      help="compile for described GPUs of this kind on any machine, no GPU needed: a text "
+                           "GpuTargetConfigProto such as configs/gpus/h100_sxm.txtpb (needs JAX's CUDA plugin)")
     return parser
 
 
@@ -129,12 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         _fake_devices_for(args.config, args.overrides)
         import json
+        import os
+        from pathlib import Path
+
+        gpu_spec = None
+        if args.gpu_spec:
+            gpu_spec = Path(args.gpu_spec).read_text()
+            # Before JAX starts its backends: on a machine without a GPU the CUDA plugin's start-up
+            # version check fails (no device to ask) and JAX drops the plugin, its topologies
+            # included; a compile for described GPUs needs no device.
+            os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
         from mathgrpo import plan
         from mathgrpo.config import load_config
 
         config = load_config(args.config, args.overrides)
-        devices = plan.plan_devices(config.mesh, described=args.described_devices)
+        devices = plan.plan_devices(config.mesh, described=args.described_devices, gpu_spec=gpu_spec)
         report = plan.plan(plan.inputs_from_config(config, naive=args.naive, platform=devices[0].platform), devices)
         print(plan.format_report(report))
         print(json.dumps(report))

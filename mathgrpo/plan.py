@@ -11,7 +11,10 @@ When the mesh needs more devices than exist: on a machine with a GPU, XLA:GPU co
 topology of that many GPUs of the local kind (`jax.experimental.topologies`, deviceless AOT), so the
 analysis is the GPU compiler's own; elsewhere fake CPU devices stand in (set before JAX starts, see
 __main__), and the analysis is XLA:CPU's compile of the same sharded program — an estimate of the GPU
-figure (XLA:CPU keeps some bf16 intermediates in f32), not a GPU measurement.
+figure (XLA:CPU keeps some bf16 intermediates in f32), not a GPU measurement. With `gpu_spec` (a text
+`stream_executor::GpuTargetConfigProto`, e.g. configs/gpus/h100_sxm.txtpb) XLA:GPU compiles for
+described GPUs of that kind on any machine, a CPU-only one included: the CUDA plugin must be installed
+(`jax[cuda13]`, requirements-gpu.txt), a GPU need not be (`described_gpu_checks`).
 
 Peak per device = arguments + outputs − aliased (donated) + temporaries. A compile for described
 GPUs does not size cuDNN's workspaces (no device to ask), and the varlen attention's backward
@@ -25,6 +28,7 @@ weights plus KV cache room.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -81,6 +85,36 @@ def _flops(compiled) -> float | None:
 
 
 def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
+    with described_gpu_checks(list(devices) if devices is not None else jax.devices()):
+        return _plan(inputs, devices)
+
+
+@contextlib.contextmanager
+def described_gpu_checks(devices: list):
+    """Compiling for described GPUs from a process whose JAX backend is not a GPU (a CPU-only machine):
+    JAX's cuDNN attention wrapper asks the process's backend for the compute capability (the packed
+    varlen layout needs sm >= 9.0) and would refuse; meanwhile it answers for the described devices.
+    (Our own check, layers.target_platform, already asks the mesh's devices.)"""
+    device = devices[0]
+    if device.platform != "gpu" or jax.default_backend() == "gpu" or not is_described(device):
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split("."))
+
+    capability = version(device.compute_capability)
+    saved = cudnn_attention.check_compute_capability, cudnn_attention.is_cuda_compute_capability_equal
+    cudnn_attention.check_compute_capability = lambda c: capability >= version(c)
+    cudnn_attention.is_cuda_compute_capability_equal = lambda c: capability == version(c)
+    try:
+        yield
+    finally:
+        cudnn_attention.check_compute_capability, cudnn_attention.is_cuda_compute_capability_equal = saved
+
+
+def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     model, algo = inputs.model, inputs.grpo
     mesh = sharding.make_mesh(inputs.mesh, devices)
     rules = sharding.logical_rules(inputs.mesh)
@@ -187,7 +221,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  + cuDNN varlen backward workspace {gib(report['train_step']['cudnn_workspace_bytes'])} "
                      "(not sized by a described-device compile; included in the train_step peak)")
     flops = report["flops_per_micro_batch_per_device"]
-    lines.append(f"  FLOPs: {flops or 0:.3e} per micro-batch per device (compiled); "
+    compiled_flops = f"{flops:.3e}" if flops is not None else "n/a (not reported by this compile)"
+    lines.append(f"  FLOPs: {compiled_flops} per micro-batch per device (compiled); "
                  f"{report['flops_per_step_estimate']:.3e} per step at max lengths (verl's formula)")
     lines.append(f"  JAX budget next to vLLM {gib(report['jax_memory_budget_bytes'])}; vLLM KV room "
                  f"{report['vllm_kv_cache_tokens']:,} tokens; fits: {report['fits']}")
@@ -226,21 +261,37 @@ def is_described(device) -> bool:
     return all(device is not d for d in real)
 
 
-def gpu_topology_devices(count: int) -> list:
-    """`count` GPUs like the local one, described for ahead-of-time compilation (no memory on them)."""
+def gpu_topology_devices(count: int, gpu_spec: str | None = None) -> list:
+    """`count` GPUs described for ahead-of-time compilation (no memory on them): like the local one,
+    or, given `gpu_spec` (the text of a `stream_executor::GpuTargetConfigProto`), of that kind —
+    which needs the CUDA plugin installed but no GPU on this machine."""
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}").devices)
+    options = {} if gpu_spec is None else {"target_config": gpu_spec}
+    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}", **options).devices)
 
 
-def plan_devices(mesh_config: MeshConfig, described: bool = False) -> list:
-    """Real devices when there are enough (unless `described`); else, on a GPU machine, a described
-    topology of that many GPUs; else the fake CPU devices __main__ asked XLA for."""
-    needed = math.prod(v for v in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) if v != -1)
+def plan_devices(mesh_config: MeshConfig, described: bool = False, gpu_spec: str | None = None) -> list:
+    """Described GPUs of `gpu_spec` when one is given (any machine); real devices when there are
+    enough (unless `described`); else, on a GPU machine, a described topology of that many GPUs;
+    else the fake CPU devices __main__ asked XLA for."""
+    sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+    needed = math.prod(v for v in sizes if v != -1)
+    if gpu_spec is not None:
+        if -1 in sizes:
+            raise ValueError(f"planning for described GPUs needs every mesh axis sized; got data={sizes[0]}, "
+                             f"fsdp={sizes[1]}, tensor={sizes[2]} (-1 fills with the devices present)")
+        try:
+            return gpu_topology_devices(needed, gpu_spec)
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot describe {needed} GPUs from the spec ({type(error).__name__}: {error}); planning for "
+                "described GPUs needs JAX's CUDA plugin (pip install -r requirements-gpu.txt, or "
+                "'jax[cuda13]' at this jax's version), not a GPU") from error
     devices = jax.devices()
     if len(devices) >= needed and not described:
         return devices
-    if jax.default_backend() == "gpu" and -1 not in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor):
+    if jax.default_backend() == "gpu" and -1 not in sizes:
         try:
             return gpu_topology_devices(needed)
         except Exception as error:  # an XLA build without deviceless GPU topologies: plan on CPU
@@ -249,4 +300,4 @@ def plan_devices(mesh_config: MeshConfig, described: bool = False) -> list:
     if len(cpu) < needed:
         raise RuntimeError(f"the mesh needs {needed} devices; found {len(devices)} and {len(cpu)} CPU devices "
                            "(run through `python -m mathgrpo plan`, which sets up fake CPU devices)")
-    return cpu if -1 in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) else cpu[:needed]
+    return cpu if -1 in sizes else cpu[:needed]

@@ -48,3 +48,81 @@ def test_devices_this_process_runs_on_are_not_described():
 
     assert not plan.is_described(jax.devices()[0])
     assert not plan.is_described(jax.devices("cpu")[-1])
+
+
+SPEC = os.path.join(ROOT, "configs", "gpus", "h100_sxm.txtpb")
+
+
+def _cuda_plugin_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+
+
+def test_gpu_spec_needs_every_mesh_axis_sized():
+    from mathgrpo.config import MeshConfig
+
+    with pytest.raises(ValueError, match="fsdp=-1"):
+        plan.plan_devices(MeshConfig(data=1, fsdp=-1, tensor=1), gpu_spec=open(SPEC).read())
+
+
+@pytest.mark.skipif(_cuda_plugin_installed(), reason="checks the error raised without JAX's CUDA plugin")
+def test_gpu_spec_without_the_cuda_plugin_says_what_to_install():
+    from mathgrpo.config import MeshConfig
+
+    with pytest.raises(RuntimeError, match="needs JAX's CUDA plugin"):
+        plan.plan_devices(MeshConfig(data=1, fsdp=8, tensor=1), gpu_spec=open(SPEC).read())
+
+
+def test_cudnn_attention_is_refused_for_a_cpu_mesh_inside_jit():
+    """`layers.target_platform` asks the mesh in context (what is compiled for), not the process's
+    backend: inside a jit over CPU devices the cuDNN path is refused with the platform named."""
+    import jax
+    import jax.numpy as jnp
+
+    from mathgrpo.model import layers
+
+    mesh = jax.make_mesh((2,), ("fsdp",), devices=jax.devices("cpu")[:2])
+    seen = []
+
+    def f(x):
+        seen.append(layers.target_platform())
+        return x
+
+    with jax.set_mesh(mesh):
+        jax.jit(f).lower(jnp.zeros(2))
+    assert seen == ["cpu"]
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    segments = jnp.ones((1, 4), jnp.int32)
+    index = jnp.arange(4)
+    with jax.set_mesh(mesh), pytest.raises(RuntimeError, match="compiled for are 'cpu'"):
+        jax.jit(lambda q: layers.cudnn_packed_attention(q, q, q, segments, segments, index, index,
+                                                        max_segments=2)).lower(q)
+
+
+def test_described_gpu_checks_leave_cpu_plans_alone():
+    import jax
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    before = cudnn_attention.check_compute_capability
+    with plan.described_gpu_checks(jax.devices("cpu")):
+        assert cudnn_attention.check_compute_capability is before
+    assert cudnn_attention.check_compute_capability is before
+
+
+@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+def test_plan_compiles_for_described_h100s_without_a_gpu():
+    """XLA:GPU compiles the recipe's sharded step for Qwen3-0.6B on 8 described H100s (deviceless AOT),
+    cuDNN's packed attention included, on whatever machine runs this; the varlen workspace is added."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE, "--gpu-spec", SPEC,
+         "model.architecture=configs/models/qwen3_0p6b_base.yaml", "grpo.micro_batch_tokens=8192"],
+        cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["devices"] == 8
+    segments, heads, head_dim = 8, 16, 128  # the recipe's model.attention_max_segments; Qwen3-0.6B
+    expected = int(plan.CUDNN_VARLEN_BWD_BYTES * segments * 8192 * heads * head_dim)
+    assert report["train_step"]["cudnn_workspace_bytes"] == expected
+    assert report["train_step"]["temp_bytes"] > 0 and report["fits"] is True

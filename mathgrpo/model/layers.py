@@ -178,10 +178,18 @@ def blockwise_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *, bl
     return out.swapaxes(0, 1).reshape(B, num_blocks * block_size, N, H)[:, :T]
 
 
+def target_platform() -> str:
+    """The platform this trace is compiled for: that of the devices of the mesh in context (`plan`
+    compiles for described GPUs from a process whose backend may be the CPU), else JAX's backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)  # None outside a mesh
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _require_gpu() -> None:
-    if jax.default_backend() != "gpu":
+    platform = target_platform()
+    if platform != "gpu":
         raise RuntimeError(
-            f"model.attention='cudnn' needs a CUDA GPU, but JAX's backend is {jax.default_backend()!r}; "
+            f"model.attention='cudnn' needs a CUDA GPU, but the devices compiled for are {platform!r}; "
             "use 'blockwise' (memory-efficient, any backend) or 'reference'"
         )
 

@@ -339,13 +339,20 @@ def _dummy_inputs(batch: int = 1, length: int = 1):
     return tokens, tokens, jnp.ones_like(tokens)
 
 
+def _init_model(config: ModelConfig) -> Qwen3:
+    """The model to init params with: the parameters do not depend on the attention implementation, so
+    the one-token init traces the reference one, which runs on any backend (a plan for described GPUs
+    runs this on a CPU-only machine)."""
+    return Qwen3(config.replace(attention="reference"))
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random params (HF's init: normal(initializer_range), norms at one), logical boxes removed."""
-    return nn.unbox(Qwen3(config).init(rng, *_dummy_inputs())["params"])
+    return nn.unbox(_init_model(config).init(rng, *_dummy_inputs())["params"])
 
 
 def _boxed_abstract(config: ModelConfig):
-    return jax.eval_shape(lambda: Qwen3(config).init(jax.random.key(0), *_dummy_inputs())["params"])
+    return jax.eval_shape(lambda: _init_model(config).init(jax.random.key(0), *_dummy_inputs())["params"])
 
 
 def abstract_params(config: ModelConfig) -> Params:
