@@ -17,10 +17,12 @@ described GPUs of that kind on any machine, a CPU-only one included: the CUDA pl
 (`jax[cuda13]`, requirements-gpu.txt), a GPU need not be (`described_gpu_checks`).
 
 Peak per device = arguments + outputs − aliased (donated) + temporaries. A compile for described
-GPUs does not size cuDNN's workspaces (no device to ask), and the varlen attention's backward
+GPUs does not size cuDNN's workspaces (no device to ask), and the packed (varlen) attention's backward
 workspace is large (grows with model.attention_max_segments × row tokens × heads × head dim): for
 described devices the plan adds it, `CUDNN_VARLEN_BWD_BYTES` per element, measured on an H100 as the
 difference between a real-device and a described-device compile of the same single-GPU 4B step.
+Before Hopper (an A100/A800: sm 8.0) cuDNN has no packed layout and the model takes the masked cuDNN
+path (`attention` in the report); its workspace is not estimated.
 `fits` compares the train step's peak with the device memory left to JAX next to vLLM: JAX gets
 (1 − u) of the device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16
 weights plus KV cache room.
@@ -41,6 +43,7 @@ from mathgrpo import sharding, train_step
 from mathgrpo.metrics import flops_per_step
 from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
 from mathgrpo.model import abstract_params, count_params, forward, init_cache
+from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.packing import PackedBatch
 
 GIB = 2**30
@@ -166,7 +169,8 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
                        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
 
     workspace = 0
-    if is_described(mesh.devices.flat[0]) and model.attention == "cudnn":
+    packed = model.attention == "cudnn" and cudnn_packed_supported()  # sm >= 9.0; else the masked path
+    if is_described(mesh.devices.flat[0]) and packed:
         heads = model.num_attention_heads // mesh.shape["tensor"]
         workspace = int(CUDNN_VARLEN_BWD_BYTES * model.attention_max_segments * row_length * heads * model.head_dim)
     params_bytes = per_device(abstract_state.params, state_shardings.params)
@@ -183,6 +187,8 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
         "device_kind": mesh.devices.flat[0].device_kind,
+        "attention": {"cudnn": "cudnn packed (varlen)" if packed else "cudnn masked"}.get(model.attention,
+                                                                                          model.attention),
         "micro_batch_tokens_per_device": row_length,
         "micro_batches_in_buffer": micro_batches,
         "params": count_params(params),
@@ -208,8 +214,8 @@ def format_report(report: dict) -> str:
         return f"{x / GIB:8.2f} GiB"
 
     lines = [f"plan: {report['params'] / 1e9:.3f}B params on {report['devices']} devices {report['mesh']} "
-             f"({report['device_kind']}); micro-batch {report['micro_batch_tokens_per_device']} tokens/device, "
-             f"{report['micro_batches_in_buffer']} in the buffer",
+             f"({report['device_kind']}, attention {report['attention']}); micro-batch "
+             f"{report['micro_batch_tokens_per_device']} tokens/device, {report['micro_batches_in_buffer']} in the buffer",
              f"  params (fp32)          {gib(report['param_bytes_per_device'])} / device",
              f"  optimizer state        {gib(report['optimizer_bytes_per_device'])} / device",
              f"  gradients (fp32)       {gib(report['gradient_bytes_per_device'])} / device (within temporaries)"]

@@ -166,3 +166,32 @@ def test_token_chunking_keeps_logits_and_gradients(params):
     expected = jax.grad(lambda p: loss(TINY, p))(params)
     got = jax.grad(lambda p: loss(chunked, p))(params)
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6), got, expected)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_attention_takes_the_packed_kernel_from_hopper_on_and_the_masked_one_before(params, monkeypatch, packed):
+    """model.attention='cudnn': on sm >= 9.0 cuDNN's packed (varlen) kernel; an A100/A800 (sm 8.0, the
+    recipe's own GPUs) has no packed layout (JAX refuses it), so cuDNN with the segment mask. Both
+    kernels need a GPU: here the reference attention stands in for each and records which one ran."""
+    from mathgrpo.model import layers, qwen3
+
+    called = []
+
+    def packed_kernel(q, k, v, q_segment, kv_segment, q_index, kv_index, *, max_segments):
+        called.append("packed")
+        return layers.reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+
+    def masked_kernel(q, k, v, q_segment, kv_segment, q_index, kv_index):
+        called.append("masked")
+        return layers.reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+
+    monkeypatch.setattr(qwen3, "cudnn_packed_attention", packed_kernel)
+    monkeypatch.setattr(qwen3, "cudnn_attention", masked_kernel)
+    monkeypatch.setattr(qwen3, "cudnn_packed_supported", lambda: packed)
+    tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, TINY.vocab_size)
+    segments = jnp.array([[1] * 6 + [2] * 4, [0] * 3 + [1] * 7])  # packed row; left-padded row
+    positions = positions_from_segments(segments)
+    got, _ = forward(TINY.replace(attention="cudnn"), params, tokens, positions, segments)
+    expected, _ = forward(TINY.replace(attention="reference"), params, tokens, positions, segments)
+    assert called and set(called) == {"packed" if packed else "masked"}
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

@@ -194,6 +194,16 @@ def _require_gpu() -> None:
         )
 
 
+def cudnn_packed_supported() -> bool:
+    """Whether cuDNN's packed (varlen) layout runs on the GPUs compiled for: it needs compute capability
+    >= 9.0 (Hopper). An A100/A800 (8.0, the recipe's own GPUs) takes the masked path instead. Asks
+    JAX's own check (the process's GPU; `plan.described_gpu_checks` makes it answer for described
+    ones); False off a GPU."""
+    from jax._src.cudnn.fused_attention_stablehlo import check_compute_capability
+
+    return check_compute_capability("9.0")
+
+
 def cudnn_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
     """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU only; bf16/fp16 inputs).
 
@@ -307,6 +317,6 @@ def remat_policy(name: str):
 
 __all__ = [
     "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention", "cached_attention",
-    "blockwise_attention", "cudnn_attention", "attend", "remat_policy", "checkpoint_name", "token_chunked",
-    "cast_sharded",
+    "blockwise_attention", "cudnn_attention", "cudnn_packed_supported", "attend", "remat_policy",
+    "checkpoint_name", "token_chunked", "cast_sharded",
 ]

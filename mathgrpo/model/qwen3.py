@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from mathgrpo.config import ModelConfig
 from mathgrpo.model.layers import (
-    Proj, RMSNorm, apply_rope, attend, cached_attention, cast_sharded, checkpoint_name, cudnn_packed_attention,
-    dtype_of, remat_policy, token_chunked,
+    Proj, RMSNorm, apply_rope, attend, cached_attention, cast_sharded, checkpoint_name, cudnn_attention,
+    cudnn_packed_attention, cudnn_packed_supported, dtype_of, remat_policy, token_chunked,
 )
 
 Params = Any  # a pytree of arrays, nested like the linen modules
@@ -114,9 +114,11 @@ class Attention(nn.Module):
             else:  # a prefill: the configured implementation over the slots, in [B, S, K, H]
                 out = attend(c.attention, c.attention_block_size)(
                     q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
-        elif c.attention == "cudnn":  # packed self-attention: the varlen kernel
+        elif c.attention == "cudnn" and cudnn_packed_supported():  # Hopper on: the varlen kernel, no mask
             out = cudnn_packed_attention(q, k, v, q_segment, kv_segment, q_index, kv_index,
                                          max_segments=c.attention_max_segments)
+        elif c.attention == "cudnn":  # Ampere (the recipe's A800s): cuDNN flash attention, segment mask
+            out = cudnn_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
         else:
             out = attend(c.attention, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
         out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
