@@ -110,19 +110,36 @@ def test_described_gpu_checks_leave_cpu_plans_alone():
     assert cudnn_attention.check_compute_capability is before
 
 
+def _plan_for_described_gpus(spec_name: str) -> dict:
+    """The recipe's step for Qwen3-0.6B (8,192-token rows) planned for 8 GPUs of configs/gpus/SPEC by
+    the CLI, in a process whose JAX backend is the CPU: its JSON report."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE,
+         "--gpu-spec", os.path.join(ROOT, "configs", "gpus", spec_name),
+         "model.architecture=configs/models/qwen3_0p6b_base.yaml", "grpo.micro_batch_tokens=8192"],
+        cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_plan_compiles_for_described_h100s_without_a_gpu():
     """XLA:GPU compiles the recipe's sharded step for Qwen3-0.6B on 8 described H100s (deviceless AOT),
     cuDNN's packed attention included, on whatever machine runs this; the varlen workspace is added."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE, "--gpu-spec", SPEC,
-         "model.architecture=configs/models/qwen3_0p6b_base.yaml", "grpo.micro_batch_tokens=8192"],
-        cwd=ROOT, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _plan_for_described_gpus("h100_sxm.txtpb")
     assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["devices"] == 8
+    assert report["attention"] == "cudnn packed (varlen)"
     segments, heads, head_dim = 8, 16, 128  # the recipe's model.attention_max_segments; Qwen3-0.6B
     expected = int(plan.CUDNN_VARLEN_BWD_BYTES * segments * 8192 * heads * head_dim)
     assert report["train_step"]["cudnn_workspace_bytes"] == expected
     assert report["train_step"]["temp_bytes"] > 0 and report["fits"] is True
+
+
+@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+def test_plan_for_described_a100s_takes_the_masked_cudnn_path():
+    """Ampere (the recipe's A800s) has no packed cuDNN layout: the step compiles with the masked cuDNN
+    attention and no varlen workspace is added."""
+    report = _plan_for_described_gpus("a100_sxm4_80gb.txtpb")
+    assert report["device_kind"] == "NVIDIA A100-SXM4-80GB" and report["attention"] == "cudnn masked"
+    assert report["train_step"]["cudnn_workspace_bytes"] == 0 and report["train_step"]["temp_bytes"] > 0
