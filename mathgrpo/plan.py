@@ -94,12 +94,13 @@ def plan(inputs: PlanInputs, devices: list | None = None) -> dict:
 
 @contextlib.contextmanager
 def described_gpu_checks(devices: list):
-    """Compiling for described GPUs from a process whose JAX backend is not a GPU (a CPU-only machine):
-    JAX's cuDNN attention wrapper asks the process's backend for the compute capability (the packed
-    varlen layout needs sm >= 9.0) and would refuse; meanwhile it answers for the described devices.
-    (Our own check, layers.target_platform, already asks the mesh's devices.)"""
+    """Compiling for described GPUs: JAX's cuDNN attention wrapper (and `layers.cudnn_packed_supported`,
+    which uses it) asks the process's own GPU for the compute capability — none on a CPU-only machine,
+    another kind where the spec names a different GPU — so meanwhile it answers for the described
+    devices (the packed varlen layout needs sm >= 9.0). Our own platform check,
+    layers.target_platform, already asks the mesh's devices."""
     device = devices[0]
-    if device.platform != "gpu" or jax.default_backend() == "gpu" or not is_described(device):
+    if device.platform != "gpu" or not is_described(device):
         yield
         return
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
@@ -187,8 +188,8 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
         "device_kind": mesh.devices.flat[0].device_kind,
-        "attention": {"cudnn": "cudnn packed (varlen)" if packed else "cudnn masked"}.get(model.attention,
-                                                                                          model.attention),
+        "attention": model.attention if model.attention != "cudnn" else
+                     "cudnn packed (varlen)" if packed else "cudnn masked",
         "micro_batch_tokens_per_device": row_length,
         "micro_batches_in_buffer": micro_batches,
         "params": count_params(params),

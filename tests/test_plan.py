@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_gpu_spec_needs_every_mesh_axis_sized():
     from mathgrpo.config import MeshConfig
 
     with pytest.raises(ValueError, match="fsdp=-1"):
-        plan.plan_devices(MeshConfig(data=1, fsdp=-1, tensor=1), gpu_spec=open(SPEC).read())
+        plan.plan_devices(MeshConfig(data=1, fsdp=-1, tensor=1), gpu_spec=Path(SPEC).read_text())
 
 
 @pytest.mark.skipif(_cuda_plugin_installed(), reason="checks the error raised without JAX's CUDA plugin")
@@ -71,7 +72,7 @@ def test_gpu_spec_without_the_cuda_plugin_says_what_to_install():
     from mathgrpo.config import MeshConfig
 
     with pytest.raises(RuntimeError, match="needs JAX's CUDA plugin"):
-        plan.plan_devices(MeshConfig(data=1, fsdp=8, tensor=1), gpu_spec=open(SPEC).read())
+        plan.plan_devices(MeshConfig(data=1, fsdp=8, tensor=1), gpu_spec=Path(SPEC).read_text())
 
 
 def test_cudnn_attention_is_refused_for_a_cpu_mesh_inside_jit():
