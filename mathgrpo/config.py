@@ -22,7 +22,9 @@ from typing import Any, Literal
 import yaml
 
 ATTENTION_IMPLEMENTATIONS = ("reference", "blockwise", "cudnn")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out")
+# Save only each layer's input (qwen3.full_remat_layers); full_offload keeps those inputs in pinned host memory.
+FULL_REMAT = ("full", "full_offload")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

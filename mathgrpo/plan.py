@@ -72,12 +72,13 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def compiled_memory(compiled) -> dict:
-    """XLA's memory analysis of a compiled program, with its peak (arguments + outputs − aliased + temp)."""
+    """XLA's memory analysis of a compiled program, with its device peak (arguments + outputs − aliased
+    + temp) and the pinned host memory it uses for offloaded temporaries (`remat_policy: full_offload`)."""
     analysis = compiled.memory_analysis()
     args, out = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
     alias, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
     return {"argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-            "peak_bytes": args + out - alias + temp}
+            "peak_bytes": args + out - alias + temp, "host_temp_bytes": analysis.host_temp_size_in_bytes}
 
 
 def _flops(compiled) -> float | None:
@@ -224,6 +225,9 @@ def format_report(report: dict) -> str:
         m = report[name]
         lines.append(f"  {name:<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
                      f"temp {gib(m['temp_bytes'])}, out {gib(m['output_bytes'])}, aliased {gib(m['alias_bytes'])})")
+    if report["train_step"]["host_temp_bytes"]:
+        lines.append(f"  + pinned host memory for offloaded activations {gib(report['train_step']['host_temp_bytes'])} "
+                     "/ device (not in the device peak)")
     if report["train_step"].get("cudnn_workspace_bytes"):
         lines.append(f"  + cuDNN varlen backward workspace {gib(report['train_step']['cudnn_workspace_bytes'])} "
                      "(not sized by a described-device compile; included in the train_step peak)")

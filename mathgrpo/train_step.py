@@ -39,7 +39,7 @@ import optax
 from jax.sharding import Mesh
 
 from mathgrpo import grpo, sharding
-from mathgrpo.config import GRPOConfig, ModelConfig, OptimConfig
+from mathgrpo.config import FULL_REMAT, GRPOConfig, ModelConfig, OptimConfig
 from mathgrpo.packing import PackedBatch
 
 
@@ -162,7 +162,7 @@ def accumulate_gradients(params, batch: PackedBatch, *, model: ModelConfig, algo
     # Under full remat the backward scan adds each layer's gradient into the accumulator in place
     # (model.full_remat_layers: no second [L, ...] gradient buffer per micro-batch); it comes back as
     # the gradient of `grad_sink`, and the layers' own gradient is zero and dropped.
-    in_place = model.remat_policy == "full"
+    in_place = model.remat_policy in FULL_REMAT
 
     def grad_fn(params, mb, *args, grads, **kwargs):
         if not in_place:

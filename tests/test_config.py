@@ -106,7 +106,7 @@ RECIPE_TABLE = {
     "data.shuffle": False, "data.filter_overlong_prompts": True, "data.enable_thinking": False,
     "trainer.total_epochs": 1, "trainer.save_freq": 20, "trainer.test_freq": 20, "trainer.val_before_train": False,
     "rollout.engine": "vllm", "rollout.stop_token_ids": (151643,), "model.param_dtype": "float32",
-    "model.remat_policy": "full",
+    "model.remat_policy": "full_offload",  # gradient checkpointing + activation offload (recipe_spec §0)
 }
 
 

@@ -114,7 +114,7 @@ def test_scan_and_unrolled_layers_agree(params):
                                logits(TINY, params, tokens), atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_qkv_proj", "save_attention_out"])
+@pytest.mark.parametrize("policy", ["full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out"])
 def test_remat_policies_keep_gradients(params, policy):
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, TINY.vocab_size, (2, 8)))
 

@@ -111,14 +111,14 @@ def test_described_gpu_checks_leave_cpu_plans_alone():
     assert cudnn_attention.check_compute_capability is before
 
 
-def _plan_for_described_gpus(spec_name: str) -> dict:
+def _plan_for_described_gpus(spec_name: str, *overrides: str) -> dict:
     """The recipe's step for Qwen3-0.6B (8,192-token rows) planned for 8 GPUs of configs/gpus/SPEC by
     the CLI, in a process whose JAX backend is the CPU: its JSON report."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE,
          "--gpu-spec", os.path.join(ROOT, "configs", "gpus", spec_name),
-         "model.architecture=configs/models/qwen3_0p6b_base.yaml", "grpo.micro_batch_tokens=8192"],
+         "model.architecture=configs/models/qwen3_0p6b_base.yaml", "grpo.micro_batch_tokens=8192", *overrides],
         cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -144,3 +144,16 @@ def test_plan_for_described_a100s_takes_the_masked_cudnn_path():
     report = _plan_for_described_gpus("a100_sxm4_80gb.txtpb")
     assert report["device_kind"] == "NVIDIA A100-SXM4-80GB" and report["attention"] == "cudnn masked"
     assert report["train_step"]["cudnn_workspace_bytes"] == 0 and report["train_step"]["temp_bytes"] > 0
+
+
+@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+def test_full_offload_moves_the_saved_layer_inputs_to_pinned_host_memory():
+    """The recipe's activation offload (`remat_policy: full_offload`) against `full`, both compiled by
+    XLA:GPU: the [L, T, D] bf16 stack of saved layer inputs (28 · 8,192 · 1,024 · 2 B per device for
+    Qwen3-0.6B) leaves the device's temporaries and appears as pinned host memory."""
+    stack = 28 * 8192 * 1024 * 2
+    full = _plan_for_described_gpus("h100_sxm.txtpb", "model.remat_policy=full")["train_step"]
+    offload = _plan_for_described_gpus("h100_sxm.txtpb", "model.remat_policy=full_offload")["train_step"]
+    assert full["host_temp_bytes"] == 0
+    assert offload["host_temp_bytes"] >= stack
+    assert full["temp_bytes"] - offload["temp_bytes"] >= 0.9 * stack

@@ -304,7 +304,7 @@ def remat_policy(name: str):
     policies = jax.checkpoint_policies
     if name == "none":
         return None
-    if name == "full":
+    if name in ("full", "full_offload"):  # full_offload: qwen3.full_remat_layers keeps the inputs on the host
         return policies.nothing_saveable
     if name == "save_dots":
         return policies.dots_with_no_batch_dims_saveable
