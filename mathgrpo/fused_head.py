@@ -19,7 +19,7 @@ Backward, with g and e the cotangents of logprob and entropy, p = softmax(x) and
 
     ∂/∂x = g·(onehot(target) − p) + e·p·(x̄ − x)        then ∂h = ∂x·Wᵀ / T,  ∂W = hᵀ·∂x / T
 
-walked vocabulary block by vocabulary block (each block's ∂W is summed over the row blocks in cache,
+walked vocabulary block by vocabulary block (each block's ∂W is one matmul over all the scored rows,
 ∂h is carried). `save_logits=False` recomputes each tile's logits (memory O(row_block·vocab_block),
 two matmuls in the backward pass besides the forward's one: the recipe's setting); `save_logits=True`
 keeps the forward's fp32 tiles ([N, V] bytes) and skips that matmul.
@@ -78,44 +78,51 @@ def _row_blocks(h, targets, count, row_block: int):
 
 def _forward(h, kernel, targets, count, *, vocab: int, temperature: float, row_block: int, vocab_block: int,
              save: bool):
-    """(logprob [N], entropy [N], lse [N], mean logit x̄ [N], saved tiles [nr, nb, rb, vb] or None)."""
+    """(logprob [N], entropy [N], lse [N], mean logit x̄ [N], saved tiles [nr, nb, rb, vb] or None).
+
+    Vocabulary blocks outside, row blocks inside: each block of the kernel is sliced once (not once per
+    row block) and each tile is written straight into the saved-tile buffer; the running max and sums
+    of every row are carried across the vocabulary blocks."""
     N = h.shape[0]
     vb = vocab_block
     nb = kernel.shape[1] // vb
     rows, row_targets, active = _row_blocks(h, targets, count, row_block)
     nr = rows.shape[0]
 
-    def row_body(r, outputs):
-        h_r, t_r = rows[r], row_targets[r]  # [rb, D], [rb]
+    def vocab_step(carry, b):
+        w = _kernel_block(kernel, b, vb)
 
-        def vocab_step(carry, b):
-            peak, total, weighted, target_logit = carry  # [rb] each
-            x = _tile_logits(h_r, _kernel_block(kernel, b, vb), b, vocab, temperature)  # [rb, vb]
+        def row_body(r, carry):
+            peak, total, weighted, target_logit = (a[r] for a in carry[:4])  # [rb] each
+            x = _tile_logits(rows[r], w, b, vocab, temperature)  # [rb, vb]
             new_peak = jnp.maximum(peak, jnp.max(x, axis=-1))
             scale = jnp.exp(peak - new_peak)
             e = jnp.exp(x - new_peak[:, None])
             total = total * scale + jnp.sum(e, axis=-1)
             weighted = weighted * scale + jnp.sum(e * x, axis=-1)
-            local = t_r - b * vb
+            local = row_targets[r] - b * vb
             hit = (local >= 0) & (local < vb)
             picked = jnp.take_along_axis(x, jnp.clip(local, 0, vb - 1)[:, None], axis=-1)[:, 0]
             target_logit = target_logit + jnp.where(hit, picked, 0.0)
-            return (new_peak, total, weighted, target_logit), (x if save else None)
+            out = tuple(jax.lax.dynamic_update_index_in_dim(a, v, r, 0)
+                        for a, v in zip(carry[:4], (new_peak, total, weighted, target_logit)))
+            if save:
+                out += (jax.lax.dynamic_update_slice(carry[4], x[None, None], (r, b, 0, 0)),)
+            return out
 
-        zeros = jnp.zeros((row_block,), jnp.float32)
-        init = (jnp.full((row_block,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-        (peak, total, weighted, target_logit), tiles = jax.lax.scan(
-            vocab_step, init, jnp.arange(nb))
-        lse = peak + jnp.log(total)
-        mean_logit = weighted / total
-        values = (target_logit - lse, lse - mean_logit, lse, mean_logit) + ((tiles,) if save else ())
-        return tuple(jax.lax.dynamic_update_index_in_dim(o, v, r, 0) for o, v in zip(outputs, values))
+        return jax.lax.fori_loop(0, active, row_body, carry), None
 
-    per_row = jnp.zeros((nr, row_block), jnp.float32)
-    outputs = (per_row,) * 4 + ((jnp.zeros((nr, nb, row_block, vb), jnp.float32),) if save else ())
-    outputs = jax.lax.fori_loop(0, active, row_body, outputs)
-    logprob, entropy, lse, mean_logit = (o.reshape(N) for o in outputs[:4])
-    return logprob, entropy, lse, mean_logit, (outputs[4] if save else None)
+    zeros = jnp.zeros((nr, row_block), jnp.float32)
+    init = (jnp.full((nr, row_block), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    if save:
+        init += (jnp.zeros((nr, nb, row_block, vb), jnp.float32),)
+    carry, _ = jax.lax.scan(vocab_step, init, jnp.arange(nb))
+    peak, total, weighted, target_logit = carry[:4]
+    live = (jnp.arange(nr) < active)[:, None]  # row blocks past `active` were never computed: 0, not nan
+    lse = jnp.where(live, peak + jnp.log(total), 0.0)
+    mean_logit = jnp.where(live, weighted / total, 0.0)
+    logprob, entropy = jnp.where(live, target_logit - lse, 0.0), lse - mean_logit
+    return (*(o.reshape(N) for o in (logprob, entropy, lse, mean_logit)), (carry[4] if save else None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -142,41 +149,42 @@ def _fused_bwd(vocab, temperature, row_block, vocab_block, save, residuals, cota
     nr = rows.shape[0]
     per_row = [a.reshape(nr, row_block) for a in (lse, mean_logit, g_logprob, g_entropy)]
     compute = kernel.dtype
+    h_t = h.T  # [D, N]: ∂W = hᵀ·∂x as a plain row-major matmul
 
-    def vocab_step(carry, b):  # dh [nr, rb, D] fp32 and ∂W [D, nb·vb], carried over the vocabulary blocks
-        dh, dkernel = carry
+    def block_dw(blocks, dx):  # ∂W [D, vb] of the first `blocks` row blocks, one matmul over their rows
+        return jnp.dot(h_t[:, :blocks * row_block], dx[:blocks * row_block], preferred_element_type=jnp.float32)
+
+    # One ∂W matmul per vocabulary block over all scored rows (K = active·rb) instead of one per row
+    # block summed: no [D, vb] read-modify-write per row block, and a longer contraction. `active` is
+    # dynamic, so the matmul is chosen among nr static lengths.
+    dw_branches = [functools.partial(block_dw, a) for a in range(1, nr + 1)]
+
+    def vocab_step(carry, b):  # ∂h [nr, rb, D] fp32, ∂W [D, nb·vb] and this block's ∂x [N, vb] buffer
+        dh, dkernel, dx_all = carry
         w = _kernel_block(kernel, b, vb)
 
-        def row_terms(r, live=None):  # row block r's ∂W [D, vb] and ∂h [rb, D] terms from this vocabulary block
-            h_r = rows[r]
+        def row_body(r, carry):  # row block r's ∂x tile from this vocabulary block, and its ∂h term
+            dh, dx_all = carry
             lse_r, mean_r, g_r, e_r = (a[r] for a in per_row)
             if save:
                 x = jax.lax.dynamic_slice(tiles, (r, b, 0, 0), (1, 1, row_block, vb))[0, 0]
             else:
-                x = _tile_logits(h_r, w, b, vocab, temperature)
+                x = _tile_logits(rows[r], w, b, vocab, temperature)
             p = jnp.exp(x - lse_r[:, None])  # [rb, vb]; 0 on padding columns
             onehot = (b * vb + jnp.arange(vb))[None, :] == row_targets[r][:, None]
             dx = g_r[:, None] * (onehot - p) + e_r[:, None] * p * (mean_r[:, None] - x)
-            if live is not None:  # a block the forward skipped has no lse: its p may overflow, and 0·inf = nan
-                dx = jnp.where(live, dx, 0.0)
             dx = (dx / temperature).astype(compute)  # [rb, vb]
-            dw = jax.lax.dot_general(h_r, dx, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return dw, jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            dh_r = jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return (jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0),
+                    jax.lax.dynamic_update_slice_in_dim(dx_all, dx, r * row_block, axis=0))
 
-        def row_body(r, carry):
-            dw, dh = carry
-            dw_r, dh_r = row_terms(r)
-            return dw + dw_r, jax.lax.dynamic_update_index_in_dim(dh, dh[r] + dh_r, r, 0)
+        dh, dx_all = jax.lax.fori_loop(0, active, row_body, (dh, dx_all))
+        # No scored row (active = 0): no tile was written and the buffer still holds its zeros.
+        dw = jax.lax.switch(jnp.clip(active - 1, 0, nr - 1), dw_branches, dx_all)
+        return (dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dw.astype(compute), b * vb, axis=1), dx_all), None
 
-        # Row block 0 outside the loop: ∂W starts as its term, not as zeros plus it (one [D, vb] fill and
-        # add fewer per vocabulary block). It runs even when no row is scored, then giving 0.
-        dw, dh_0 = row_terms(0, live=active > 0)
-        dh = jax.lax.dynamic_update_index_in_dim(dh, dh[0] + dh_0, 0, 0)
-        dw, dh = jax.lax.fori_loop(1, active, row_body, (dw, dh))
-        return (dh, jax.lax.dynamic_update_slice_in_dim(dkernel, dw.astype(compute), b * vb, axis=1)), None
-
-    (dh, dkernel), _ = jax.lax.scan(vocab_step, (jnp.zeros((nr, row_block, D), jnp.float32),
-                                                 jnp.zeros_like(kernel)), jnp.arange(nb))
+    init = (jnp.zeros((nr, row_block, D), jnp.float32), jnp.zeros_like(kernel), jnp.zeros((N, vb), compute))
+    (dh, dkernel, _), _ = jax.lax.scan(vocab_step, init, jnp.arange(nb))
     return dh.reshape(N, D).astype(h.dtype), dkernel, None, None
 
 
