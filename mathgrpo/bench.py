@@ -175,6 +175,19 @@ def matmul_flops_per_s(size: int, repeats: int = 5) -> float:
     return 2 * size**3 / seconds
 
 
+def release_both(reference) -> None:
+    """Between phases: both processes keep their freed memory (host_memory), and at their high-water
+    marks together (ours ~11.5 GB, torch's ~13 GB after the train step) they overflowed a 23 GiB
+    machine; each hands its free pages back before the next phase's warm-up calls."""
+    import gc
+
+    from mathgrpo import host_memory
+
+    gc.collect()
+    host_memory.release_freed_host_memory()
+    reference.call("release")
+
+
 def make_sequences(size: BenchSize, vocab: int, seed: int, lengths=None):
     """Random prompts/responses with the given total lengths, advantages and rollout log-probs."""
     import numpy as np
@@ -267,6 +280,7 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
             "calls": timing,
         }
         del holder["state"]
+        release_both(reference)
 
         # --- log-prob pass --------------------------------------------------------------------
         logprob_fn = train_step.make_logprob_fn(config, algo)
@@ -280,6 +294,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
             "ratio_vs_torch": theirs / ours,
             "calls": timing,
         }
+
+        release_both(reference)
 
         # --- sampler --------------------------------------------------------------------------
         rng = np.random.default_rng(seed)

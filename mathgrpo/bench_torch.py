@@ -96,6 +96,15 @@ class _Reference:
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
 
+    def release(self):  # between the bench's phases: drop the gradients, give freed memory back
+        import gc
+
+        from mathgrpo import host_memory
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        host_memory.release_freed_host_memory()
+
     def logprob(self):  # the same outputs as ours: log-prob of each token and verl's entropy_from_logits
         torch = self.torch
         self.model.eval()

@@ -58,3 +58,18 @@ def keep_freed_host_memory() -> bool:
     # Arena count first: threads that start later share the main arena, which grows with brk.
     return all(libc.mallopt(param, value) == 1
                for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+def release_freed_host_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc `malloc_trim(0)`, which also releases whole
+    free pages inside the heap): for a process that keeps freed memory (above) and moves to a phase
+    that needs less of it. The bench calls it between its phases, where its two processes (ours and
+    the torch worker) would otherwise both sit at their high-water marks (11.5 + 13.0 GB: the torch
+    worker was OOM-killed on a 23 GiB machine, BENCHMARKS.md). Returns whether anything was released."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return libc.malloc_trim(0) == 1

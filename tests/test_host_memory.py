@@ -61,3 +61,31 @@ def test_an_installed_jax_plugin_counts_as_an_accelerator(monkeypatch, tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert not host_memory.runs_on_cpu()
     assert not host_memory.keep_freed_host_memory()
+
+
+RELEASE = textwrap.dedent("""
+    from mathgrpo import host_memory
+    assert host_memory.keep_freed_host_memory()
+    import numpy as np
+
+    def rss():  # resident pages of this process
+        return int(open("/proc/self/statm").read().split()[1])
+
+    blocks = [np.ones(2**20) for _ in range(512)]  # 512 × 8 MiB chunks from the heap, touched
+    full = rss()
+    del blocks
+    kept = rss()  # freed, but kept by the heap (no trimming)
+    released = host_memory.release_freed_host_memory()
+    print(full, kept, rss(), released)
+""")
+
+
+def test_release_gives_kept_memory_back():
+    """With the settings freed chunks stay resident (that is their point); release hands them back."""
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    full, kept, after, released = done.stdout.split()
+    pages = 512 * 2**23 // 4096  # 4 GiB in 4 KiB pages
+    assert int(kept) > int(full) - pages // 10, "the settings keep freed memory resident"
+    assert released == "True" and int(after) < int(kept) - 0.9 * pages, (full, kept, after)
