@@ -44,16 +44,23 @@ def runs_on_cpu() -> bool:
     return not _accelerator_installed()
 
 
+def _glibc():
+    """The process's glibc (its malloc is what the settings here tune), or None on another libc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_host_memory() -> bool:
     """One malloc arena, no mmap'd chunks, no trimming (see the module docstring). Call before JAX
     initializes; returns whether the settings were applied."""
     if os.environ.get("MATHGRPO_HOST_MALLOC", "") == "default" or not runs_on_cpu():
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     # Arena count first: threads that start later share the main arena, which grows with brk.
     return all(libc.mallopt(param, value) == 1
@@ -66,10 +73,5 @@ def release_freed_host_memory() -> bool:
     that needs less of it. The bench calls it between its phases, where its two processes (ours and
     the torch worker) would otherwise both sit at their high-water marks (11.5 + 13.0 GB: the torch
     worker was OOM-killed on a 23 GiB machine, BENCHMARKS.md). Returns whether anything was released."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return libc.malloc_trim(0) == 1
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1
