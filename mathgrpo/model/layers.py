@@ -137,16 +137,54 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     """
     B, T, N, H = q.shape
     K = k.shape[1]
-    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * H**-0.5
     mask = attention_mask(q_segment, kv_segment, q_index, kv_index)  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    # Both matmuls as [B·K] batches of (G·T rows) × (S or H): XLA:CPU's fast path (an output in
-    # [B, T, ...] order made it contract v's S axis as a transposed operand: 3x slower, and a plain
-    # dot it cannot run on bf16 operands).
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v, preferred_element_type=jnp.float32)
+    out = _softmax_attention(q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4), k, v, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def _attention_probs(q, k, mask):
+    """softmax(q·kᵀ / √H) over the allowed keys: q [B, K, G, T, H], k [B, K, S, H] → fp32 [B, K, G, T, S]."""
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
+    return jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG_INF), axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_attention(q, k, v, mask):
+    """q [B, K, G, T, H], k and v [B, K, S, H], mask [B, T, S] → fp32 [B, K, G, T, H].
+
+    Both forward matmuls run as [B·K] batches of (G·T rows) × (S or H): XLA:CPU's fast path (an output
+    in [B, T, ...] order made it contract v's S axis as a transposed operand: 3x slower, and a plain
+    dot it cannot run on bf16 operands). The backward is written out for the same reason: autodiff's
+    ∂k = ∂Sᵀ·q contracts the [G·T, S] score gradient on its major axis, and XLA:CPU wrote that
+    gradient out transposed first (a [B, K, S, G·T] fp32 copy, ~50 ms per layer of the bench's step);
+    here ∂kᵀ = qᵀ·∂S and ∂vᵀ = ∂outᵀ·P read the big operands as they lie and transpose only [H, S].
+    """
+    return _softmax_attention_fwd(q, k, v, mask)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+    probs = _attention_probs(q, k, mask)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out, (q, k, v, mask, probs)
+
+
+def _softmax_attention_bwd(residuals, grad_out):
+    q, k, v, mask, probs = residuals
+    grad_out = grad_out.astype(v.dtype)
+    grad_probs = jnp.einsum("BKGTH,BKSH->BKGTS", grad_out, v, preferred_element_type=jnp.float32)
+    # softmax backward; masked keys get no gradient (rows with no allowed key have uniform probs)
+    grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
+    grad_scores = jnp.where(mask[:, None, None], grad_scores, 0.0) * q.shape[-1]**-0.5
+    grad_q = jnp.einsum("BKGTS,BKSH->BKGTH", grad_scores.astype(q.dtype), k, preferred_element_type=jnp.float32)
+    # These two contract G·T, the big operand's major axis: XLA:CPU runs that as a plain dot, which
+    # has no bf16 × bf16 → fp32 kernel, so they take the fp32 scores and probabilities as they are.
+    grad_k = jnp.einsum("BKGTH,BKGTS->BKHS", q.astype(jnp.float32), grad_scores)
+    grad_v = jnp.einsum("BKGTH,BKGTS->BKHS", grad_out.astype(jnp.float32), probs)
+    return (grad_q.astype(q.dtype), grad_k.swapaxes(-1, -2).astype(k.dtype),
+            grad_v.swapaxes(-1, -2).astype(v.dtype), None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def blockwise_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *, block_size: int):
