@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mathgrpo.model.layers import (
+    project,
     cudnn_packed_attention,
     segment_layout,
     RMSNorm,
@@ -214,3 +215,65 @@ def test_cudnn_packed_matches_reference_with_gradients_on_gpu():
     # More segments in a row than described: NaN (the train step refuses it), never a wrong answer.
     too_few = functools.partial(cudnn_packed_attention, max_segments=1)
     assert np.all(np.isnan(np.asarray(too_few(q, k, v, segments, segments, index, index), np.float32)))
+
+
+def test_projection_gradient_is_fp32_not_rounded_to_the_compute_dtype():
+    """`project` in bf16: y = bf16(x)·bf16(W), and ∂W = bf16(x)ᵀ·bf16(∂y) summed in fp32 *and kept in
+    fp32* (verl reduces gradients in fp32). Autodiff through the cast would round ∂W to bf16 (relative
+    error ~4e-3), which the 1e-5 bound below refuses; ∂x is in x's dtype."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(48, 40)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(64, 40)), jnp.float32)
+
+    def loss(kernel, x):
+        y = project("ND,DF->NF", x, kernel, jnp.bfloat16, ("embed", "mlp"))
+        return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+    grad_kernel, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(kernel, x)
+    as64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    g = as64(cotangent.astype(jnp.bfloat16))
+    expected = as64(x).T @ g
+    assert grad_kernel.dtype == jnp.float32 and grad_x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad_kernel, np.float64), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as64(grad_x), g @ as64(kernel.astype(jnp.bfloat16)).T, rtol=1e-2, atol=1e-2)
+
+
+def _cuda_plugin_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+
+
+@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
+    """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over a bf16 projection of an fp32
+    sharded kernel: the kernel's gradient is reduce-scattered in fp32 (autodiff: bf16)."""
+    import re
+    from pathlib import Path
+
+    import flax.linen as nn
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from mathgrpo import plan, sharding
+    from mathgrpo.config import MeshConfig
+
+    spec = Path(__file__).resolve().parent.parent / "configs" / "gpus" / "h100_sxm.txtpb"
+    config = MeshConfig(data=1, fsdp=8, tensor=1)
+    devices = plan.plan_devices(config, gpu_spec=spec.read_text())
+    mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+    D, F, B, T, C = 1024, 4096, 8, 4096, 1024
+
+    def loss(kernel, x):
+        def chunk(xc):  # [B, C, D]
+            y = project("ND,DF->NF", xc.reshape(-1, D), kernel, jnp.bfloat16, ("embed", "mlp"))
+            return jnp.sum(jnp.square(y.astype(jnp.float32)))
+        return jnp.sum(jax.lax.map(jax.checkpoint(chunk), x.reshape(B, T // C, C, D).swapaxes(0, 1)))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
+        step = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, PartitionSpec("fsdp", None)),
+                                                      NamedSharding(mesh, PartitionSpec("fsdp", None, None))))
+        text = step.lower(jax.ShapeDtypeStruct((D, F), jnp.float32),
+                          jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)).compile().as_text()
+    scattered = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} reduce-scatter", text)
+    assert scattered and all(s.startswith("f32[") for s in scattered), scattered

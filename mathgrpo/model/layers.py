@@ -13,6 +13,7 @@ segment 0. Each attention implementation builds the mask for the block it works 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -37,10 +38,49 @@ def cast_sharded(param: jax.Array, dtype, axes: tuple[str, ...]) -> jax.Array:
     return nn.with_logical_constraint(param.astype(dtype), axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def project(equation: str, x: jax.Array, kernel: jax.Array, compute_dtype, axes: tuple[str, ...], out_dtype=None):
+    """`einsum(equation, x, kernel)` in the compute dtype, `kernel` the (sharded) master weight, whose
+    gradient is formed in fp32: ∂W = einsum(x, ∂y) with fp32 accumulation *and output*, constrained to
+    the kernel's sharding. Autodiff through `cast_sharded(kernel)` gives ∂W in the compute dtype: on a
+    mesh the gradient was summed over a loop's token chunks and reduce-scattered in bf16 (XLA:GPU
+    compile of the 4B step); verl's FSDP reduces in fp32 (MixedPrecision reduce_dtype=fp32). Here the
+    sum over chunks and the reduce-scatter are fp32. `equation` is "lhs,rhs->out" with every index of
+    rhs in lhs or out (a projection)."""
+    return _project_value(equation, x, kernel, compute_dtype, axes, out_dtype)
+
+
+def _project_value(equation, x, kernel, compute_dtype, axes, out_dtype):
+    kernel = cast_sharded(kernel, compute_dtype, axes)
+    return jnp.einsum(equation, x.astype(compute_dtype), kernel, preferred_element_type=out_dtype)
+
+
+def _project_fwd(equation, x, kernel, compute_dtype, axes, out_dtype):
+    return _project_value(equation, x, kernel, compute_dtype, axes, out_dtype), (x, kernel)
+
+
+def _project_bwd(equation, compute_dtype, axes, out_dtype, residuals, grad):
+    x, kernel = residuals
+    lhs, rest = equation.split(",")
+    rhs, out = rest.split("->")
+    grad = grad.astype(compute_dtype)
+    grad_x = jnp.einsum(f"{out},{rhs}->{lhs}", grad, cast_sharded(kernel, compute_dtype, axes))
+    a, b = x.astype(compute_dtype), grad
+    if target_platform() == "cpu" and a.dtype != jnp.float32:  # XLA:CPU: no bf16 x bf16 -> fp32 plain dot
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    grad_kernel = jnp.einsum(f"{lhs},{out}->{rhs}", a, b, preferred_element_type=jnp.float32)
+    grad_kernel = nn.with_logical_constraint(grad_kernel.astype(kernel.dtype), axes)
+    return grad_x.astype(x.dtype), grad_kernel
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Proj(nn.Module):
     """A bias-free projection `einsum(x, kernel)` whose kernel carries logical axis names.
 
-    The kernel is stored in `param_dtype` (fp32 master weights) and cast to `compute_dtype` at use.
+    The kernel is stored in `param_dtype` (fp32 master weights) and cast to `compute_dtype` at use
+    (`project`: its gradient stays fp32).
     """
 
     equation: str  # e.g. "BTD,DNH->BTNH"
@@ -52,20 +92,20 @@ class Proj(nn.Module):
     out_dtype: str | None = None  # e.g. "float32" for the logits: fp32 accumulation and output
 
     @nn.compact
-    def __call__(self, x: jax.Array | None) -> jax.Array:
-        """`einsum(x, kernel)`; with x None, the kernel itself in the compute dtype (for callers that
-        apply it inside their own loop, e.g. the token-chunked MLP)."""
+    def __call__(self, x: jax.Array | None):
+        """`einsum(x, kernel)`; with x None, a function `rows -> einsum(rows, kernel)` (for callers that
+        apply it inside their own loop, e.g. the token-chunked MLP) taking its own equation."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
             self.shape,
             dtype_of(self.param_dtype),
         )
-        kernel = cast_sharded(kernel, dtype_of(self.compute_dtype), self.axes)
-        if x is None:
-            return kernel
+        compute = dtype_of(self.compute_dtype)
         out_dtype = dtype_of(self.out_dtype) if self.out_dtype else None
-        return jnp.einsum(self.equation, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
+        if x is None:
+            return lambda rows, equation=self.equation: project(equation, rows, kernel, compute, self.axes, out_dtype)
+        return project(self.equation, x, kernel, compute, self.axes, out_dtype)
 
 
 class RMSNorm(nn.Module):

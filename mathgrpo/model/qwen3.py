@@ -84,10 +84,9 @@ class Attention(nn.Module):
 
         def project(inputs):  # position-wise: x [B, c, D], positions [B, c] -> q, k, v
             x, positions = inputs
-            x = x.astype(q_kernel.dtype)
-            q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, q_kernel), "query_proj")
-            k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, k_kernel), "key_proj")
-            v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, v_kernel), "value_proj")
+            q = checkpoint_name(q_kernel(x), "query_proj")
+            k = checkpoint_name(k_kernel(x), "key_proj")
+            v = checkpoint_name(v_kernel(x), "value_proj")
             q = apply_rope(q_norm(q), positions, c.rope_theta)  # [B, c, N, H]
             k = apply_rope(k_norm(k), positions, c.rope_theta)  # [B, c, K, H]
             return q, k, v
@@ -122,8 +121,7 @@ class Attention(nn.Module):
         else:
             out = attend(c.attention, c.attention_block_size)(q, k, v, q_segment, kv_segment, q_index, kv_index)
         out = checkpoint_name(out, "attention_out")  # [B, T, N, H]
-        out = token_chunked(lambda o: jnp.einsum("BTNH,NHD->BTD", o.astype(o_kernel.dtype), o_kernel),
-                            out, c.token_chunk_size)
+        out = token_chunked(o_kernel, out, c.token_chunk_size)
         return out, cache_kv
 
 
@@ -134,17 +132,17 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         D, F = c.hidden_size, c.intermediate_size
-        gate_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "gate_proj")(None)  # [D, F]
-        up_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "up_proj")(None)  # [D, F]
-        down_kernel = _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(None)  # [F, D]
+        gate_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "gate_proj")(None)  # rows -> rows·W, [D, F]
+        up_kernel = _proj(c, "BTD,DF->BTF", (D, F), ("embed", "mlp"), "up_proj")(None)
+        down_kernel = _proj(c, "BTF,FD->BTD", (F, D), ("mlp", "embed"), "down_proj")(None)
 
         def swiglu(x):  # [B, c, D] -> [B, c, D]
             # On [B·c, D] rows, not [B, c, D]: with the 3-D einsums XLA:CPU wrote the backward's silu′
             # as a transposed [F, B, c] copy for the weight gradients (fwd + bwd at B 2, c 1024, D 512,
             # F 1536: 0.334 -> 0.246 s; BENCHMARKS.md session 6).
-            rows = x.reshape(-1, x.shape[-1]).astype(gate_kernel.dtype)
-            hidden = nn.silu(jnp.einsum("ND,DF->NF", rows, gate_kernel)) * jnp.einsum("ND,DF->NF", rows, up_kernel)
-            return jnp.einsum("NF,FD->ND", hidden, down_kernel).reshape(x.shape)
+            rows = x.reshape(-1, x.shape[-1])
+            hidden = nn.silu(gate_kernel(rows, "ND,DF->NF")) * up_kernel(rows, "ND,DF->NF")
+            return down_kernel(hidden, "NF,FD->ND").reshape(x.shape)
 
         return token_chunked(swiglu, x, c.token_chunk_size)
 
