@@ -18,12 +18,9 @@ ratio is 1; with `fused=False` π_old comes from `batch.old_logprobs` (a separat
 rollout is reused for several updates). Either way the step returns the per-token π_old log-probs
 and entropies, for the rollout-correction and entropy metrics on the host.
 
-Precision: fp32 master params and optimizer state; matmuls in `model.compute_dtype`. Known departure
-from verl on a mesh with bf16 compute: each layer's weight gradient is summed over a row's token
-chunks (`model.token_chunk_size`) and over the devices (the reduce-scatter XLA:GPU emits) in bf16,
-then accumulated over micro-batches in fp32; verl's FSDP rounds each device's gradient to bf16 once
-and reduces in fp32 (`reduce_dtype=fp32`). Seen in the XLA:GPU compile of the 4B plan (BENCHMARKS.md,
-session 7).
+Precision: fp32 master params and optimizer state; matmuls in `model.compute_dtype`; weight gradients
+formed in fp32 (`layers.project`), so their sums over token chunks, over the devices (FSDP's
+reduce-scatter) and over micro-batches are fp32, as verl's FSDP reduces them (`reduce_dtype=fp32`).
 """
 
 from __future__ import annotations

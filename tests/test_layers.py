@@ -18,6 +18,7 @@ from mathgrpo.model.layers import (
     cudnn_attention,
     reference_attention,
 )
+from tests.test_plan import cuda_plugin_installed
 
 
 def numpy_rope(x, positions, theta):
@@ -239,13 +240,7 @@ def test_projection_gradient_is_fp32_not_rounded_to_the_compute_dtype():
     np.testing.assert_allclose(as64(grad_x), g @ as64(kernel.astype(jnp.bfloat16)).T, rtol=1e-2, atol=1e-2)
 
 
-def _cuda_plugin_installed() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
-
-
-@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
     """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over a bf16 projection of an fp32
     sharded kernel: the kernel's gradient is reduce-scattered in fp32 (autodiff: bf16)."""

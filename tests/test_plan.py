@@ -54,7 +54,7 @@ def test_devices_this_process_runs_on_are_not_described():
 SPEC = os.path.join(ROOT, "configs", "gpus", "h100_sxm.txtpb")
 
 
-def _cuda_plugin_installed() -> bool:
+def cuda_plugin_installed() -> bool:
     import importlib.util
 
     return any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
@@ -67,7 +67,7 @@ def test_gpu_spec_needs_every_mesh_axis_sized():
         plan.plan_devices(MeshConfig(data=1, fsdp=-1, tensor=1), gpu_spec=Path(SPEC).read_text())
 
 
-@pytest.mark.skipif(_cuda_plugin_installed(), reason="checks the error raised without JAX's CUDA plugin")
+@pytest.mark.skipif(cuda_plugin_installed(), reason="checks the error raised without JAX's CUDA plugin")
 def test_gpu_spec_without_the_cuda_plugin_says_what_to_install():
     from mathgrpo.config import MeshConfig
 
@@ -124,7 +124,7 @@ def _plan_for_described_gpus(spec_name: str, *overrides: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_plan_compiles_for_described_h100s_without_a_gpu():
     """XLA:GPU compiles the recipe's sharded step for Qwen3-0.6B on 8 described H100s (deviceless AOT),
     cuDNN's packed attention included, on whatever machine runs this; the varlen workspace is added."""
@@ -137,7 +137,7 @@ def test_plan_compiles_for_described_h100s_without_a_gpu():
     assert report["train_step"]["temp_bytes"] > 0 and report["fits"] is True
 
 
-@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_plan_for_described_a100s_takes_the_masked_cudnn_path():
     """Ampere (the recipe's A800s) has no packed cuDNN layout: the step compiles with the masked cuDNN
     attention and no varlen workspace is added."""
@@ -146,7 +146,7 @@ def test_plan_for_described_a100s_takes_the_masked_cudnn_path():
     assert report["train_step"]["cudnn_workspace_bytes"] == 0 and report["train_step"]["temp_bytes"] > 0
 
 
-@pytest.mark.skipif(not _cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_full_offload_moves_the_saved_layer_inputs_to_pinned_host_memory():
     """The recipe's activation offload (`remat_policy: full_offload`) against `full`, both compiled by
     XLA:GPU: the [L, T, D] bf16 stack of saved layer inputs (28 · 8,192 · 1,024 · 2 B per device for

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mathgrpo.config import FULL_REMAT
+
 # Large negative instead of -inf: a fully masked query row (padding) stays finite, so no NaN reaches
 # the gradients; its output is garbage that the loss masks out.
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -382,7 +384,7 @@ def remat_policy(name: str):
     policies = jax.checkpoint_policies
     if name == "none":
         return None
-    if name in ("full", "full_offload"):  # full_offload: qwen3.full_remat_layers keeps the inputs on the host
+    if name in FULL_REMAT:  # under full_offload qwen3.full_remat_layers keeps the saved inputs on the host
         return policies.nothing_saveable
     if name == "save_dots":
         return policies.dots_with_no_batch_dims_saveable

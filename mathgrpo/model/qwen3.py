@@ -189,8 +189,8 @@ def full_remat_layers(config: ModelConfig, layer_params: Params, x: jax.Array, i
     Under `remat_policy: full_offload` the stack lives in pinned host memory (MaxText's offloaded
     remat): each layer's input is copied to the host as the forward scan produces it and back as the
     backward scan reaches it — the device keeps none of the [L, B, T, D] stack (2.81 GiB per device
-    for the 4B recipe at 16,384 tokens), for one host round trip of B·T·D per layer that XLA:GPU
-    overlaps with the layer's compute.
+    for the 4B recipe at 16,384 tokens), for one host round trip of B·T·D per layer, which XLA:GPU's
+    host-offload scheduling can overlap with the layer's compute (not measured: no GPU yet).
 
     With `grad_sink` (an accumulator shaped like `layer_params`), the gradient of the layers is
     added into it in place, layer by layer, during the backward scan, and handed back as the
