@@ -21,8 +21,11 @@ seconds and page faults are in the JSON (`calls`), so a slow outlier can be told
 - reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
 - plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
 - recompiles_after_warmup: traces of the train step and sampler after the warm-up (must be 0).
+- acceptance: each bound of the performance issue ([7/8]) next to the value measured in this run, and
+  whether it is met (`ACCEPTANCE`; the sampler bound is for 64 sequences x 256 new tokens, the full size).
 
-Prints a table, then one JSON line; `--out` also writes the JSON. Nothing here asserts a speed.
+Prints a table and the acceptance lines, then one JSON line; `--out` also writes the JSON. Nothing here
+fails on a speed: a bound not met is printed as such.
 """
 
 from __future__ import annotations
@@ -96,6 +99,14 @@ WARMUP_CALLS = 2
 # are treated alike.
 HEAP_GROWTH_FAULTS = 50_000
 EXTRA_CALLS = 4
+# The performance issue's bounds ([7/8]): (dotted key, comparison, bound, what it says).
+ACCEPTANCE = (
+    ("train_step.ratio_vs_torch", ">=", 1.3, "train step vs torch"),
+    ("train_step.fraction_of_matmul_peak", ">=", 0.60, "train step FLOP/s / fp32 matmul peak"),
+    ("logprob.ratio_vs_torch", ">=", 1.3, "log-prob pass vs torch"),
+    ("sampler.ratio_vs_hf_generate", ">=", 2.0, "sampler vs HF generate"),
+    ("recompiles_after_warmup", "==", 0, "recompiles after warm-up"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -432,12 +443,25 @@ def main(args: argparse.Namespace) -> int:
         results["plan"] = {"per_device_peak_bytes": None, "flops_per_step_estimate": None}
         results["notes"].append(f"plan skipped under --{size_name} (run the full bench for the 4B plan)")
     results["recompiles_after_warmup"] = int(sum(results["recompiles"].values()))
+    results["acceptance"] = acceptance(results)
     results["seconds"] = time.perf_counter() - started
     print(format_table(results))
     print(json.dumps(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def acceptance(results: dict) -> dict[str, dict]:
+    """Each ACCEPTANCE bound with this run's value: {key: {"value", "bound", "comparison", "met"}}."""
+    checks = {}
+    for key, comparison, bound, _ in ACCEPTANCE:
+        value = results
+        for part in key.split("."):
+            value = value[part]
+        met = value >= bound if comparison == ">=" else value == bound
+        checks[key] = {"value": value, "comparison": comparison, "bound": bound, "met": bool(met)}
+    return checks
 
 
 def cpu_model() -> str:
@@ -479,6 +503,14 @@ def format_table(r: dict) -> str:
              "HF generate / matmul peak)"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines += [f"note: {note}" for note in r["notes"]]
+    sized = "" if r["size"] == "full" else f" (set for the full size; this run is --{r['size']})"
+    lines.append(f"acceptance of the performance issue{sized}:")
+    for key, _, _, label in ACCEPTANCE:
+        check = r["acceptance"][key]
+        value = check["value"]
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"  {'met    ' if check['met'] else 'NOT met'}  {label}: {shown} {check['comparison']} "
+                     f"{check['bound']}")
     return "\n".join(lines)
 
 

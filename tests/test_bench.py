@@ -43,6 +43,48 @@ def test_bench_tiny_reports_every_measure(tmp_path, capsys):
     assert any("plan skipped" in note for note in results["notes"])
     # The responses mix correct and wrong answers, so the mean score is strictly between 0 and 1.
     assert 0 < results["reward"]["mean_score"] < 1
+    # every bound of the issue is checked against this run's own value, and printed
+    from mathgrpo.bench import ACCEPTANCE
+
+    assert set(results["acceptance"]) == {key for key, *_ in ACCEPTANCE}
+    for key, check in results["acceptance"].items():
+        assert check["value"] == lookup(results, key)
+    assert results["acceptance"]["recompiles_after_warmup"]["met"]
+
+
+def test_acceptance_compares_each_bound():
+    """Values just under and at each bound (scripted results, no run): met exactly when the issue's
+    comparison holds, and the printed lines say which."""
+    from mathgrpo.bench import ACCEPTANCE, acceptance, format_table
+
+    def results(train, fraction, logprob, sampler, recompiles):
+        return {"train_step": {"ratio_vs_torch": train, "fraction_of_matmul_peak": fraction},
+                "logprob": {"ratio_vs_torch": logprob}, "sampler": {"ratio_vs_hf_generate": sampler},
+                "recompiles_after_warmup": recompiles}
+
+    bounds = {key: bound for key, _, bound, _ in ACCEPTANCE}
+    assert bounds == {"train_step.ratio_vs_torch": 1.3, "train_step.fraction_of_matmul_peak": 0.60,
+                      "logprob.ratio_vs_torch": 1.3, "sampler.ratio_vs_hf_generate": 2.0,
+                      "recompiles_after_warmup": 0}
+    at = acceptance(results(1.3, 0.60, 1.3, 2.0, 0))
+    assert all(check["met"] for check in at.values())
+    under = acceptance(results(1.29, 0.59, 1.29, 1.99, 1))
+    assert not any(check["met"] for check in under.values())
+    mixed = acceptance(results(2.3, 0.55, 3.1, 4.0, 0))
+    assert [key for key, check in mixed.items() if not check["met"]] == ["train_step.fraction_of_matmul_peak"]
+
+    row = {"tokens_per_s": 1.0, "torch_tokens_per_s": 1.0}
+    full = {"size": "full", "threads": 2, "notes": [], "machine": {"cpu": "x", "matmul_flops_per_s": 1.0},
+            "train_step": {**row, "ratio_vs_torch": 2.3, "achieved_flops_per_s": 0.55,
+                           "fraction_of_matmul_peak": 0.55},
+            "logprob": {**row, "ratio_vs_torch": 3.1},
+            "sampler": {"tokens_per_s": 1.0, "hf_generate_tokens_per_s": 1.0, "ratio_vs_hf_generate": 4.0},
+            "reward": {"responses_per_s": 1.0}, "plan": {"per_device_peak_bytes": None,
+                                                        "flops_per_step_estimate": None},
+            "recompiles_after_warmup": 0, "acceptance": mixed}
+    lines = format_table(full).splitlines()
+    assert "NOT met  train step FLOP/s / fp32 matmul peak: 0.55 >= 0.6" in [line.strip() for line in lines]
+    assert sum(line.strip().startswith("met ") for line in lines) == 4
 
 
 def test_bench_parser_is_light():
