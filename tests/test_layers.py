@@ -240,6 +240,39 @@ def test_projection_gradient_is_fp32_not_rounded_to_the_compute_dtype():
     np.testing.assert_allclose(as64(grad_x), g @ as64(kernel.astype(jnp.bfloat16)).T, rtol=1e-2, atol=1e-2)
 
 
+def test_norm_weight_gradient_is_fp32_not_rounded_to_the_compute_dtype():
+    """RMSNorm in bf16: y = bf16(w)·bf16(normed), as HF; ∂w = Σ over the 512 tokens of ∂y·normed, summed
+    in fp32 *and kept in fp32* (as `project`'s ∂W). The inputs make every rounding before the sum exact
+    (rows of ±2^k, so normed = ±1; a bf16 cotangent; eps 0): the sum must match float64 to 1e-6, which
+    autodiff's bf16 sum through the weight's cast misses by far (checked below); ∂x as autodiff's."""
+    rng = np.random.default_rng(0)
+    signs = rng.choice([-1.0, 1.0], size=(4, 128, 48))
+    x = jnp.asarray(2.0 ** rng.integers(-3, 4, size=(4, 128, 1)) * signs, jnp.bfloat16)
+    weight = jnp.asarray(rng.normal(size=(48,)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(4, 128, 48)), jnp.bfloat16).astype(jnp.float32)
+    norm = RMSNorm(0.0, "embed", "float32", "bfloat16")
+
+    def ours(weight, x):
+        return norm.apply({"params": {"weight": weight}}, x)
+
+    def autodiff(weight, x):  # the same forward with no custom gradient
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True))
+        return weight.astype(jnp.bfloat16) * normed.astype(jnp.bfloat16)
+
+    def grads(scale):
+        loss = lambda w, x: jnp.sum(scale(w, x).astype(jnp.float32) * cotangent)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(weight, x)
+
+    (grad_w, grad_x), (auto_w, auto_x) = grads(ours), grads(autodiff)
+    np.testing.assert_array_equal(np.asarray(ours(weight, x), np.float32), np.asarray(autodiff(weight, x), np.float32))
+    expected = np.sum(np.asarray(cotangent, np.float64) * signs, axis=(0, 1))
+    assert grad_w.dtype == jnp.float32 and grad_x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad_w, np.float64), expected, rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(np.asarray(auto_w, np.float64) - expected)) > 1e-2  # the bf16 sum
+    np.testing.assert_array_equal(np.asarray(grad_x, np.float32), np.asarray(auto_x, np.float32))
+
+
 @pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
 def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
     """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over a bf16 projection of an fp32
@@ -272,3 +305,48 @@ def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
                           jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)).compile().as_text()
     scattered = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} reduce-scatter", text)
     assert scattered and all(s.startswith("f32[") for s in scattered), scattered
+
+
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+@pytest.mark.parametrize("custom", [True, False], ids=["scale_by_weight", "autodiff"])
+def test_norm_weight_gradient_is_reduce_scattered_in_fp32_on_described_gpus(custom):
+    """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over bf16 rows times an fp32 sharded
+    norm weight: `scale_by_weight` reduces its gradient across devices in fp32 (a reduce-scatter);
+    autodiff through the cast (the model before it) in bf16 — both checked, so the test tells the two
+    apart."""
+    import re
+    from pathlib import Path
+
+    import flax.linen as nn
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from mathgrpo import plan, sharding
+    from mathgrpo.config import MeshConfig
+    from mathgrpo.model.layers import scale_by_weight
+
+    spec = Path(__file__).resolve().parent.parent / "configs" / "gpus" / "h100_sxm.txtpb"
+    config = MeshConfig(data=1, fsdp=8, tensor=1)
+    devices = plan.plan_devices(config, gpu_spec=spec.read_text())
+    mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+    D, B, T, C = 1024, 8, 4096, 1024
+
+    def scale(rows, weight):
+        if custom:
+            return scale_by_weight(rows, weight, jnp.bfloat16, ("embed",))
+        return weight.astype(jnp.bfloat16) * rows
+
+    def loss(weight, x):
+        def chunk(xc):  # [B, C, D]
+            return jnp.sum(jnp.square(scale(xc, weight).astype(jnp.float32)))
+        return jnp.sum(jax.lax.map(jax.checkpoint(chunk), x.reshape(B, T // C, C, D).swapaxes(0, 1)))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
+        step = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, PartitionSpec("fsdp")),
+                                                      NamedSharding(mesh, PartitionSpec("fsdp", None, None))))
+        text = step.lower(jax.ShapeDtypeStruct((D,), jnp.float32),
+                          jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)).compile().as_text()
+    # the gradient's reductions over the fsdp axis: a reduce-scatter to the weight's shards (ours, whose
+    # gradient carries the weight's sharding) or an all-reduce (autodiff's has none), sync or async
+    reduced = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} (?:reduce-scatter|all-reduce)(?:-done)?\(", text)
+    assert reduced, "no gradient reduction in the compiled step"
+    assert all(r.startswith("f32[" if custom else "bf16[") for r in reduced), reduced

@@ -110,8 +110,34 @@ class Proj(nn.Module):
         return project(self.equation, x, kernel, compute, self.axes, out_dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def scale_by_weight(normed: jax.Array, weight: jax.Array, compute_dtype, axes: tuple[str, ...]) -> jax.Array:
+    """`weight.astype(compute) * normed` (normed in the compute dtype), the norm weight's gradient formed
+    like `project`'s: ∂w = Σ ∂y·normed over every token with fp32 accumulation *and output*, constrained
+    to the weight's sharding. Autodiff through the cast sums it in the compute dtype (bf16 over each
+    token chunk, then a bf16 reduce-scatter: the one left in the 4B step's XLA:GPU compile); verl's FSDP
+    reduces gradients in fp32."""
+    return weight.astype(compute_dtype) * normed
+
+
+def _scale_fwd(normed, weight, compute_dtype, axes):
+    return scale_by_weight(normed, weight, compute_dtype, axes), (normed, weight)
+
+
+def _scale_bwd(compute_dtype, axes, residuals, grad):
+    normed, weight = residuals
+    grad_normed = (grad.astype(compute_dtype) * weight.astype(compute_dtype)).astype(normed.dtype)
+    products = grad.astype(compute_dtype).astype(jnp.float32) * normed.astype(jnp.float32)
+    grad_weight = jnp.sum(products.reshape(-1, products.shape[-1]), axis=0)
+    return grad_normed, nn.with_logical_constraint(grad_weight.astype(weight.dtype), axes)
+
+
+scale_by_weight.defvjp(_scale_fwd, _scale_bwd)
+
+
 class RMSNorm(nn.Module):
-    """HF Qwen3RMSNorm: statistics in fp32, cast back to the compute dtype, *then* times the weight."""
+    """HF Qwen3RMSNorm: statistics in fp32, cast back to the compute dtype, *then* times the weight
+    (`scale_by_weight`: the weight's gradient stays fp32)."""
 
     eps: float
     axis_name: str
@@ -129,7 +155,7 @@ class RMSNorm(nn.Module):
         compute = dtype_of(self.compute_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(compute) * normed.astype(compute)
+        return scale_by_weight(normed.astype(compute), weight, compute, (self.axis_name,))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -398,5 +424,5 @@ def remat_policy(name: str):
 __all__ = [
     "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention", "cached_attention",
     "blockwise_attention", "cudnn_attention", "cudnn_packed_supported", "attend", "remat_policy",
-    "checkpoint_name", "token_chunked", "cast_sharded",
+    "checkpoint_name", "token_chunked", "cast_sharded", "scale_by_weight",
 ]
