@@ -108,6 +108,20 @@ def orbax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "b
 # Training checkpoints.
 
 
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over the whole training state, one directory per step:
     - `state`: the TrainState (params, optimizer state, step, skipped-step counter), restorable into
@@ -123,7 +137,9 @@ class TrainCheckpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        # Handlers named up front, so a new process reads a step's metadata before any restore.
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, extra: dict) -> None:
         """Starts saving `state` and `extra` as step `step` (waits for the previous save first)."""
@@ -137,10 +153,28 @@ class TrainCheckpointer:
         return list(self.manager.all_steps())
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """The state (into the shardings of `abstract_state`, a tree of ShapeDtypeStructs) and extra."""
+        """The state (into the shardings of `abstract_state`, a tree of ShapeDtypeStructs) and extra.
+
+        The saved arrays' names and shapes are checked against `abstract_state` first (from the step's
+        metadata, nothing read): a mismatch is a ValueError naming the first differing array, raised
+        before Orbax starts any read (a failed read leaves its other reads pending)."""
+        self._check_shapes(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
         return restored["state"], restored["extra"]
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        saved = _shapes_by_name(self.manager.item_metadata(step)["state"])
+        wanted = _shapes_by_name(abstract_state)
+        where = f"checkpoint {self.directory}/{step}"
+        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        if missing or extra:
+            raise ValueError(f"{where} holds other arrays than the training state: missing {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''}, not expected {extra[:3]}"
+                             f"{' ...' if len(extra) > 3 else ''}")
+        for name in sorted(wanted):
+            if saved[name] != wanted[name]:
+                raise ValueError(f"{where}: {name} was saved with shape {saved[name]}, expected {wanted[name]}")
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is committed; raises its error if it failed."""

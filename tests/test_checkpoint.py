@@ -83,3 +83,28 @@ def test_parity_cli_prints_json_last_and_exit_code(tiny_hf_dir):
         assert key in figures
     assert figures["max_abs_logprob_diff"] <= 1e-4
     assert any(line.startswith("max_abs_logprob_diff") for line in lines)
+
+
+def test_train_checkpoint_refuses_another_state_before_reading(tmp_path):
+    """A step restored into a state of other shapes or other arrays fails naming the first difference,
+    from the step's metadata, in a new checkpointer (a new process's view) and before any read starts."""
+    from mathgrpo import train_step
+    from mathgrpo.config import OptimConfig
+
+    def state(width, extra_leaf=False):
+        params = {"embed": np.zeros((8, width), np.float32), "layers": {"w": np.ones((2, width, width), np.float32)}}
+        if extra_leaf:
+            params["head"] = np.zeros((width, 8), np.float32)
+        return train_step.init_train_state(params, OptimConfig(lr=1e-3))
+
+    saver = checkpoint.TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    saver.save(3, state(4), {"step": 3})
+    saver.close()
+    loader = checkpoint.TrainCheckpointer(tmp_path / "ckpt")
+    restored, extra = loader.restore(3, jax.eval_shape(lambda: state(4)))
+    assert extra == {"step": 3} and restored.params["layers"]["w"].shape == (2, 4, 4)
+    with pytest.raises(ValueError, match=r"ckpt/3: opt_state\.1\.0\.mu\.embed was saved with shape \(8, 4\), "
+                                         r"expected \(8, 6\)"):
+        loader.restore(3, jax.eval_shape(lambda: state(6)))
+    with pytest.raises(ValueError, match=r"other arrays than the training state: missing \['opt_state.1.0.mu.head', "):
+        loader.restore(3, jax.eval_shape(lambda: state(4, extra_leaf=True)))
