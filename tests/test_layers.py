@@ -273,15 +273,13 @@ def test_norm_weight_gradient_is_fp32_not_rounded_to_the_compute_dtype():
     np.testing.assert_array_equal(np.asarray(grad_x, np.float32), np.asarray(auto_x, np.float32))
 
 
-@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
-def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
-    """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over a bf16 projection of an fp32
-    sharded kernel: the kernel's gradient is reduce-scattered in fp32 (autodiff: bf16)."""
-    import re
+def described_fsdp8_hlo(loss, arg_specs, shapes):
+    """Compiled HLO text of jax.grad(loss) on 8 described H100s (fsdp 8, the logical rules active); arg_specs
+    are the PartitionSpecs of the arguments, shapes their ShapeDtypeStructs."""
     from pathlib import Path
 
     import flax.linen as nn
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import Mesh, NamedSharding
 
     from mathgrpo import plan, sharding
     from mathgrpo.config import MeshConfig
@@ -290,6 +288,19 @@ def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
     config = MeshConfig(data=1, fsdp=8, tensor=1)
     devices = plan.plan_devices(config, gpu_spec=spec.read_text())
     mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
+        step = jax.jit(jax.grad(loss), in_shardings=tuple(NamedSharding(mesh, s) for s in arg_specs))
+        return step.lower(*shapes).compile().as_text()
+
+
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")
+def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
+    """XLA:GPU, fsdp over 8 described H100s, a token-chunk loop over a bf16 projection of an fp32
+    sharded kernel: the kernel's gradient is reduce-scattered in fp32 (autodiff: bf16)."""
+    import re
+
+    from jax.sharding import PartitionSpec
+
     D, F, B, T, C = 1024, 4096, 8, 4096, 1024
 
     def loss(kernel, x):
@@ -298,11 +309,8 @@ def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
             return jnp.sum(jnp.square(y.astype(jnp.float32)))
         return jnp.sum(jax.lax.map(jax.checkpoint(chunk), x.reshape(B, T // C, C, D).swapaxes(0, 1)))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
-        step = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, PartitionSpec("fsdp", None)),
-                                                      NamedSharding(mesh, PartitionSpec("fsdp", None, None))))
-        text = step.lower(jax.ShapeDtypeStruct((D, F), jnp.float32),
-                          jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)).compile().as_text()
+    text = described_fsdp8_hlo(loss, (PartitionSpec("fsdp", None), PartitionSpec("fsdp", None, None)),
+                               (jax.ShapeDtypeStruct((D, F), jnp.float32), jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)))
     scattered = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} reduce-scatter", text)
     assert scattered and all(s.startswith("f32[") for s in scattered), scattered
 
@@ -315,19 +323,11 @@ def test_norm_weight_gradient_is_reduce_scattered_in_fp32_on_described_gpus(cust
     autodiff through the cast (the model before it) in bf16 — both checked, so the test tells the two
     apart."""
     import re
-    from pathlib import Path
 
-    import flax.linen as nn
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import PartitionSpec
 
-    from mathgrpo import plan, sharding
-    from mathgrpo.config import MeshConfig
     from mathgrpo.model.layers import scale_by_weight
 
-    spec = Path(__file__).resolve().parent.parent / "configs" / "gpus" / "h100_sxm.txtpb"
-    config = MeshConfig(data=1, fsdp=8, tensor=1)
-    devices = plan.plan_devices(config, gpu_spec=spec.read_text())
-    mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
     D, B, T, C = 1024, 8, 4096, 1024
 
     def scale(rows, weight):
@@ -340,11 +340,8 @@ def test_norm_weight_gradient_is_reduce_scattered_in_fp32_on_described_gpus(cust
             return jnp.sum(jnp.square(scale(xc, weight).astype(jnp.float32)))
         return jnp.sum(jax.lax.map(jax.checkpoint(chunk), x.reshape(B, T // C, C, D).swapaxes(0, 1)))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
-        step = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, PartitionSpec("fsdp")),
-                                                      NamedSharding(mesh, PartitionSpec("fsdp", None, None))))
-        text = step.lower(jax.ShapeDtypeStruct((D,), jnp.float32),
-                          jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)).compile().as_text()
+    text = described_fsdp8_hlo(loss, (PartitionSpec("fsdp"), PartitionSpec("fsdp", None, None)),
+                               (jax.ShapeDtypeStruct((D,), jnp.float32), jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)))
     # the gradient's reductions over the fsdp axis: a reduce-scatter to the weight's shards (ours, whose
     # gradient carries the weight's sharding) or an all-reduce (autodiff's has none), sync or async
     reduced = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} (?:reduce-scatter|all-reduce)(?:-done)?\(", text)

@@ -126,8 +126,9 @@ def _scale_fwd(normed, weight, compute_dtype, axes):
 
 def _scale_bwd(compute_dtype, axes, residuals, grad):
     normed, weight = residuals
-    grad_normed = (grad.astype(compute_dtype) * weight.astype(compute_dtype)).astype(normed.dtype)
-    products = grad.astype(compute_dtype).astype(jnp.float32) * normed.astype(jnp.float32)
+    grad = grad.astype(compute_dtype)
+    grad_normed = (grad * weight.astype(compute_dtype)).astype(normed.dtype)
+    products = grad.astype(jnp.float32) * normed.astype(jnp.float32)
     grad_weight = jnp.sum(products.reshape(-1, products.shape[-1]), axis=0)
     return grad_normed, nn.with_logical_constraint(grad_weight.astype(weight.dtype), axes)
 
