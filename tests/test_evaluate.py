@@ -7,6 +7,7 @@ response texts from the real Qwen3 tokenizer.
 
 import argparse
 import json
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -276,3 +277,32 @@ def test_eval_command_end_to_end(tiny_model_dir, aime_slice, tmp_path, capsys):
 def test_eval_command_rejects_a_non_model_dir(aime_slice, tmp_path):
     with pytest.raises(SystemExit, match="neither a HF model directory"):
         run_eval(tmp_path, aime_slice, tmp_path / "out")
+
+
+def test_eval_command_with_vllm_gives_the_jax_samplers_greedy_generations(aime_slice, qwen3_tokenizer_dir,
+                                                                          tmp_path, capsys):
+    """`eval --engine vllm` (vLLM's CPU build here) on the same weights: the same greedy generations and
+    metrics as the JAX sampler's (fp32: in bf16 the two engines' roundings differ)."""
+    pytest.importorskip("vllm")
+    from unittest import mock
+
+    from mathgrpo.tiny import make_tiny_qwen3
+
+    model = tmp_path / "model"  # head_dim 32: the smallest vLLM's CPU attention supports
+    make_tiny_qwen3(model, vocab_size=151936, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, initializer_range=0.2)
+    assert hf_io.copy_tokenizer(qwen3_tokenizer_dir, model)
+    with mock.patch.dict(os.environ):  # the command sets vLLM's environment
+        run_eval(model, aime_slice, tmp_path / "vllm", "--engine", "vllm", "--temperature", "0", "--enforce-eager",
+                 "--compute-dtype", "float32")
+    run_eval(model, aime_slice, tmp_path / "jax", "--temperature", "0", "--compute-dtype", "float32")
+    capsys.readouterr()
+
+    def generations(out):
+        return [{k: g[k] for k in ("response", "response_length", "finish_reason", "score")}
+                for g in map(json.loads, (out / "generations.jsonl").read_text().splitlines())]
+
+    assert generations(tmp_path / "vllm") == generations(tmp_path / "jax")
+    assert json.loads((tmp_path / "vllm" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "jax" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "vllm" / "run.json").read_text())["args"]["engine"] == "vllm"

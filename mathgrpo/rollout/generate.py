@@ -9,13 +9,12 @@ or an Orbax params checkpoint (meta/; its tokenizer is the one it records, or --
 stop on the generation config's EOS ids, the tokenizer's EOS, `<|im_end|>` and `<|endoftext|>`.
 `--temperature 0` is greedy. Each completion is printed decoded (special tokens skipped), with its
 finish reason, length and mean log-prob under softmax(logits / T) (greedy: T = 1), the engines' contract.
-The JAX sampler is the default and runs anywhere; `--engine vllm` needs a CUDA GPU and vLLM.
+The JAX sampler is the default and runs anywhere; `--engine vllm` runs vLLM (its CPU build on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -33,15 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="jax", choices=["jax", "vllm"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the loaded params (JAX sampler)")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="matmul dtype of either engine (model.compute_dtype)")
 
 
-def load_policy(path: str, tokenizer_dir: str | None, dtype: str):
+def load_policy(path: str, tokenizer_dir: str | None, dtype: str, compute_dtype: str = "bfloat16"):
     """(ModelConfig, params, tokenizer dir, generation config or None) from a HF dir or an Orbax checkpoint."""
     from mathgrpo import checkpoint
 
     try:
-        config, params, tokenizer_dir, generation_config = checkpoint.load_model(path, dtype=dtype,
-                                                                                 tokenizer_dir=tokenizer_dir)
+        config, params, tokenizer_dir, generation_config = checkpoint.load_model(
+            path, dtype=dtype, compute_dtype=compute_dtype, tokenizer_dir=tokenizer_dir)
     except FileNotFoundError as error:
         raise SystemExit(f"--model {error}") from None
     if not tokenizer_dir:
@@ -57,19 +58,8 @@ def chat_prompt_ids(tokenizer, message: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.engine == "vllm":  # before JAX touches the GPU: its share of memory is fixed at start
-        from mathgrpo.config import RolloutConfig
-        from mathgrpo.rollout import vllm_engine
-
-        for name, value in vllm_engine.environment_for(RolloutConfig()).items():
-            os.environ.setdefault(name, value)
-        try:
-            vllm_engine.check_available()  # fail before loading a large model
-        except RuntimeError as error:
-            raise SystemExit(f"generate: {error}") from None
-    import numpy as np
-
-    from mathgrpo.data import load_tokenizer
+    from mathgrpo.config import RolloutConfig
+    from mathgrpo.rollout import factory
     from mathgrpo.rollout.base import SamplingParams
 
     try:
@@ -77,27 +67,30 @@ def main(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, seed=args.seed)
     except ValueError as error:
         raise SystemExit(f"generate: {error}") from None
-    config, weights, tokenizer_dir, generation_config = load_policy(args.model, args.tokenizer, args.dtype)
+    # eager: one prompt, so vLLM's start-up (CUDA graphs, torch.compile) would cost more than it saves.
+    rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            enforce_eager=True)
+    try:
+        factory.prepare(args.engine, rollout)  # before JAX starts and before a large model loads
+    except factory.EngineUnavailable as error:
+        raise SystemExit(f"generate: {error}") from None
+    import numpy as np
+
+    from mathgrpo.data import load_tokenizer
+
+    config, weights, tokenizer_dir, generation_config = load_policy(args.model, args.tokenizer, args.dtype,
+                                                                    args.compute_dtype)
     tokenizer = load_tokenizer(tokenizer_dir)
     from mathgrpo.evaluate import default_stop_token_ids
 
     params = params.replace(stop_token_ids=default_stop_token_ids(tokenizer, generation_config))
     prompt = chat_prompt_ids(tokenizer, args.prompt)
     max_length = len(prompt) + args.max_tokens
-    if args.engine == "vllm":
-        from mathgrpo.config import RolloutConfig
-        from mathgrpo.rollout.vllm_engine import VllmEngine, logprobs_mode_for
-
-        try:
-            mode = logprobs_mode_for(params)
-        except ValueError:
-            mode = "raw_logprobs"  # no exact mode for these settings: log-probs come back NaN (warned)
-        engine = VllmEngine(config, weights, max_length=max_length, rollout=RolloutConfig(), seed=args.seed,
-                            logprobs_mode=mode, enforce_eager=True)
-    else:
-        from mathgrpo.rollout.jax_sampler import JaxSampler
-
-        engine = JaxSampler(config, weights, max_length=max_length)
+    try:
+        engine = factory.make_engine(args.engine, config, weights, max_length=max_length, rollout=rollout,
+                                     seed=args.seed, sampling=params)
+    except ValueError as error:  # a model or settings the engine cannot serve
+        raise SystemExit(f"generate: {error}") from None
     batch = engine.generate([prompt], params)
     print(f"prompt: {len(prompt)} tokens; engine {args.engine}; n={params.n}, temperature={params.temperature}, "
           f"top_p={params.top_p}, top_k={params.top_k}, max_tokens={params.max_tokens}, seed={params.seed}; "

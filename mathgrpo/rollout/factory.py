@@ -1,0 +1,75 @@
+"""The one place that builds a rollout engine: `train`, `eval` and `generate` all call `make_engine`.
+
+`prepare(engine, rollout)` runs first, before JAX starts and before anything is loaded: for vLLM it
+sets the environment that splits a GPU between JAX and vLLM and keeps vLLM's engine core in this
+process, and it stops with the install command when vLLM is missing. The engines themselves import
+lazily, so choosing the JAX sampler never imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from mathgrpo.config import ModelConfig, RolloutConfig
+from mathgrpo.rollout.base import Rollout, SamplingParams
+
+ENGINES = ("jax", "vllm")
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen rollout engine cannot run here; the message says how to install it or what to use."""
+
+
+def _check_name(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"rollout engine {engine!r}; expected one of {ENGINES}")
+
+
+def prepare(engine: str, rollout: RolloutConfig) -> None:
+    """Before JAX touches a device: the environment `engine` needs, and a clear stop when it is not installed."""
+    _check_name(engine)
+    if engine != "vllm":
+        return
+    from mathgrpo.rollout import vllm_engine
+
+    try:
+        vllm_engine.check_available()
+    except RuntimeError as error:
+        raise EngineUnavailable(str(error)) from None
+    os.environ.update(vllm_engine.environment_for(rollout))
+
+
+def make_engine(engine: str, config: ModelConfig, params: Any, *, max_length: int, rollout: RolloutConfig,
+                seed: int = 0, mesh=None, rules: Sequence | None = None,
+                sampling: SamplingParams | None = None) -> Rollout:
+    """The rollout engine `engine` ("jax" or "vllm"), holding its own copy of `params`.
+
+    Args:
+      max_length: most tokens (prompt + response) of a sequence.
+      rollout: the engine settings (vLLM: memory, KV cache, weight sync, the training sampling
+        settings that fix its log-prob mode).
+      seed: the engine's own seed (requests carry theirs).
+      mesh, rules: the JAX sampler shards on this mesh (None or one device: unsharded).
+      sampling: the settings a vLLM engine will serve when they are not the training ones (eval,
+        generate): its log-prob mode is chosen for them, raw when no mode is exact (NaN log-probs,
+        warned). None: the training settings of `rollout`, where no exact mode is an error.
+    """
+    _check_name(engine)
+    if engine == "vllm":
+        from mathgrpo.rollout import vllm_engine
+
+        mode = None
+        if sampling is not None:
+            try:
+                mode = vllm_engine.logprobs_mode_for(sampling)
+            except ValueError:
+                mode = "raw_logprobs"
+        return vllm_engine.VllmEngine(config, params, max_length=max_length, rollout=rollout, seed=seed,
+                                      logprobs_mode=mode)
+    from mathgrpo import sharding
+    from mathgrpo.rollout.jax_sampler import JaxSampler
+
+    if mesh is not None and mesh.devices.size > 1:
+        return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or sharding.LOGICAL_RULES)
+    return JaxSampler(config, params, max_length=max_length)
