@@ -119,7 +119,9 @@ def build_task(directory: str | os.PathLike, *, train_size: int = 1024, held_out
 
 
 def build_model(directory: str | os.PathLike, tokenizer_dir: str, *, seed: int = 0, **overrides) -> str:
-    """A randomly initialized tiny Qwen3 written as a HF directory (fp32) with the tokenizer beside it."""
+    """A randomly initialized tiny Qwen3 written as a HF directory (fp32) with the tokenizer beside it.
+    head_dim 32 (4 heads x 32 = hidden 128): the smallest vLLM's CPU attention supports, so the demo's
+    policy also runs with rollout.engine=vllm."""
     import jax
 
     from mathgrpo import hf_io
@@ -127,7 +129,7 @@ def build_model(directory: str | os.PathLike, tokenizer_dir: str, *, seed: int =
     from mathgrpo.model import init_params
 
     values = dict(vocab_size=vocab_size(), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10_000.0,
                   tie_word_embeddings=True, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
                   compute_dtype="float32")
     values.update(overrides)

@@ -2,7 +2,7 @@
 
 1. Builds the task (mathgrpo/demo_task.py): "problem 417: 3+8=?" in verl's parquet schema (1,024
    training prompts, 64 held-out ones), a character-level HF tokenizer with a chat template, and a
-   randomly initialized tiny Qwen3 (2 layers, width 128).
+   randomly initialized tiny Qwen3 (2 layers, width 128, 4 heads of 32).
 2. Warm start: `python -m mathgrpo sft` imitates demonstrations "3+8=\\boxed{11}", half of them off
    by one — a weak base policy that writes `\\boxed{}` and is right about 40% of the time.
 3. GRPO: `python -m mathgrpo train --config configs/demo_cpu.yaml` — the same trainer, JAX rollout,
@@ -11,8 +11,8 @@
 4. Prints held-out accuracy before and after and where everything is: runs/demo/grpo holds
    metrics.jsonl, TensorBoard events, curves.png, validation generations, Orbax checkpoints and the
    HF export of the final policy.
-Exits non-zero if held-out accuracy did not rise. On the 2-core development machine: 0.410 → 0.848
-in about 5 minutes (the run is deterministic on a given CPU).
+Exits non-zero if held-out accuracy did not rise. On the 2-core development machine: 0.344 → 0.750
+in about 2 minutes (the run is deterministic on a given CPU).
 """
 
 from __future__ import annotations

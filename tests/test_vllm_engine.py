@@ -525,3 +525,18 @@ def test_the_prefix_cache_reset_is_what_keeps_the_long_prompt_right(engine, monk
     finally:
         monkeypatch.undo()
         engine.update_weights(params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(vllm_engine.installed_build() != "gpu" or jax.default_backend() != "gpu",
+                    reason="vLLM's sleep mode and the GPU memory split need CUDA (the CPU build has neither)")
+def test_gpu_sleep_frees_the_engine_and_the_sync_wakes_it(engine):
+    _, config, params, engine = engine
+    before = engine.generate(PROMPTS, GREEDY)
+    engine.sleep()
+    assert engine.is_sleeping()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS, GREEDY)
+    engine.update_weights(params)  # wakes weights, loads, wakes the KV cache
+    assert not engine.is_sleeping()
+    np.testing.assert_array_equal(engine.generate(PROMPTS, GREEDY).token_ids, before.token_ids)
