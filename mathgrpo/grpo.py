@@ -194,12 +194,30 @@ def masked_mean(values, mask, axis=None):
     return jnp.sum(values * mask, axis=axis) / (jnp.sum(mask, axis=axis) + 1e-8)
 
 
-def sequence_log_ratio(logprobs, old_logprobs, mask):
-    """GSPO's detached per-sequence mean log-ratio, broadcast to [B, T] (rows are sequences;
-    verl divides by the token count clamped to 1)."""
+def sequence_sums(values, mask, *, sequence_index=None, num_sequences: int | None = None):
+    """Per-sequence Σ values·mask and token counts Σ mask, [S] each.
+
+    Rows are sequences ([B, T], S = B) unless `sequence_index` is given: then the rows are packed and
+    each token carries the index of its sequence (`num_sequences` for tokens of none), S = num_sequences.
+    """
     mask = mask.astype(jnp.float32)
-    total = jnp.sum(jax.lax.stop_gradient(logprobs - old_logprobs) * mask, axis=-1, keepdims=True)
-    return jnp.broadcast_to(total / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0), logprobs.shape)
+    if sequence_index is None:
+        return jnp.sum(values * mask, axis=-1), jnp.sum(mask, axis=-1)
+    ids = sequence_index.ravel()
+    sums = jax.ops.segment_sum((values * mask).ravel(), ids, num_sequences + 1)[:num_sequences]
+    counts = jax.ops.segment_sum(mask.ravel(), ids, num_sequences + 1)[:num_sequences]
+    return sums, counts
+
+
+def sequence_log_ratio(logprobs, old_logprobs, mask, *, sequence_index=None, num_sequences: int | None = None):
+    """GSPO's detached per-sequence mean log-ratio, broadcast back to every token (verl divides by the
+    token count clamped to 1). Rows are sequences, or packed ones (`sequence_sums`)."""
+    sums, counts = sequence_sums(jax.lax.stop_gradient(logprobs - old_logprobs), mask,
+                                 sequence_index=sequence_index, num_sequences=num_sequences)
+    means = sums / jnp.maximum(counts, 1.0)
+    if sequence_index is None:
+        return jnp.broadcast_to(means[:, None], logprobs.shape)
+    return jnp.concatenate([means, jnp.zeros((1,), means.dtype)])[sequence_index]  # none: 0
 
 
 def policy_token_losses(logprobs, old_logprobs, advantages, *, clip_low: float = 0.2,
@@ -237,25 +255,26 @@ def policy_token_losses(logprobs, old_logprobs, advantages, *, clip_low: float =
 
 
 def aggregate(per_token, mask, mode: str = "token-mean", *, token_count=None, sequence_count=None,
-              horizon: int | None = None):
-    """verl agg_loss on [B, T] (rows are sequences).
+              horizon: int | None = None, sequence_index=None, num_sequences: int | None = None):
+    """verl agg_loss: the one aggregation, used by `policy_loss` and the train step.
 
-    Without counts: verl's per-batch forms (masked means with its 1e-8). With `token_count` /
-    `sequence_count` (totals over a whole mini-batch): the global forms, so partial sums over
-    micro-batches add up to the mini-batch loss exactly.
+    Rows are sequences ([B, T]), or packed rows whose tokens carry their sequence's index
+    (`sequence_index`, `num_sequences`: see `sequence_sums`). Without counts: verl's per-batch forms
+    (masked means with its 1e-8). With `token_count` / `sequence_count` (totals over a whole
+    mini-batch): the global forms, so partial sums over micro-batches add up to the mini-batch loss
+    exactly. `seq-mean-token-sum-norm` also divides by `horizon` (default T).
     """
     mask = mask.astype(per_token.dtype)
     if mode == "token-mean":
         total = jnp.sum(per_token * mask)
         return total / (jnp.sum(mask) + 1e-8) if token_count is None else total / token_count
-    tokens_per_seq = jnp.sum(mask, axis=-1)
-    seq_mask = (tokens_per_seq > 0).astype(per_token.dtype)
-    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        seq_losses = jnp.sum(per_token * mask, axis=-1)
-    elif mode == "seq-mean-token-mean":
-        seq_losses = jnp.sum(per_token * mask, axis=-1) / (tokens_per_seq + 1e-8)
-    else:
+    if mode not in AGGREGATIONS:
         raise ValueError(f"loss_agg_mode={mode!r}; expected one of {AGGREGATIONS}")
+    seq_losses, tokens_per_seq = sequence_sums(per_token, mask, sequence_index=sequence_index,
+                                               num_sequences=num_sequences)
+    if mode == "seq-mean-token-mean":
+        seq_losses = seq_losses / (tokens_per_seq + 1e-8)
+    seq_mask = (tokens_per_seq > 0).astype(per_token.dtype)
     if sequence_count is None:
         loss = masked_mean(seq_losses, seq_mask)
     else:

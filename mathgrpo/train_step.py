@@ -104,14 +104,10 @@ def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_coun
             raise NotImplementedError("sequence-level TIS over packed rows is not implemented; use 'token'")
         is_weights, _ = grpo.rollout_is_weights(old, mb["rollout_logprobs"], mask, level="token",
                                                 threshold=algo.rollout_is_threshold)
+    packed = dict(sequence_index=mb["sequence_index"], num_sequences=num_sequences)  # rows hold several sequences
     seq_log_ratio = None
-    if algo.importance_level == "sequence":
-        # GSPO: each token carries its packed sequence's mean log-ratio (segment sums by index).
-        seq_index = mb["sequence_index"]
-        log_ratio = jax.lax.stop_gradient(logprobs - old) * mask
-        sums = jax.ops.segment_sum(log_ratio.ravel(), seq_index.ravel(), num_sequences + 1)
-        counts = jax.ops.segment_sum(mask.ravel(), seq_index.ravel(), num_sequences + 1)
-        seq_log_ratio = (sums / jnp.maximum(counts, 1.0))[seq_index]  # [R, L]
+    if algo.importance_level == "sequence":  # GSPO: each token carries its sequence's mean log-ratio
+        seq_log_ratio = grpo.sequence_log_ratio(logprobs, old, mask, **packed)
     pg_losses, log_ratio, clipped, clipped_lower = grpo.policy_token_losses(
         logprobs, old, mb["advantages"], clip_low=algo.clip_ratio_low, clip_high=algo.clip_ratio_high,
         clip_c=algo.clip_ratio_c, is_weights=is_weights, seq_log_ratio=seq_log_ratio)
@@ -124,19 +120,10 @@ def micro_batch_loss(params, mb: dict, legacy_weight, token_count, sequence_coun
         per_token = per_token - algo.entropy_coeff * entropy
 
     if algo.loss_scaling == "verl_legacy":  # token mean per row, weighted n_seq/S_row/R
-        row_sums = jnp.sum(per_token * mask, axis=-1)  # [R]
-        loss = jnp.sum(legacy_weight * row_sums / (jnp.sum(mask, axis=-1) + 1e-8))
-    elif algo.loss_agg_mode == "token-mean":
-        loss = jnp.sum(per_token * mask) / token_count
-    else:
-        seq_index = mb["sequence_index"].ravel()
-        seq_sums = jax.ops.segment_sum((per_token * mask).ravel(), seq_index, num_sequences + 1)[:-1]
-        seq_tokens = jax.ops.segment_sum(mask.ravel(), seq_index, num_sequences + 1)[:-1]
-        if algo.loss_agg_mode == "seq-mean-token-mean":
-            seq_sums = seq_sums / (seq_tokens + 1e-8)
-        loss = jnp.sum(jnp.where(seq_tokens > 0, seq_sums, 0.0)) / sequence_count
-        if algo.loss_agg_mode == "seq-mean-token-sum-norm":
-            loss = loss / algo.max_response_length
+        loss = jnp.sum(legacy_weight * grpo.masked_mean(per_token, mask, axis=-1))
+    else:  # the global form of verl's agg_loss: these micro-batches' sums add up to the mini-batch loss
+        loss = grpo.aggregate(per_token, mask, algo.loss_agg_mode, token_count=token_count,
+                              sequence_count=sequence_count, horizon=algo.max_response_length, **packed)
     sums = {
         "pg_loss": jnp.sum(pg_losses * mask),
         "pg_clipfrac": jnp.sum(clipped * mask),

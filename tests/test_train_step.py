@@ -229,3 +229,55 @@ def test_packing_caps_sequences_per_row_for_cudnn():
     assert float(capped.token_count) == float(free.token_count)
     assert packing.sequence_cap(TINY.replace(attention="cudnn", attention_max_segments=3)) == 3
     assert packing.sequence_cap(TINY.replace(attention="blockwise")) is None
+
+
+@pytest.mark.parametrize("mode, level", [("token-mean", "token"), ("seq-mean-token-sum", "token"),
+                                         ("seq-mean-token-mean", "token"), ("seq-mean-token-sum-norm", "token"),
+                                         ("seq-mean-token-mean", "sequence")])
+def test_packed_step_loss_and_gradient_equal_policy_loss_on_rows(mode, level):
+    """One loss: the train step over packed micro-batches (several sequences per row, several
+    micro-batches) gives grpo.policy_loss's value and gradient, computed on one row per sequence —
+    the function the verl-reference tests check. Unfused, with π_old away from π_θ, so the ratio
+    clips (both sides, dual clip) and GSPO's sequence ratio is not 1; TIS on."""
+    from mathgrpo import grpo
+
+    params = init_params(TINY, jax.random.key(5))
+    prompts, responses, advantages, rollout = random_sequences(4)
+    rng = np.random.default_rng(7)
+    old = [rng.normal(-4.6, 1.0, len(r)) for r in responses]
+    algo = GRPOConfig(loss_agg_mode=mode, importance_level=level, max_response_length=12, temperature=0.9)
+    batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout,
+                            old_logprobs=old)
+    assert int(batch.num_micro_batches) > 1 and int(np.asarray(batch.segment_ids).max()) > 1
+    loss, grads, _ = grads_of(params, batch, algo, fused=False)
+
+    width = max(len(r) for r in responses)
+    mask = np.zeros((len(responses), width), np.float32)
+    pad = lambda rows: np.stack([np.pad(np.asarray(r, np.float32), (0, width - len(r))) for r in rows])  # noqa: E731
+    for s, r in enumerate(responses):
+        mask[s, :len(r)] = 1.0
+
+    # One sequence per row (right-padded, padding in segment 0), the response tokens gathered out.
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = np.zeros((len(prompts), length), np.int32)
+    segments = np.zeros_like(tokens)
+    for s, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[s, :len(p) + len(r)], segments[s, :len(p) + len(r)] = np.concatenate([p, r]), 1
+    where = np.minimum(np.array([len(p) for p in prompts])[:, None] + np.arange(width)[None], length - 1)
+
+    def reference(params):
+        positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+        every, _ = grpo.token_logprobs(TINY, params, jnp.asarray(tokens), positions, jnp.asarray(segments),
+                                       temperature=algo.temperature)
+        logprobs = jnp.take_along_axis(every, jnp.asarray(where), axis=1) * mask
+        weights, _ = grpo.rollout_is_weights(jnp.asarray(pad(old)), jnp.asarray(pad(rollout)), mask,
+                                             threshold=algo.rollout_is_threshold)
+        value, _ = grpo.policy_loss(logprobs, jnp.asarray(pad(old)), jnp.asarray(advantages, jnp.float32)[:, None],
+                                    mask, is_weights=weights, agg=mode, importance_level=level,
+                                    horizon=algo.max_response_length)
+        return value
+
+    expected, expected_grads = jax.jit(jax.value_and_grad(reference))(params)
+    # verl's per-batch forms divide by (count + 1e-8), the step's global forms by the count.
+    np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-7)
+    assert_trees_close(grads, expected_grads, 1e-6)
