@@ -50,7 +50,9 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 import time
+import types
 from collections import deque
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -281,6 +283,25 @@ def _worker_main(connection, memory_limit_bytes: int | None) -> None:
 # Worker pool with hard per-task deadlines.
 
 
+class RewardWorkerError(RuntimeError):
+    """The grading workers cannot run (they fail to start, or one died while grading for a reason other
+    than its deadline): raised rather than scoring the answers 0, which would look like a bad policy."""
+
+
+@contextmanager
+def _main_module_hidden():
+    """Starts children without the caller's main module. multiprocessing's non-fork start methods make
+    each child re-import the parent's `__main__` (so that functions pickled by name resolve): a script
+    without an `if __name__ == "__main__":` guard would run again in every worker, which then fails to
+    start. The workers need nothing from it (their target lives in this module)."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def default_num_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -299,9 +320,8 @@ class RewardPool:
     Workers come from the "forkserver" context: a clean single-threaded server process (never the
     JAX trainer itself, whose threads make a plain fork unsafe) forks each worker with sympy and
     math-verify already imported, so replacing a killed worker costs milliseconds. Use from one
-    thread; close it (or use `with`) to stop the workers. As with any non-fork start method, a
-    script that creates a pool must guard its entry point with `if __name__ == "__main__":`
-    (`python -m mathgrpo ...` and console scripts already are).
+    thread; close it (or use `with`) to stop the workers. Workers start without the caller's main
+    module (`_main_module_hidden`), so a script needs no `if __name__ == "__main__":` guard.
     """
 
     def __init__(
@@ -340,7 +360,8 @@ class RewardPool:
         process = self._context.Process(
             target=_worker_main, args=(child_end, self.memory_limit_bytes), daemon=True, name=f"reward-worker-{slot}"
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         child_end.close()
         self._workers[slot] = _Worker(process, parent_end, time.monotonic())
 
@@ -366,18 +387,18 @@ class RewardPool:
             self._stop_worker(slot)
 
     def run(self, tasks: Sequence[GradeTask], timeout_s: float | None = None) -> list[tuple[bool, str]]:
-        """(correct, status) per task; status is "ok", "timeout" (killed at the deadline) or "error"."""
+        """(correct, status) per task; status is "ok" or "timeout" (killed at the deadline, scored 0 as in
+        the recipe). Raises RewardWorkerError when the workers cannot start or one dies while grading."""
         timeout_s = timeout_s or self.timeout_s
         results: list[tuple[bool, str] | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         running: dict[int, tuple[int, float]] = {}  # slot → (task index, deadline)
         slots = range(min(self.num_workers, len(tasks)))
-        failed_starts = 0
+        failed_starts, last_exit = 0, None
         while pending or running:
             if failed_starts > 2 * len(slots) + 2:  # workers cannot start at all: give up loudly
-                while pending:
-                    results[pending.popleft()] = (False, "error")
-                break
+                raise RewardWorkerError(f"reward workers failed to start {failed_starts} times (last exit code "
+                                        f"{last_exit}); no answer that needs sympy / math-verify can be graded")
             for slot in slots:
                 worker = self._workers[slot]
                 if worker is None or not worker.process.is_alive() and slot not in running:
@@ -386,8 +407,8 @@ class RewardPool:
                             self._stop_worker(slot)
                         try:
                             self._start_worker(slot)
-                        except Exception:  # fork server or process start failed
-                            failed_starts += 1
+                        except Exception as error:  # fork server or process start failed
+                            failed_starts, last_exit = failed_starts + 1, repr(error)
                     continue
                 if worker.ready and slot not in running and pending:
                     index = pending.popleft()
@@ -410,11 +431,17 @@ class RewardPool:
                 slot = by_connection[id(connection)]
                 try:
                     message = connection.recv()
-                except (EOFError, OSError):  # the worker died (memory limit, segfault, failed start)
+                except (EOFError, OSError):  # the worker died (segfault, killed, failed start)
+                    process = self._workers[slot].process
+                    process.join(timeout=5)
                     if slot in running:
-                        results[running.pop(slot)[0]] = (False, "error")
-                    elif not self._workers[slot].ready:
-                        failed_starts += 1
+                        index = running.pop(slot)[0]
+                        self._stop_worker(slot)
+                        raise RewardWorkerError(
+                            f"reward worker {slot} died (exit code {process.exitcode}) while grading answer {index} "
+                            f"({tasks[index].given[:80]!r}); a worker dies only at its deadline") from None
+                    if not self._workers[slot].ready:
+                        failed_starts, last_exit = failed_starts + 1, process.exitcode
                     self._stop_worker(slot)
                     continue
                 if message == _READY:
@@ -432,9 +459,9 @@ class RewardPool:
             for slot, worker in active.items():
                 late = now >= worker.started_at + self.startup_timeout_s
                 if self._workers[slot] is worker and not worker.ready and late:
-                    failed_starts += 1
+                    failed_starts, last_exit = failed_starts + 1, f"none: not ready after {self.startup_timeout_s} s"
                     self._stop_worker(slot)
-        return [result if result is not None else (False, "error") for result in results]
+        return results
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ simplify), math-verify (parse + verify), or extraction. Ground truths marked `da
 from the recipe's validation / MATH-500 parquet files and checked to be there.
 """
 
+import os
+import signal
 import time
 
 import pyarrow.parquet as pq
@@ -15,6 +17,7 @@ import pytest
 from mathgrpo.reward import (
     GradeTask,
     RewardPool,
+    RewardWorkerError,
     _math_verify_shortcut,
     _plan_sympy_check,
     compute_score,
@@ -347,3 +350,59 @@ def test_compute_score_dispatch():
     assert compute_score("math_dapo", "\\boxed{7}", "7", grader="auto", pool=pool)["score"] == -1.0
     dapo_result = {"score": 1.0, "acc": True, "pred": "7"}
     assert compute_score("math_dapo", "Answer: 7", "7", grader="math_dapo", pool=pool) == dapo_result
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers that cannot run raise; a script without a main guard is graded like one with it.
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from mathgrpo.reward import score_batch
+print("script body ran", flush=True)
+scores, info = score_batch([r"\\\\boxed{{\\\\frac{{4}}{{2}}}}", r"\\\\boxed{{0.5}}", r"\\\\boxed{{3}}"], ["2", "1/2", "4"])
+print("scores", scores, info["status"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_gets_the_same_rewards(tmp_path, guarded):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    body = SCRIPT.format(repo=repo)
+    if guarded:
+        body = "if __name__ == '__main__':\n" + "\n".join("    " + line for line in body.strip().splitlines())
+    script = tmp_path / "grade.py"
+    script.write_text(body)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # \\frac{4}{2} = 2 and 0.5 = 1/2 need math-verify / sympy in a worker; 3 != 4 is decided in the parent.
+    assert "scores [1.0, 1.0, 0.0] ['ok', 'ok', 'ok']" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert result.stdout.count("script body ran") == 1  # the workers did not run the script again
+
+
+def test_workers_that_cannot_start_raise():
+    task = GradeTask("1/2", "0.5", (("0.5", "1/2"),), False)
+    # No worker can import and warm up sympy / math-verify in a millisecond: each is stopped unready.
+    with RewardPool(num_workers=1, startup_timeout_s=0.001) as reward_pool:
+        with pytest.raises(RewardWorkerError, match=r"failed to start \d+ times \(last exit code none: not ready"):
+            reward_pool.run([task])
+
+
+def test_a_worker_killed_while_grading_raises():
+    import threading
+
+    hanging = GradeTask("9**9**9**9", "5", (("5", "9**9**9**9"),), False)
+    with RewardPool(num_workers=1, timeout_s=60.0) as reward_pool:
+        assert reward_pool.run([GradeTask("1/2", "0.5", (("0.5", "1/2"),), False)]) == [(True, "ok")]
+        pid = reward_pool._workers[0].process.pid
+        killer = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        try:
+            with pytest.raises(RewardWorkerError, match=r"died \(exit code -9\) while grading answer 0"):
+                reward_pool.run([hanging])
+        finally:
+            killer.cancel()
