@@ -289,6 +289,21 @@ def test_same_seed_same_samples(sampler):
     assert len({tuple(first.response(r)) for r in range(4)}) > 1  # the n samples of a prompt differ
 
 
+def test_a_share_of_the_prompts_samples_what_the_whole_batch_does(sampler):
+    """Rows are keyed by (seed, prompt index, sample index): a process generating prompts 2..4 of a
+    step (first_prompt=2), in a smaller batch bucket, draws exactly the whole batch's rows for them."""
+    prompts = random_prompts([3, 5, 4, 6, 2], seed=9)
+    settings = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=6, seed=5)
+    whole = sampler.generate(prompts, settings)
+    share = sampler.generate(prompts[2:4], settings, first_prompt=2)
+    for r in range(len(share)):
+        assert share.response(r) == whole.response(6 + r)
+        # other batch shapes round the matmuls differently: log-probs to fp32 noise, tokens exactly
+        np.testing.assert_allclose(share.response_logprobs(r), whole.response_logprobs(6 + r), atol=1e-5)
+    shifted = sampler.generate(prompts[2:4], settings)  # the same prompts at other indices: other draws
+    assert not all(shifted.response(r) == share.response(r) for r in range(len(share)))
+
+
 def test_no_recompile_within_a_bucket(sampler, params):
     settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=5, seed=1)
     sampler.generate(random_prompts([3, 5], seed=8), settings)

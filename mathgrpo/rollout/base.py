@@ -15,6 +15,9 @@ be able to tell them apart. The contract:
   (vLLM's "processed" log-probs carry that bias; see docs/vllm.md).
   Greedy decoding (T = 0) has no softmax(logits / 0); it returns the log-prob at T = 1,
   `log_softmax(logits)`, the model's own probability of the argmax token.
+- **Samples are keyed, not batched**: with the same weights, sample k of prompt i depends on
+  (seed, i, k) alone (the JAX sampler exactly; vLLM through per-request seeds), so a process that
+  generates its share of a step's prompts (`first_prompt`) draws what one process would.
 - **Padding**: `token_ids` and `logprobs` are [R, M] arrays, M the longest response of the batch;
   entries at or after `lengths[r]` are 0 and must be masked (`mask`). verl pads rollout log-probs
   with -1; a mask is harder to misuse.
@@ -155,8 +158,11 @@ class RolloutBatch:
 class Rollout(Protocol):
     """A rollout engine: the JAX sampler or vLLM. Both return the same `RolloutBatch` semantics."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        """n responses to each prompt (token ids, no padding), prompt-major."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 first_prompt: int = 0) -> RolloutBatch:
+        """n responses to each prompt (token ids, no padding), prompt-major. `first_prompt`: the index
+        of prompts[0] in the whole batch this call is a share of; sample k of prompt i is drawn from a
+        stream keyed by (params.seed, first_prompt + i, k), so it does not depend on the share."""
         ...
 
     def sleep(self) -> None:

@@ -61,7 +61,7 @@ class SamplingState:
     tokens: jax.Array  # [B, M] int32, generated tokens, 0 after a row is done
     logprobs: jax.Array  # [B, M] fp32, their log-probs, 0 after a row is done
     lengths: jax.Array  # [B] int32, tokens counted per row (the stop token included)
-    rng: jax.Array  # PRNG key, split once per step
+    rng: jax.Array  # [B] PRNG keys, one stream per row: (seed, prompt index, sample index); step t folds in t
     step: jax.Array  # [] int32, the column the next token goes to
 
 
@@ -77,11 +77,11 @@ def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
 
 def state_shardings(mesh: Mesh) -> SamplingState:
     """Shardings of a SamplingState: the cache as sharding.cache_shardings, every other [B, ...]
-    buffer split on its batch dimension over (data, fsdp), the rng and step replicated."""
+    buffer split on its batch dimension over (data, fsdp) (the rows' keys too), the step replicated."""
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES))  # [B]
     columns = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, M]
     return SamplingState(cache=sharding.cache_shardings(mesh), last_token=rows, position=rows, done=rows,
-                         tokens=columns, logprobs=columns, lengths=rows, rng=sharding.replicated(mesh),
+                         tokens=columns, logprobs=columns, lengths=rows, rng=rows,
                          step=sharding.replicated(mesh))
 
 
@@ -93,14 +93,27 @@ def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
     return jax.lax.with_sharding_constraint(state, state_shardings(mesh))
 
 
+def row_keys(seed_key: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """[B] PRNG keys, row r's from (seed, prompt index, sample index) = (seed_key, *row_ids[r]): a row's
+    samples never depend on the other rows of its batch, the batch size or the process that draws them."""
+    return jax.vmap(lambda ids: jax.random.fold_in(jax.random.fold_in(seed_key, ids[0]), ids[1]))(row_ids)
+
+
+def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
+    """The rows' keys for generated token `step`."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+
+
 def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
-            prompt_tokens: jax.Array, prompt_segments: jax.Array, rng: jax.Array) -> SamplingState:
+            prompt_tokens: jax.Array, prompt_segments: jax.Array, seed_key: jax.Array,
+            row_ids: jax.Array) -> SamplingState:
     """Runs the left-padded prompts through the model into a fresh cache and samples token 0.
 
     Args:
       prompt_tokens, prompt_segments: [B, P] int32; segment 1 on prompt tokens, 0 on left padding.
         A row that is all padding is a batch-bucket filler: it starts done and counts no tokens.
-      rng: PRNG key for this call.
+      seed_key: the call's PRNG key (SamplingParams.seed); row_ids: [B, 2] int32 (global prompt index,
+        sample index) of each row, which with it key the row's stream (`row_keys`).
     Returns: the state after one generated token (step = 1).
     """
     B, T = prompt_tokens.shape
@@ -112,8 +125,8 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
                                 return_hidden=True)  # [B, T, D]
         kernel = output_kernel(config, params)  # [D, V]: only the last position needs logits
         logits = jnp.dot(hidden[:, -1].astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)  # [B, V]
-        rng, step_rng = jax.random.split(rng)
-        token, logprob = sample(step_rng, logits, sampling)  # [B], [B]
+        keys = row_keys(seed_key, row_ids)  # [B]
+        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B], [B]
     real = prompt_segments[:, -1] != 0  # [B]
     state = SamplingState(
         cache=cache,
@@ -123,7 +136,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         tokens=jnp.zeros((B, M), jnp.int32).at[:, 0].set(jnp.where(real, token, 0)),
         logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(jnp.where(real, logprob, 0.0)),
         lengths=real.astype(jnp.int32),
-        rng=rng,
+        rng=keys,
         step=jnp.ones((), jnp.int32),
     )
     return _constrain(state, mesh)
@@ -141,8 +154,7 @@ def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, par
         # Finished rows keep computing (a while_loop step is the same for all rows) but write nothing.
         segments = jnp.ones_like(tokens)
         logits, cache = forward(config, params, tokens, state.position[:, None], segments, state.cache)
-        rng, step_rng = jax.random.split(state.rng)
-        token, logprob = sample(step_rng, logits[:, 0], sampling)  # [B], [B]
+        token, logprob = sample(step_keys(state.rng, state.step), logits[:, 0], sampling)  # [B], [B]
         live = ~state.done  # [B]
         column = lambda buffer, value: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             buffer, jnp.where(live, value, 0).astype(buffer.dtype)[:, None], state.step, axis=1)
@@ -154,7 +166,6 @@ def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, par
             tokens=column(state.tokens, token),
             logprobs=column(state.logprobs, logprob),
             lengths=state.lengths + live.astype(jnp.int32),
-            rng=rng,
             step=state.step + 1,
         )
         return _constrain(state, mesh)
@@ -223,8 +234,8 @@ class JaxSampler:
         if mesh is not None:
             prompts = self.prompt_sharding
             state = state_shardings(mesh)
-            prefill_shardings = dict(in_shardings=(self.param_shardings, prompts, prompts, sharding.replicated(mesh)),
-                                     out_shardings=state)
+            prefill_shardings = dict(in_shardings=(self.param_shardings, prompts, prompts, sharding.replicated(mesh),
+                                                   prompts), out_shardings=state)
             decode_shardings = dict(in_shardings=(self.param_shardings, state), out_shardings=state)
         # config, sampling and mesh are static (hashable); the state is donated so the while_loop's
         # cache and buffers (the bulk of the sampler's memory) are updated in place, not copied.
@@ -274,7 +285,10 @@ class JaxSampler:
         rows = round_up(bucket(num_rows), self.batch_shards)
         return rows, prompt
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 first_prompt: int = 0) -> RolloutBatch:
+        """n responses to each prompt, prompt-major; `first_prompt` is the index of prompts[0] in the
+        step's whole batch (rollout/base.py: samples are keyed by seed, prompt index and sample index)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
         M = params.max_tokens
@@ -289,12 +303,15 @@ class JaxSampler:
         for r, prompt in enumerate(rows):
             tokens[r, T - len(prompt):] = prompt
             segments[r, T - len(prompt):] = 1
-        rng = jax.random.key(params.seed)
+        row_ids = np.zeros((B, 2), np.int32)  # (prompt index, sample index); filler rows draw nothing used
+        row_ids[:len(rows), 0] = first_prompt + np.repeat(np.arange(len(prompts)), params.n)
+        row_ids[:len(rows), 1] = np.tile(np.arange(params.n), len(prompts))
+        seed_key = jax.random.key(params.seed)
         if self.mesh is not None:
-            tokens, segments = jax.device_put((tokens, segments), self.prompt_sharding)
-            rng = jax.device_put(rng, sharding.replicated(self.mesh))
+            tokens, segments, row_ids = jax.device_put((tokens, segments, row_ids), self.prompt_sharding)
+            seed_key = jax.device_put(seed_key, sharding.replicated(self.mesh))
         static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
-        state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, rng)
+        state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, seed_key, row_ids)
         if M > 1:
             state = self._decode(self.config, static, self.mesh, self.params, state)
         out_tokens, out_logprobs, lengths, done = jax.device_get(

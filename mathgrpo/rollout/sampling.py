@@ -93,6 +93,14 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
+def uniforms(rng: jax.Array, rows: int) -> jax.Array:
+    """One uniform in [0, 1) per row: from one key, or from each row's own key (`rng` of shape [rows]),
+    so that a row's draw does not depend on which other rows share its batch."""
+    if rng.shape == ():
+        return jax.random.uniform(rng, (rows,), jnp.float32)
+    return jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(rng)
+
+
 def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> tuple[jax.Array, jax.Array]:
     """One draw per row from softmax(logits) ([B, V] fp32, -inf = excluded) by inverse CDF.
 
@@ -111,7 +119,7 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> tuple[j
     weights = jnp.exp(logits - peak)  # [B, V], 0 where excluded
     weights = jnp.pad(weights, ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
     block_cdf = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
-    target = jax.random.uniform(rng, (B, 1), jnp.float32) * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
+    target = uniforms(rng, B)[:, None] * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
     positive_blocks = block_cdf > jnp.concatenate([jnp.zeros((B, 1)), block_cdf[:, :-1]], axis=-1)
     chosen = jnp.sum(block_cdf <= target, axis=-1)  # [B] first block whose cdf exceeds the target
     last_positive = blocks - 1 - jnp.argmax(positive_blocks[:, ::-1], axis=-1)
@@ -129,7 +137,7 @@ def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[j
     """Draws one token per row and returns it with its untruncated log-prob.
 
     Args:
-      rng: a PRNG key, used once (split it at the call site).
+      rng: a PRNG key, or one per row ([B]); used once (derive a fresh one per step at the call site).
       logits: [B, V] raw model logits.
       params: temperature, top_k, top_p are read (as Python values: static under jit).
     Returns: (tokens [B] int32, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]

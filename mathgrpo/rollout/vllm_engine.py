@@ -448,7 +448,8 @@ class VllmEngine:
     def is_sleeping(self) -> bool:
         return self._sleeps and self.llm.llm_engine.is_sleeping()
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 first_prompt: int = 0) -> RolloutBatch:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
         if self.is_sleeping():
@@ -460,7 +461,10 @@ class VllmEngine:
                                 max_prompt_length=self.max_length - M, max_tokens=M)
         copies = params.n if params.greedy else 1
         requests = build_prompts(prompts, copies)
-        sampling = [build_sampling_params(params, seed=s) for s in prompt_seeds(params.seed, len(requests))]
+        # Request i of the step's whole batch has seed i: a prompt's samples do not depend on the share.
+        first = first_prompt * copies
+        sampling = [build_sampling_params(params, seed=s)
+                    for s in prompt_seeds(params.seed, first + len(requests))[first:]]
         batch = to_rollout_batch(self.llm.generate(requests, sampling, use_tqdm=False), params)
         if exact_logprobs(self.logprobs_mode, params):
             return batch
