@@ -30,7 +30,7 @@ import yaml
 from mathgrpo import checkpoint, grpo, hf_io, packing, sharding, train_step
 from mathgrpo.config import ExperimentConfig, ModelConfig, RolloutConfig, to_dict
 from mathgrpo.data import IteratorState, PromptBatches, load_tokenizer, read_prompts
-from mathgrpo.rollout import factory
+from mathgrpo.rollout import factory, shares
 from mathgrpo.rollout.base import SamplingParams
 
 STEP_SEED_STRIDE = 1_000_003
@@ -42,6 +42,22 @@ KILL_AT_ENV = "MATHGRPO_KILL_AT"
 def _maybe_kill(point: str, step: int) -> None:
     if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+PERTURB_SCORES_ENV = "MATHGRPO_TEST_PERTURB_SCORES"  # tests: a process index whose gathered scores change
+
+
+def _maybe_perturb_scores(scores: np.ndarray) -> None:
+    """Test hook: makes one process's batch differ from the others', as a bug or a race would."""
+    if os.environ.get(PERTURB_SCORES_ENV) == str(jax.process_index()):
+        scores[0] += 1.0
+
+
+def fetch(tree: Any) -> Any:
+    """Host numpy values of (possibly multi-process) arrays: the whole array on every process."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_main_process() -> bool:
@@ -219,17 +235,27 @@ def train(config: ExperimentConfig) -> dict:
         for step in range(start_step + 1, total_steps + 1):
             timer, step_start = Timer(), time.perf_counter()
             prompts_batch, data_state = batches.next(data_state)
+            share = shares.process_share(len(prompts_batch))  # whole groups: this process's prompts
             with timer("gen"):
-                rollout = engine.generate([r.prompt_ids for r in prompts_batch],
-                                          train_sampling.replace(seed=step_seed(trainer_cfg.seed, step)))
+                local = engine.generate([prompts_batch[i].prompt_ids for i in share],
+                                        train_sampling.replace(seed=step_seed(trainer_cfg.seed, step)),
+                                        first_prompt=share.start)
             engine.sleep()  # vLLM frees its KV cache and weights for the update; the sync wakes it
-            responses = [rollout.response(i) for i in range(len(rollout))]
+            if jax.process_count() > 1:
+                print(f"process {jax.process_index()}/{jax.process_count()}: step {step}: generated prompts "
+                      f"{share.start}..{share.stop - 1} of {len(prompts_batch)} ({len(local)} responses)", flush=True)
             with timer("reward"):
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                truths = [prompts_batch[i // n].ground_truth for i in range(len(rollout))]
-                sources = [prompts_batch[i // n].data_source for i in range(len(rollout))]
-                scores, reward_info = reward.score_batch(texts, truths, sources, pool=pool)
-                scores = np.asarray(scores, np.float32)
+                local_truths = [prompts_batch[share.start + i // n].ground_truth for i in range(len(local))]
+                local_sources = [prompts_batch[share.start + i // n].data_source for i in range(len(local))]
+                local_texts = tokenizer.batch_decode([local.response(i) for i in range(len(local))],
+                                                     skip_special_tokens=True)
+                local_scores, reward_info = reward.score_batch(local_texts, local_truths, local_sources, pool=pool)
+                rollout, scores, timeouts = shares.gather(local, np.asarray(local_scores, np.float32),
+                                                          reward_info["timeouts"])
+                _maybe_perturb_scores(scores)
+                shares.check_same(step, rollout.token_ids, rollout.logprobs, rollout.lengths, scores)
+            responses = [rollout.response(i) for i in range(len(rollout))]
+            truths = [prompts_batch[i // n].ground_truth for i in range(len(rollout))]
             with timer("adv"):
                 advantages = np.asarray(grpo.group_advantages(scores, n, config.grpo.adv_eps,
                                                               config.grpo.norm_adv_by_std))
@@ -240,9 +266,9 @@ def train(config: ExperimentConfig) -> dict:
                     row_length=config.grpo.micro_batch_tokens, max_sequences_per_row=packing.sequence_cap(model_config),
                     rollout_logprobs=[rollout.response_logprobs(i) for i in range(len(rollout))])
                 state, outputs = step_fn(state, sharding.put_global(batch, batch_shardings))
-                actor = {k: float(v) for k, v in jax.device_get(outputs["metrics"]).items()}
+                actor = {k: float(v) for k, v in fetch(outputs["metrics"]).items()}
                 _maybe_kill("step", step)
-                old_logprobs = packing.unpack_responses(jax.device_get(outputs["old_logprobs"]), placements)
+                old_logprobs = packing.unpack_responses(fetch(outputs["old_logprobs"]), placements)
             with timer("update_weights"):
                 engine.update_weights(state.params)
             width = max(len(r) for r in responses)
@@ -279,10 +305,11 @@ def train(config: ExperimentConfig) -> dict:
             step_metrics.update(metric_utils.memory_metrics())
             step_metrics["training/global_step"] = step
             step_metrics["training/epoch"] = data_state.epoch
-            step_metrics["reward/timeouts"] = float(reward_info["timeouts"])
-            samples = [{"prompt": tokenizer.decode(prompts_batch[i // n].prompt_ids), "response": texts[i],
+            step_metrics["reward/timeouts"] = float(timeouts)
+            samples = [{"prompt": tokenizer.decode(prompts_batch[i // n].prompt_ids),
+                        "response": tokenizer.decode(responses[i], skip_special_tokens=True),
                         "ground_truth": truths[i], "score": float(scores[i])}
-                       for i in range(min(trainer_cfg.log_generations, len(texts)))]
+                       for i in range(min(trainer_cfg.log_generations, len(responses)))]
             logger.log(step, step_metrics, samples)
         wait_for_checkpoint(checkpointer)
         if trainer_cfg.export_hf:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import jax
+
 from mathgrpo.config import ModelConfig, RolloutConfig
 from mathgrpo.rollout.base import Rollout, SamplingParams
 
@@ -70,6 +72,8 @@ def make_engine(engine: str, config: ModelConfig, params: Any, *, max_length: in
     from mathgrpo import sharding
     from mathgrpo.rollout.jax_sampler import JaxSampler
 
-    if mesh is not None and mesh.devices.size > 1:
+    # Several processes: each samples its share on its own device from its own copy of the weights, as
+    # each GPU's vLLM engine does, never through a decode step that spans every process's devices.
+    if mesh is not None and mesh.devices.size > 1 and jax.process_count() == 1:
         return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or sharding.LOGICAL_RULES)
     return JaxSampler(config, params, max_length=max_length)

@@ -272,7 +272,13 @@ class JaxSampler:
         extra = sorted(set(got) - set(expected))
         if extra:
             raise ValueError(f"update_weights: unexpected params {extra[:5]} for this model config")
-        if self.mesh is not None:
+        leaves = [leaf for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array)]
+        if self.mesh is None and any(not leaf.is_fully_addressable for leaf in leaves):
+            # The trainer's params span other processes' devices: this process's own full copy.
+            from jax.experimental import multihost_utils
+
+            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+        elif self.mesh is not None:
             # A copy, not an alias: the trainer passes its params, which the next train step donates.
             # Params already in these shardings (training's) are copied shard by shard on the devices;
             # others are resharded (JAX may then alias a source shard that already sits in place).

