@@ -30,11 +30,13 @@ import os
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from mathgrpo import reward
 from mathgrpo.evaluate_metrics import compute_validation_metrics, pass_at_k
-from mathgrpo.rollout.base import Rollout, SamplingParams
+from mathgrpo.rollout import shares
+from mathgrpo.rollout.base import FINISH_REASONS, Rollout, SamplingParams
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the recipe's offline eval stops on both (recipe_spec §2.9)
 LOG_SEED = 42  # verl's `_maybe_log_val_generations` shuffles with RandomState(42)
@@ -68,20 +70,32 @@ def default_stop_token_ids(tokenizer, generation_config: dict | None = None) -> 
 
 def _generate(engine: Rollout, prompts: list[list[int]], params: SamplingParams, prompts_per_call: int | None
               ) -> tuple[list[list[int]], list[str]]:
-    """Every response's ids and finish reason, prompt-major, checking the engine kept that order."""
-    step = prompts_per_call or len(prompts)
+    """Every response's ids and finish reason, prompt-major, checking the engine kept that order.
+
+    With several processes each generates its contiguous share of the prompts (`shares.process_share`)
+    and the shares are all-gathered, so every process returns the whole set. Samples are keyed by
+    prompt index (`first_prompt`), so neither the split nor `prompts_per_call` changes them."""
+    share = shares.process_share(len(prompts))
+    step = prompts_per_call or max(1, len(share))
     responses, reasons = [], []
-    for call, start in enumerate(range(0, len(prompts), step)):
-        chunk = prompts[start:start + step]
-        # Each call gets its own seed: the same seed would give row r of every call the same noise.
-        batch = engine.generate(chunk, params.replace(seed=params.seed + call))
+    for start in range(share.start, share.stop, step):
+        chunk = prompts[start:min(start + step, share.stop)]
+        batch = engine.generate(chunk, params, first_prompt=start)
         expected = np.repeat(np.arange(len(chunk)), params.n)
         if len(batch) != len(expected) or not np.array_equal(batch.prompt_index, expected):
             raise ValueError(f"{type(engine).__name__}.generate returned {len(batch)} responses not in "
                              f"prompt-major order; expected {params.n} for each of {len(chunk)} prompts")
         responses += [batch.response(r) for r in range(len(batch))]
         reasons += list(batch.finish_reasons)
-    return responses, reasons
+    if jax.process_count() == 1:
+        return responses, reasons
+    width = max([len(r) for r in responses], default=1)
+    ids = np.zeros((len(responses), width), np.int32)
+    for r, response in enumerate(responses):
+        ids[r, :len(response)] = response
+    ids, lengths, codes = shares.gather_rows(ids, np.asarray([len(r) for r in responses], np.int32),
+                                             np.asarray([FINISH_REASONS.index(x) for x in reasons], np.int32))
+    return [ids[r, :lengths[r]].tolist() for r in range(len(ids))], [FINISH_REASONS[c] for c in codes]
 
 
 def _source_metrics(data_source: str, generations: list[dict], details: list[dict], n: int) -> dict[str, float]:
@@ -109,13 +123,13 @@ def validate(engine: Rollout, records: Sequence, tokenizer, params: SamplingPara
       engine: any `Rollout` (only `generate` is called; the trainer passes its live engine).
       records: `data.PromptRecord`s (prompt_ids, ground_truth, data_source, index).
       tokenizer: decodes prompts and responses (skip_special_tokens=True, as verl).
-      params: sampling; `n` samples per prompt, `seed` for the first engine call (+1 per later call).
+      params: sampling; `n` samples per prompt, `seed` keys them (with each prompt's index).
       grader: `reward.select_grader`'s choice ("ttrl_math" for the recipe, "auto" routes by source).
       reward_pool: a persistent `RewardPool` for the sympy / math-verify checks (None: a temporary one).
       jsonl_path: where to write one JSON line per generation (None: not written).
       log_generations: print this many generations, chosen as verl's `log_val_generations` chooses.
-      prompts_per_call: prompts per `engine.generate` call (None: all at once); bounds the JAX
-        sampler's KV cache. vLLM schedules internally and needs no chunking.
+      prompts_per_call: prompts per `engine.generate` call (None: this process's share at once); bounds
+        the JAX sampler's KV cache. vLLM schedules internally and needs no chunking.
 
     Returns:
       (metrics, generations). metrics: verl's `val-core/...` and `val-aux/...` names per data source,
@@ -149,6 +163,8 @@ def validate(engine: Rollout, records: Sequence, tokenizer, params: SamplingPara
         members = [r for r, g in enumerate(generations) if g["data_source"] == data_source]
         metrics.update(_source_metrics(data_source, [generations[r] for r in members],
                                        [info["details"][r] for r in members], n))
+    if jax.process_index() != 0:  # every process holds the same generations; one writes them
+        return metrics, generations
     if jsonl_path is not None:
         write_jsonl(jsonl_path, generations)
     if log_generations > 0:

@@ -33,9 +33,11 @@ class ScriptedEngine:
         self.script = script
         self.stop_token_ids = stop_token_ids
         self.calls: list[tuple[int, SamplingParams]] = []
+        self.first_prompts: list[int] = []
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, first_prompt=0):
         self.calls.append((len(prompts), params))
+        self.first_prompts.append(first_prompt)
         rows = [ids for prompt in prompts for ids in self.script[tuple(prompt)][: params.n]]
         width = max(map(len, rows))
         token_ids = np.zeros((len(rows), width), np.int32)
@@ -184,7 +186,8 @@ def test_sources_are_independent(scenario, tokenizer):
 
 
 def test_chunked_calls_and_auto_grader(scenario, tokenizer):
-    """prompts_per_call splits the engine calls (seed + call index); "auto" grades a math_dapo source
+    """prompts_per_call splits the engine calls (one seed; each call says where its prompts start, which
+    keys their samples); "auto" grades a math_dapo source
     with verl's math_dapo (scores ±1, no format_score) while the other source keeps ttrl_math."""
     records, engine, _ = scenario
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -193,10 +196,11 @@ def test_chunked_calls_and_auto_grader(scenario, tokenizer):
     engine.script[dapo.prompt_ids] = [tokenizer.encode(text) + [im_end]
                                       for text in ("Answer: 4", "Answer: 5", "Answer: 4", "no idea")]
     engine.calls.clear()
+    engine.first_prompts.clear()
     params = SamplingParams(n=N, max_tokens=32, stop_token_ids=engine.stop_token_ids, seed=3)
     metrics, generations = evaluate.validate(engine, [records[0], dapo], tokenizer, params, grader="auto",
                                              prompts_per_call=1)
-    assert [(count, p.seed) for count, p in engine.calls] == [(1, 3), (1, 4)]
+    assert [(count, p.seed) for count, p in engine.calls] == [(1, 3), (1, 3)] and engine.first_prompts == [0, 1]
     assert [g["score"] for g in generations[N:]] == [1.0, -1.0, 1.0, -1.0]
     assert metrics["val-aux/math_dapo/reward/mean@4"] == pytest.approx(0.0)
     assert metrics["val-core/math_dapo/acc/mean@4"] == pytest.approx(0.5)
@@ -208,8 +212,8 @@ def test_engine_out_of_order_is_an_error(scenario, tokenizer):
     records, engine, _ = scenario
 
     class Shuffled(ScriptedEngine):
-        def generate(self, prompts, params):
-            batch = super().generate(prompts, params)
+        def generate(self, prompts, params, first_prompt=0):
+            batch = super().generate(prompts, params, first_prompt)
             return RolloutBatch(batch.prompt_index[::-1].copy(), batch.token_ids, batch.logprobs, batch.lengths,
                                 batch.finish_reasons)
 

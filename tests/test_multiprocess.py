@@ -35,7 +35,8 @@ def overrides(task, output_dir, *extra):
     # lr 2e-5: Adam's first updates are lr * sign(gradient), so a coordinate whose gradient is at
     # rounding level (its sum runs in another order on 1 and on 2 devices) moves by ±lr either way; at
     # 2e-5 those moves stay under the 1e-5 relative bound the runs are compared with.
-    return [f"model.path={model}", f"data.train_files=[{paths['train']}]", "data.val_files=[]",
+    return [f"model.path={model}", f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
+            "rollout.val_n=2", "trainer.test_freq=3",
             "data.train_batch_size=8", "rollout.n=4", "grpo.group_size=4", "grpo.entropy_coeff=0.05",
             "optim.lr=2e-5", "trainer.total_steps=3", "trainer.save_freq=1", "trainer.val_before_train=false",
             "mesh.fsdp=-1", f"trainer.output_dir={output_dir}", *extra]
@@ -92,6 +93,13 @@ def test_two_processes_train_like_one(task, tmp_path):
         assert SHARE_LINE.format(p=1, s=step, first=4, last=7) in log
     assert_same_batches(one, two)
     assert_same_params(one, two)
+    # Validation (step 3): each process generated half of the held-out prompts; the metrics, computed
+    # once over the gathered set, are the single process's.
+    validation = [json.loads(line) for line in open(two / "validation" / "step_000003.jsonl")]
+    assert len(validation) == 8 * 2
+    assert [(g["response"], g["score"]) for g in validation] == \
+        [(g["response"], g["score"]) for g in map(json.loads, open(one / "validation" / "step_000003.jsonl"))]
+    assert rows(two)[-1]["val-core/arith/acc/mean@2"] == rows(one)[-1]["val-core/arith/acc/mean@2"]
 
 
 def test_a_diverging_process_stops_the_run_with_the_named_error(task, tmp_path):

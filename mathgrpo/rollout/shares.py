@@ -41,35 +41,39 @@ def _allgather(value: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(value))
 
 
+def gather_rows(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Every process's rows of each array, concatenated in process order. Each array is [rows] or
+    [rows, width, ...]: row counts and widths may differ between processes; shorter rows come back
+    zero-padded to the widest."""
+    if jax.process_count() == 1:
+        return list(arrays)
+    shapes = _allgather(np.asarray([a.shape[:2] if a.ndim > 1 else (len(a), 0) for a in arrays], np.int64))
+    out = []
+    for i, array in enumerate(arrays):
+        counts = shapes[:, i, 0]  # [P] rows of each process
+        full = (int(counts.max()),) + ((int(shapes[:, i, 1].max()),) if array.ndim > 1 else ()) + array.shape[2:]
+        padded = np.zeros(full, array.dtype)
+        padded[tuple(slice(0, size) for size in array.shape)] = array
+        every = _allgather(padded)  # [P, *full]
+        out.append(np.concatenate([every[p, : counts[p]] for p in range(len(counts))]))
+    return out
+
+
 def gather(batch: RolloutBatch, scores: np.ndarray, timeouts: int) -> tuple[RolloutBatch, np.ndarray, int]:
     """The whole step from every process's share: (batch, scores [R], reward time-outs), the same on
     every process, shares concatenated in process order (prompt-major, since shares are contiguous)."""
     if jax.process_count() == 1:
         return batch, np.asarray(scores, np.float32), int(timeouts)
-    rows, width = len(batch), batch.token_ids.shape[1]
-    sizes = _allgather(np.asarray([rows, width, len(set(batch.prompt_index.tolist())), timeouts], np.int64))
-    R, M = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-
-    def padded(values: np.ndarray, dtype) -> np.ndarray:
-        out = np.zeros((R,) + ((M,) if values.ndim == 2 else ()), dtype)
-        out[tuple(slice(0, size) for size in values.shape)] = values
-        return out
-
+    n = len(batch) // len(np.unique(batch.prompt_index))
     reasons = np.asarray([FINISH_REASONS.index(r) for r in batch.finish_reasons], np.int32)
-    parts = [_allgather(padded(v, d)) for v, d in ((batch.token_ids, np.int32), (batch.logprobs, np.float32),
-                                                   (batch.lengths, np.int32), (reasons, np.int32),
-                                                   (np.asarray(scores, np.float32), np.float32))]
-    token_ids, logprobs, lengths, codes, all_scores = (
-        np.concatenate([part[p, : sizes[p, 0]] for p in range(len(sizes))]) for part in parts)
+    token_ids, logprobs, lengths, codes, all_scores, all_timeouts = gather_rows(
+        batch.token_ids, batch.logprobs, batch.lengths, reasons, np.asarray(scores, np.float32),
+        np.asarray([timeouts], np.int64))
     width = int(lengths.max())
-    offsets = np.concatenate([[0], np.cumsum(sizes[:-1, 2])])  # each share's first prompt
-    prompt_index = np.concatenate([np.repeat(offsets[p], sizes[p, 0]) for p in range(len(sizes))])
-    n = len(batch) // max(1, int(sizes[jax.process_index(), 2]))
-    prompt_index = prompt_index + np.concatenate([np.arange(sizes[p, 0]) // n for p in range(len(sizes))])
-    whole = RolloutBatch(prompt_index=prompt_index.astype(np.int32), token_ids=token_ids[:, :width],
-                         logprobs=logprobs[:, :width], lengths=lengths,
+    whole = RolloutBatch(prompt_index=np.repeat(np.arange(len(lengths) // n, dtype=np.int32), n),
+                         token_ids=token_ids[:, :width], logprobs=logprobs[:, :width], lengths=lengths,
                          finish_reasons=tuple(FINISH_REASONS[c] for c in codes))
-    return whole, all_scores, int(sizes[:, 3].sum())
+    return whole, all_scores, int(all_timeouts.sum())
 
 
 def digest(*arrays: np.ndarray) -> np.ndarray:
