@@ -40,7 +40,9 @@ KILL_AT_ENV = "MATHGRPO_KILL_AT"
 
 
 def _maybe_kill(point: str, step: int) -> None:
-    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
+    """Test hook: MATHGRPO_KILL_AT=point:step kills every process there, point:step@i only process i."""
+    where = os.environ.get(KILL_AT_ENV, "")
+    if where in (f"{point}:{step}", f"{point}:{step}@{jax.process_index()}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mathgrpo import demo_task, trainer
+from mathgrpo import checkpoint, demo_task, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -120,3 +120,27 @@ def test_two_processes_with_vllm_engines_each_generate_their_share(task, tmp_pat
     assert log.count("generated prompts") == 4
     for row in rows(tmp_path / "run"):
         assert abs(row["rollout_corr/kl"]) <= 1e-4
+
+
+@pytest.mark.slow
+def test_resume_after_one_process_is_killed_mid_step(task, tmp_path):
+    """SIGKILL process 1 in the middle of step 2: the launcher stops process 0; launched again, both
+    resume from the last committed checkpoint and end where an uninterrupted 2-process run ends."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    # One JAX compilation cache for the three launches: the later ones skip XLA's compiles (the same
+    # programs, so the same executables).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    code, log = launch(overrides(task, reference, "data.val_files=[]"), env_extra=cache)
+    assert code == 0, log[-3000:]
+    args = overrides(task, resumed, "data.val_files=[]")
+    code, log = launch(args, env_extra={**cache, trainer.KILL_AT_ENV: "step:2@1"})
+    assert code != 0 and "step 2: generated prompts" in log, log[-3000:]
+    assert not (resumed / "hf").exists()
+    # Step 1's save is asynchronous: the kill leaves it committed, or (still in flight) nothing at all.
+    committed = checkpoint.TrainCheckpointer(resumed / "checkpoints").all_steps()
+    assert committed in ([], [1]), committed
+    code, log = launch(args, env_extra=cache)
+    assert code == 0, log[-3000:]
+    assert ("resumed from" in log and "(step 1)" in log) == bool(committed)
+    assert_same_params(reference, resumed, tolerance=0.0)
+    assert [r["critic/score/mean"] for r in rows(reference)] == [r["critic/score/mean"] for r in rows(resumed)][-3:]
