@@ -74,7 +74,7 @@ def restore_params(path: str | os.PathLike, shardings: Any | Callable[[ModelConf
     if callable(shardings):
         shardings = shardings(config)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())

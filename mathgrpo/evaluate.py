@@ -30,12 +30,10 @@ import os
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from mathgrpo import reward
 from mathgrpo.evaluate_metrics import compute_validation_metrics, pass_at_k
-from mathgrpo.rollout import shares
 from mathgrpo.rollout.base import FINISH_REASONS, Rollout, SamplingParams
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the recipe's offline eval stops on both (recipe_spec §2.9)
@@ -75,6 +73,10 @@ def _generate(engine: Rollout, prompts: list[list[int]], params: SamplingParams,
     With several processes each generates its contiguous share of the prompts (`shares.process_share`)
     and the shares are all-gathered, so every process returns the whole set. Samples are keyed by
     prompt index (`first_prompt`), so neither the split nor `prompts_per_call` changes them."""
+    import jax
+
+    from mathgrpo.rollout import shares
+
     share = shares.process_share(len(prompts))
     step = prompts_per_call or max(1, len(share))
     responses, reasons = [], []
@@ -163,6 +165,8 @@ def validate(engine: Rollout, records: Sequence, tokenizer, params: SamplingPara
         members = [r for r, g in enumerate(generations) if g["data_source"] == data_source]
         metrics.update(_source_metrics(data_source, [generations[r] for r in members],
                                        [info["details"][r] for r in members], n))
+    import jax
+
     if jax.process_index() != 0:  # every process holds the same generations; one writes them
         return metrics, generations
     if jsonl_path is not None:
@@ -286,6 +290,9 @@ def main(args: argparse.Namespace) -> int:
         factory.prepare(args.engine, rollout)  # before JAX starts and before the model loads
     except factory.EngineUnavailable as error:
         raise SystemExit(f"eval: {error}") from None
+    from mathgrpo import sharding
+
+    sharding.initialize_distributed()  # under launch.py: each process evaluates its share of the prompts
     config, params, tokenizer_dir = load_model(args.model, args.tokenizer, args.dtype, args.attention,
                                                args.compute_dtype)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -312,6 +319,10 @@ def main(args: argparse.Namespace) -> int:
             jsonl_path=os.path.join(args.out, "generations.jsonl") if args.out else None,
             log_generations=args.log_generations, prompts_per_call=args.prompts_per_call)
     seconds = time.perf_counter() - start
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the whole result; process 0 reports it
+        return 0
     tokens = sum(g["response_length"] for g in generations)
     print(f"{len(generations)} responses, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s)")
     if args.out:

@@ -242,7 +242,7 @@ def load(path: str | os.PathLike, dtype: str = "float32",
       path: directory with config.json and model.safetensors (or shards + index); bf16 or fp32.
       dtype: the params' dtype (and `ModelConfig.param_dtype`); fp32 master weights by default.
       shardings: a pytree of `jax.sharding.Sharding` like the params, or a function of the config
-        returning one; None puts everything on the first device.
+        returning one; None puts everything on this process's first device.
       runtime: other ModelConfig runtime fields (compute_dtype, attention, ...).
     """
     config = ModelConfig.from_hf(path, param_dtype=dtype, **runtime)
@@ -253,7 +253,7 @@ def load(path: str | os.PathLike, dtype: str = "float32",
     if callable(shardings):
         shardings = shardings(config)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = np.dtype(dtype)
     params: dict = {}

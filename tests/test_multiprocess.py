@@ -144,3 +144,23 @@ def test_resume_after_one_process_is_killed_mid_step(task, tmp_path):
     assert ("resumed from" in log and "(step 1)" in log) == bool(committed)
     assert_same_params(reference, resumed, tolerance=0.0)
     assert [r["critic/score/mean"] for r in rows(reference)] == [r["critic/score/mean"] for r in rows(resumed)][-3:]
+
+
+def test_eval_in_two_processes_gives_the_single_process_result(task, tmp_path):
+    """`launch.py --cpu --processes 2 -- eval`: each process samples half of the held-out prompts, the
+    metrics and generations (written once, by process 0) are the single process's."""
+    paths, model = task
+    args = ["eval", "--model", model, "--data", paths["val"], "--n", "2", "--max-tokens", "12", "--seed", "4",
+            "--compute-dtype", "float32"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    one = subprocess.run([sys.executable, "-m", "mathgrpo", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--cpu", "--processes", "2",
+                          "--coordinator", f"127.0.0.1:{free_port()}", "--", *args, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "generations.jsonl").read_text() == (tmp_path / "one" / "generations.jsonl").read_text()
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert two.stdout.count("responses, ") == 1  # one report
