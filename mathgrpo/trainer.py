@@ -178,6 +178,9 @@ def train(config: ExperimentConfig) -> dict:
 
     factory.prepare(config.rollout.engine, config.rollout)  # before JAX starts; stops if vLLM is missing
     sharding.initialize_distributed()
+    if config.data.train_batch_size < jax.process_count():
+        raise ValueError(f"data.train_batch_size={config.data.train_batch_size} prompts cannot be shared by "
+                         f"{jax.process_count()} processes: each generates at least one prompt's group")
     trainer_cfg = config.trainer
     run_dir = os.path.abspath(trainer_cfg.output_dir)
     os.makedirs(run_dir, exist_ok=True)

@@ -64,7 +64,7 @@ def gather(batch: RolloutBatch, scores: np.ndarray, timeouts: int) -> tuple[Roll
     every process, shares concatenated in process order (prompt-major, since shares are contiguous)."""
     if jax.process_count() == 1:
         return batch, np.asarray(scores, np.float32), int(timeouts)
-    n = len(batch) // len(np.unique(batch.prompt_index))
+    n = len(batch) // len(np.unique(batch.prompt_index))  # every process has at least one prompt (trainer)
     reasons = np.asarray([FINISH_REASONS.index(r) for r in batch.finish_reasons], np.int32)
     token_ids, logprobs, lengths, codes, all_scores, all_timeouts = gather_rows(
         batch.token_ids, batch.logprobs, batch.lengths, reasons, np.asarray(scores, np.float32),
