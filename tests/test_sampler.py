@@ -37,6 +37,20 @@ def sampler(params):
     return JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8)
 
 
+POOL = 8  # the continuous sampler's pool: smaller than most calls' rows, so rows are refilled
+
+
+@pytest.fixture(scope="module")
+def continuous(params):
+    return JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8, max_slots=POOL, burst_steps=3)
+
+
+@pytest.fixture(params=["static", "continuous"])
+def any_sampler(request, sampler, continuous):
+    """Each sampler test runs through both paths: one static batch, and continuous batching over a pool."""
+    return sampler if request.param == "static" else continuous
+
+
 def random_prompts(lengths, seed):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, TINY.vocab_size, n).tolist() for n in lengths]
@@ -159,7 +173,10 @@ def test_top_p_mask_equals_sort_reference(shape):
 # the sampler
 
 
-def test_greedy_equals_transformers_generate(tiny_hf_dir):
+@pytest.mark.parametrize("max_slots", [None, 2], ids=["static", "continuous"])
+def test_greedy_equals_transformers_generate(tiny_hf_dir, max_slots):
+    """Continuous: a pool of 2 rows serves 6 requests (3 prompts of 3, 7 and 12 tokens, n = 2), so
+    every prompt after the first waits for a refill."""
     import torch
     import transformers
 
@@ -176,7 +193,7 @@ def test_greedy_equals_transformers_generate(tiny_hf_dir):
                                  max_new_tokens=max_tokens, min_new_tokens=max_tokens)
         expected.append(out[0, len(prompt):].tolist())
 
-    sampler = JaxSampler(config, params, max_length=32, min_prompt_bucket=8)
+    sampler = JaxSampler(config, params, max_length=32, min_prompt_bucket=8, max_slots=max_slots)
     assert isinstance(sampler, Rollout)
     batch = sampler.generate(prompts, SamplingParams(n=2, temperature=0.0, max_tokens=max_tokens))
     assert batch.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
@@ -190,10 +207,10 @@ def test_greedy_equals_transformers_generate(tiny_hf_dir):
         np.testing.assert_allclose(batch.response_logprobs(r), gathered, atol=1e-5)
 
 
-def test_logprobs_equal_full_forward_at_temperature_without_renormalization(sampler, params):
+def test_logprobs_equal_full_forward_at_temperature_without_renormalization(any_sampler, params):
     T, top_k, top_p = 0.7, 12, 0.8
     prompts = random_prompts([2, 5, 9], seed=2)
-    batch = sampler.generate(prompts, SamplingParams(n=2, temperature=T, top_k=top_k, top_p=top_p,
+    batch = any_sampler.generate(prompts, SamplingParams(n=2, temperature=T, top_k=top_k, top_p=top_p,
                                                      max_tokens=8, seed=3))
     full = full_forward_logits(TINY, params, [prompts[batch.prompt_index[r]] + batch.response(r)
                                               for r in range(len(batch))])  # [R, T, V]
@@ -212,11 +229,14 @@ def test_logprobs_equal_full_forward_at_temperature_without_renormalization(samp
     assert max(-m for m in log_masses) > 0.05
 
 
+@pytest.mark.parametrize("max_slots", [None, 256], ids=["static", "continuous"])
 @pytest.mark.parametrize("temperature,top_k,nucleus", [
     (1.0, -1, None), (0.6, -1, None), (1.0, 7, None), (1.0, -1, 9), (0.8, 12, 5),
 ])
-def test_first_token_distribution_and_support(sampler, params, temperature, top_k, nucleus):
-    """4,000 first tokens drawn in one call against softmax(logits / T), truncated, in numpy."""
+def test_first_token_distribution_and_support(params, temperature, top_k, nucleus, max_slots):
+    """4,000 first tokens (40 copies of a prompt × 100 samples, each its own key) drawn in one call
+    against softmax(logits / T), truncated, in numpy; the continuous pool admits 2 prompts at a time."""
+    sampler = JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8, max_slots=max_slots)
     prompt = random_prompts([6], seed=4)[0]
     last_logits = full_forward_logits(TINY, params, [prompt])[0, -1]  # [V]
     top_p = 1.0
@@ -230,8 +250,8 @@ def test_first_token_distribution_and_support(sampler, params, temperature, top_
         assert keep.sum() <= top_k
 
     draws = 4000
-    batch = sampler.generate([prompt], SamplingParams(n=draws, temperature=temperature, top_k=top_k,
-                                                      top_p=top_p, max_tokens=1, seed=5))
+    batch = sampler.generate([prompt] * 40, SamplingParams(n=draws // 40, temperature=temperature, top_k=top_k,
+                                                           top_p=top_p, max_tokens=1, seed=5))
     tokens = batch.token_ids[:, 0]
     assert keep[tokens].all(), f"tokens outside the support: {sorted(set(tokens[~keep[tokens]]))}"
     observed = np.bincount(tokens, minlength=TINY.vocab_size)[keep]
@@ -252,9 +272,9 @@ def test_first_token_distribution_and_support(sampler, params, temperature, top_
     assert p_value > 1e-3, (temperature, top_k, top_p, p_value)
 
 
-def test_stop_tokens_end_rows_and_max_tokens_holds(sampler):
+def test_stop_tokens_end_rows_and_max_tokens_holds(any_sampler):
     prompts, max_tokens = random_prompts([4, 6, 8, 3], seed=6), 10
-    reference = sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    reference = any_sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     assert reference.token_ids.shape == (4, max_tokens)
     assert reference.lengths.tolist() == [max_tokens] * 4 and reference.finish_reasons == ("length",) * 4
 
@@ -262,7 +282,7 @@ def test_stop_tokens_end_rows_and_max_tokens_holds(sampler):
     row0 = reference.response(0)
     later = next(t for j, t in enumerate(row0) if j >= 2 and t not in row0[:j])
     stops = (reference.response(1)[0], later)
-    batch = sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+    batch = any_sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                      stop_token_ids=list(stops)))
     for r in range(4):
         full = reference.response(r)
@@ -278,29 +298,29 @@ def test_stop_tokens_end_rows_and_max_tokens_holds(sampler):
     np.testing.assert_array_equal(batch.mask, np.arange(batch.token_ids.shape[1]) < batch.lengths[:, None])
 
 
-def test_same_seed_same_samples(sampler):
+def test_same_seed_same_samples(any_sampler):
     prompts = random_prompts([3, 5], seed=7)
     settings = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=11)
-    first, again = sampler.generate(prompts, settings), sampler.generate(prompts, settings)
-    other = sampler.generate(prompts, settings.replace(seed=12))
+    first, again = any_sampler.generate(prompts, settings), any_sampler.generate(prompts, settings)
+    other = any_sampler.generate(prompts, settings.replace(seed=12))
     np.testing.assert_array_equal(first.token_ids, again.token_ids)
     np.testing.assert_array_equal(first.logprobs, again.logprobs)
     assert not np.array_equal(first.token_ids, other.token_ids)
     assert len({tuple(first.response(r)) for r in range(4)}) > 1  # the n samples of a prompt differ
 
 
-def test_a_share_of_the_prompts_samples_what_the_whole_batch_does(sampler):
+def test_a_share_of_the_prompts_samples_what_the_whole_batch_does(any_sampler):
     """Rows are keyed by (seed, prompt index, sample index): a process generating prompts 2..4 of a
     step (first_prompt=2), in a smaller batch bucket, draws exactly the whole batch's rows for them."""
     prompts = random_prompts([3, 5, 4, 6, 2], seed=9)
     settings = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=6, seed=5)
-    whole = sampler.generate(prompts, settings)
-    share = sampler.generate(prompts[2:4], settings, first_prompt=2)
+    whole = any_sampler.generate(prompts, settings)
+    share = any_sampler.generate(prompts[2:4], settings, first_prompt=2)
     for r in range(len(share)):
         assert share.response(r) == whole.response(6 + r)
         # other batch shapes round the matmuls differently: log-probs to fp32 noise, tokens exactly
         np.testing.assert_allclose(share.response_logprobs(r), whole.response_logprobs(6 + r), atol=1e-5)
-    shifted = sampler.generate(prompts[2:4], settings)  # the same prompts at other indices: other draws
+    shifted = any_sampler.generate(prompts[2:4], settings)  # the same prompts at other indices: other draws
     assert not all(shifted.response(r) == share.response(r) for r in range(len(share)))
 
 
@@ -316,6 +336,120 @@ def test_no_recompile_within_a_bucket(sampler, params):
     sampler.generate(random_prompts([9], seed=11), settings.replace(n=4))  # bucket 16: compiles
     assert sampler.trace_counts["prefill"] == counts["prefill"] + 1
     assert sampler.trace_counts["decode"] == counts["decode"] + 1
+
+
+def test_per_request_max_tokens(any_sampler):
+    """Each prompt's own limit: its rows end there ("length") with the tokens and log-probs of a run
+    without limits, unless a stop token comes first."""
+    prompts = random_prompts([4, 6, 8, 3, 5], seed=21)
+    settings = SamplingParams(n=2, temperature=1.0, top_k=20, max_tokens=12, seed=4, stop_token_ids=[3, 4])
+    full = any_sampler.generate(prompts, settings)
+    limits = [1, 12, 5, 2, 9]
+    limited = any_sampler.generate(prompts, settings, max_tokens=limits)
+    for r in range(len(full)):
+        limit = limits[r // 2]
+        assert limited.response(r) == full.response(r)[:limit]
+        np.testing.assert_allclose(limited.response_logprobs(r), full.response_logprobs(r)[:limit], atol=1e-6)
+        stopped = full.finish_reasons[r] == "stop" and full.lengths[r] <= limit
+        assert limited.finish_reasons[r] == ("stop" if stopped else "length")
+    assert limited.lengths.max() <= 12 and limited.lengths[:2].tolist() == [1, 1]
+    for bad in ([1, 2], [0, 1, 1, 1, 1], [13, 1, 1, 1, 1], [1.5] * 5):
+        with pytest.raises(ValueError, match="max_tokens"):
+            any_sampler.generate(prompts, settings, max_tokens=bad)
+
+
+DETERMINISM_SCRIPT = """
+import sys, jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_sampler import TINY, MAX_LENGTH, random_prompts
+from mathgrpo.model import init_params
+from mathgrpo.rollout import JaxSampler, SamplingParams
+params = init_params(TINY, jax.random.key(0))
+params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 15.0
+prompts = random_prompts([3, 9, 5, 12, 2, 7, 4, 10, 6, 8, 11, 1], seed=31)
+settings = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=16, seed=8, stop_token_ids=[5, 6, 7])
+limits = [16, 3, 16, 9, 16, 1, 16, 12, 16, 5, 16, 16]
+runs = {{}}
+for slots in (4, 16, 64):
+    for burst in (2, 9):
+        sampler = JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8, max_slots=slots,
+                             burst_steps=burst)
+        runs[slots, burst] = sampler.generate(prompts, settings, max_tokens=limits)
+first = runs[4, 2]
+assert len(set(first.lengths.tolist())) > 4, first.lengths  # rows end at many different steps
+for key, batch in runs.items():
+    assert np.array_equal(batch.token_ids, first.token_ids), key
+    assert np.array_equal(batch.logprobs, first.logprobs), key
+    assert np.array_equal(batch.lengths, first.lengths), key
+print("identical", len(runs))
+"""
+
+
+def test_continuous_samples_do_not_depend_on_pool_size_or_burst_length(continuous, params):
+    """Same seed → identical tokens and log-probs (bit for bit, fp32) for pools of 4, 16 and 64 rows
+    and bursts of 2 and 9 steps: rows end at different steps, so which slot a request takes and which
+    rows share its decode steps differ from run to run.
+
+    In a subprocess whose XLA:CPU matmuls go through Eigen: XLA's default hands dots with 63 or more
+    rows to YNNPACK, whose kernels round differently from Eigen's, so a 64-row pool would add fp32
+    noise to every logit for reasons that are not the sampler's (docs/sampler.md). In this process
+    (default flags) pools of 4 and 16 are compared the same way."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = str(pathlib.Path(__file__).parent)
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "identical 6" in out.stdout
+
+    prompts = random_prompts([3, 9, 5, 12, 2, 7], seed=32)
+    settings = SamplingParams(n=2, temperature=0.8, max_tokens=14, seed=2, stop_token_ids=[5, 6])
+    runs = [JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8, max_slots=slots,
+                       burst_steps=burst).generate(prompts, settings) for slots, burst in ((4, 1), (16, 5))]
+    runs.append(continuous.generate(prompts, settings))  # 8 rows, bursts of 3
+    for batch in runs[1:]:
+        np.testing.assert_array_equal(batch.token_ids, runs[0].token_ids)
+        np.testing.assert_array_equal(batch.logprobs, runs[0].logprobs)
+
+
+def test_continuous_no_recompile_across_request_counts_and_prompt_lengths(continuous, params):
+    settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=7, seed=1)
+    continuous.generate(random_prompts([3, 5], seed=8), settings)
+    counts = dict(continuous.trace_counts)
+    assert counts.get("admit") and counts.get("burst") and counts.get("empty_pool")
+    continuous.generate(random_prompts([6, 8, 1, 2, 7, 4, 3], seed=9), settings.replace(seed=2))  # refills
+    continuous.generate(random_prompts([8], seed=10), settings, max_tokens=[3])
+    continuous.update_weights(jax.tree.map(lambda x: x * 1.01, params))  # new weights: no recompile
+    continuous.generate(random_prompts([1, 7, 2], seed=11), settings)
+    assert dict(continuous.trace_counts) == counts
+    continuous.update_weights(params)
+    continuous.generate(random_prompts([9], seed=12), settings)  # prompt bucket 16: compiles
+    assert continuous.trace_counts["burst"] == counts["burst"] + 1
+
+
+def test_continuous_pool_must_hold_a_prompts_samples(continuous):
+    with pytest.raises(ValueError, match=f"max_slots={POOL} < n={POOL + 1}"):
+        continuous.generate(random_prompts([3], seed=1), SamplingParams(n=POOL + 1, max_tokens=4))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="max_slots"):
+            JaxSampler(TINY, continuous.params, max_length=MAX_LENGTH, max_slots=bad)
+    with pytest.raises(ValueError, match="burst_steps"):
+        JaxSampler(TINY, continuous.params, max_length=MAX_LENGTH, max_slots=4, burst_steps=0)
+
+
+def test_continuous_on_a_mesh_matches_single_device(continuous, params):
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    sharded = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8, max_slots=12)
+    assert sharded.max_slots == 16  # rounded up to the 8 batch shards
+    prompts = random_prompts([3, 6, 8, 5, 2, 7, 4, 9, 1, 3], seed=14)
+    settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=6, seed=3, stop_token_ids=[5])
+    got, expected = sharded.generate(prompts, settings), continuous.generate(prompts, settings)
+    np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_mesh_sharded_batch_matches_single_device(sampler, params):
@@ -380,20 +514,20 @@ def test_bad_sampling_params_raise(change, message):
         SamplingParams(**{"max_tokens": 4, **change})
 
 
-def test_bad_prompts_raise(sampler):
+def test_bad_prompts_raise(any_sampler):
     settings = SamplingParams(max_tokens=8)
     with pytest.raises(ValueError, match="non-empty list of prompts"):
-        sampler.generate([], settings)
+        any_sampler.generate([], settings)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        sampler.generate([[1, 2], []], settings)
+        any_sampler.generate([[1, 2], []], settings)
     with pytest.raises(ValueError, match=f"prompt 0 has {MAX_LENGTH - 7} tokens"):
-        sampler.generate([[1] * (MAX_LENGTH - 7)], settings)
+        any_sampler.generate([[1] * (MAX_LENGTH - 7)], settings)
     with pytest.raises(ValueError, match="outside"):
-        sampler.generate([[1, TINY.vocab_size]], settings)
+        any_sampler.generate([[1, TINY.vocab_size]], settings)
     with pytest.raises(ValueError, match="no room for a prompt"):
-        sampler.generate([[1]], settings.replace(max_tokens=MAX_LENGTH))
+        any_sampler.generate([[1]], settings.replace(max_tokens=MAX_LENGTH))
     with pytest.raises(TypeError, match="SamplingParams"):
-        sampler.generate([[1]], {"max_tokens": 8})
+        any_sampler.generate([[1]], {"max_tokens": 8})
     with pytest.raises(ValueError, match="lengths"):
         RolloutBatch(prompt_index=np.zeros(2, np.int32), token_ids=np.zeros((2, 3), np.int32),
                      logprobs=np.zeros((2, 3), np.float32), lengths=np.array([1, 4]),

@@ -177,9 +177,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_mask(q_segment, kv_segment, q_index, kv_index) -> jax.Array:
-    """[B, T, S] bool: same non-zero segment and key slot not after the query slot."""
+    """[B, T, S] bool: same non-zero segment and key slot not after the query slot. `q_index` is [T],
+    or [B, T] when rows sit at different slots (the continuous sampler's pool)."""
     same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
-    causal = kv_index[None, None, :] <= q_index[None, :, None]
+    q_index = q_index if q_index.ndim == 2 else q_index[None]  # [B or 1, T]
+    causal = kv_index[None, None, :] <= q_index[:, :, None]
     return same & causal
 
 

@@ -35,13 +35,17 @@ Params = Any  # a pytree of arrays, nested like the linen modules
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, written in place at `index` (prompts are left-padded so all
-    rows write the same slot). Empty slots have segment id 0 and are never attended."""
+    """Keys and values of every layer, written in place at `index`. Empty slots have segment id 0 and
+    are never attended.
+
+    `index` is one slot for all rows (the static sampler left-pads its prompts so every row writes the
+    same slot) or one slot per row (the continuous sampler's pool, whose rows hold requests of
+    different lengths; one new token per row per step)."""
 
     k: jax.Array  # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them
     v: jax.Array  # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
-    index: jax.Array  # [] int32: the next slot to write
+    index: jax.Array  # [] or [B] int32: the next slot to write
 
     @property
     def max_length(self) -> int:
@@ -102,9 +106,14 @@ class Attention(nn.Module):
             # Its [L, B, K, S, H] layout lets the decode step's two attention matmuls read each
             # head's slots in place (an [.., S, K, H] cache cost two transposing copies per layer).
             cache_k, cache_v = cache_kv
-            start = (layer_index, 0, 0, cache_index, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype)[None], start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype)[None], start)
+            if cache_index.ndim == 0:  # every row writes the same slots
+                start = (layer_index, 0, 0, cache_index, 0)
+                cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype)[None], start)
+                cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype)[None], start)
+            else:  # one token per row, each at its own slot; a slot past the end is dropped
+                rows = jnp.arange(k.shape[0])
+                cache_k = cache_k.at[layer_index, rows, :, cache_index, :].set(k[:, 0].astype(cache_k.dtype), mode="drop")
+                cache_v = cache_v.at[layer_index, rows, :, cache_index, :].set(v[:, 0].astype(cache_v.dtype), mode="drop")
             cache_kv = (cache_k, cache_v)
             k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B, K, S, H]
             v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)
@@ -309,10 +318,18 @@ class Qwen3(nn.Module):
             kv_segment, kv_index, cache_index, cache_kv = segment_ids, q_index, jnp.zeros((), jnp.int32), None
         else:
             cache_index = cache.index
-            kv_segment = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, 1
-            )  # [B, S]
-            q_index = cache_index + jnp.arange(T, dtype=jnp.int32)
+            if cache_index.ndim == 0:
+                kv_segment = jax.lax.dynamic_update_slice_in_dim(
+                    cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, 1
+                )  # [B, S]
+                q_index = cache_index + jnp.arange(T, dtype=jnp.int32)  # [T]
+            else:  # a slot per row (KVCache): one new token per row
+                if T != 1:
+                    raise ValueError(f"a per-row cache index takes one new token per row, got {T}")
+                rows = jnp.arange(tokens.shape[0])
+                kv_segment = cache.segment_ids.at[rows, cache_index].set(segment_ids[:, 0].astype(jnp.int32),
+                                                                         mode="drop")  # [B, S]
+                q_index = cache_index[:, None]  # [B, 1]
             kv_index = jnp.arange(cache.max_length, dtype=jnp.int32)
             cache_kv = (cache.k, cache.v)
         if grad_sink is not None and (cache is not None or self.config.remat_policy not in FULL_REMAT):

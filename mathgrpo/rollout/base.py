@@ -159,10 +159,11 @@ class Rollout(Protocol):
     """A rollout engine: the JAX sampler or vLLM. Both return the same `RolloutBatch` semantics."""
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 first_prompt: int = 0) -> RolloutBatch:
+                 first_prompt: int = 0, max_tokens: Sequence[int] | None = None) -> RolloutBatch:
         """n responses to each prompt (token ids, no padding), prompt-major. `first_prompt`: the index
         of prompts[0] in the whole batch this call is a share of; sample k of prompt i is drawn from a
-        stream keyed by (params.seed, first_prompt + i, k), so it does not depend on the share."""
+        stream keyed by (params.seed, first_prompt + i, k), so it does not depend on the share.
+        `max_tokens`: each prompt's own limit, at most params.max_tokens (None: that for all)."""
         ...
 
     def sleep(self) -> None:
@@ -197,3 +198,18 @@ def check_prompts(prompts: Sequence[Sequence[int]], *, vocab_size: int, max_prom
                 f"{max_prompt_length} fit the engine's max_length={max_prompt_length + max_tokens}")
         checked.append(ids.astype(np.int64).tolist())
     return checked
+
+
+def check_max_tokens(max_tokens: Sequence[int] | None, num_prompts: int, limit: int) -> np.ndarray:
+    """Per-prompt token limits as [num_prompts] int32: `limit` (SamplingParams.max_tokens) for all when
+    None, else one integer in [1, limit] per prompt (the call's buffers are sized by `limit`)."""
+    if max_tokens is None:
+        return np.full((num_prompts,), limit, np.int32)
+    values = np.asarray(max_tokens)
+    if values.shape != (num_prompts,) or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"max_tokens: expected {num_prompts} integers (one per prompt), got shape {values.shape} "
+                         f"of {values.dtype}")
+    if values.min() < 1 or values.max() > limit:
+        raise ValueError(f"max_tokens: per-prompt limits must be in [1, {limit}] (SamplingParams.max_tokens), "
+                         f"got min {values.min()} max {values.max()}")
+    return values.astype(np.int32)

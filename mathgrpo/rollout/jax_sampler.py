@@ -1,6 +1,7 @@
-"""The JAX rollout engine: a jitted prefill, then a jitted `lax.while_loop` decode over an explicit state.
+"""The JAX rollout engine: jitted prefill and decode over an explicit state, as a static batch or as
+continuous batching over a pool of KV slots.
 
-`JaxSampler.generate(prompts, params)`:
+**Static batch** (`max_slots=None`): every row of a call in one batch, decoded until the longest ends.
 1. Repeats each prompt n times (prompt-major: rows i*n .. i*n+n-1 answer prompt i) and LEFT-pads them
    into a [B, P] batch, so every row's last prompt token sits in column P-1 and the KV cache writes
    the same slot for all rows. Padding has segment id 0 and is never attended.
@@ -9,11 +10,32 @@
    row count rounded up to a power of two and to a multiple of the mesh's batch shards. Extra rows are
    empty (segment 0), start `done` and are dropped. The cache holds S = P + max_tokens slots.
 3. `prefill` runs the prompts through the model, writing the cache, and samples the first token.
-4. `decode` loops one token at a time inside `lax.while_loop` until every row is done or max_tokens
-   tokens exist. A row is done once it samples one of `stop_token_ids`; the stop token is kept and
-   nothing after it is written (tokens 0, log-probs 0) or counted (`lengths`).
+4. `decode` loops one token at a time inside `lax.while_loop` until every row is done.
 
-Compiled once per (model config, sampling settings without n and seed, B, P, mesh): the sampling
+**Continuous batching** (`max_slots=N`): a pool of N rows ("slots"), each with S = P + max_tokens KV
+slots, serves the call's requests (prompt i, sample j) through a host-side queue:
+1. `admit` prefills ONE prompt (right-padded to P, in a batch of the mesh's batch-shard count), samples
+   the first token of each of its n samples and copies the prompt's KV into n free slots: the n
+   samples share one prefill. A prompt waits until n slots are free.
+2. `burst` decodes every slot one token per step inside `lax.while_loop`, for at most `burst_steps`
+   steps, and returns to the host early once enough slots are free for the next waiting prompt (or
+   when every slot is done and nothing waits). Each slot writes its own KV slot (KVCache's per-row
+   index: a request's prompt starts at slot 0 whatever row it sits in).
+3. Between bursts the host collects finished rows and admits waiting prompts. Shapes never change
+   within a call (N, P, S fixed): rows coming and going never recompile.
+
+Both paths: a row ends once it samples one of `stop_token_ids` (kept) or has its request's
+`max_tokens` tokens; nothing after that is written (tokens 0, log-probs 0) or counted (`lengths`).
+
+**Samples are keyed, not scheduled**: token t of sample j of prompt i is drawn with the key
+fold_in(fold_in(fold_in(seed, i), j), t), whatever slot, burst or batch the row runs in, so the
+static and continuous paths draw the same samples and a call's samples do not depend on the pool
+size, the burst length or which rows finished first. What remains is floating point: XLA's CPU GEMMs
+round a row the same at every batch size at the shapes the tests use, which makes the continuous
+path's tokens and log-probs exact across pool sizes there; kernels that pick their reduction order by
+batch size (cuBLAS on GPUs) can differ in the last bits, as vLLM does without its batch-invariant mode.
+
+Compiled once per (model config, sampling settings without n and seed, shapes, mesh): the sampling
 settings are static because they pick which filters are traced (see sampling.py) and set the buffer
 width. `trace_counts` counts traces per function, so tests can prove a call did not recompile.
 
@@ -24,7 +46,7 @@ Sharding: with a `mesh` (sharding.make_mesh's data/fsdp/tensor axes), the sample
 layout from sharding.py: its copy of the params has `param_shardings` under the same logical rules
 (FSDP over "fsdp", heads/MLP/vocab over "tensor"), the KV cache has `cache_shardings` (batch over
 data × fsdp, kv heads over tensor), and the prompts and every [B, ...] buffer of the state split their
-batch over data × fsdp. `prefill` and `decode` are jitted with these as explicit in/out shardings and
+batch over data × fsdp. The jitted functions take these as explicit in/out shardings and are
 traced with the mesh and rules active, so the model's activation constraints resolve as in the train
 step. Without a mesh everything lives on the first device.
 """
@@ -45,24 +67,25 @@ from jax.sharding import PartitionSpec as P
 from mathgrpo import sharding
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import KVCache, abstract_params, forward, init_cache, output_kernel, positions_from_segments
-from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
+from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
 from mathgrpo.rollout.sampling import sample
 from mathgrpo.train_step import MeshJit
 
 
 @flax.struct.dataclass
 class SamplingState:
-    """Everything the decode loop carries. M = max_tokens; `step` new tokens exist in every row."""
+    """Everything the decode loop carries. M = the call's max_tokens."""
 
-    cache: KVCache  # k, v [L, B, S, K, H]
+    cache: KVCache  # k, v [L, B, K, S, H]; index [] (static) or [B] (pool: = position)
     last_token: jax.Array  # [B] int32, the token fed to the next step
     position: jax.Array  # [B] int32, its position in its sequence
-    done: jax.Array  # [B] bool, row has sampled a stop token (or is batch padding)
+    done: jax.Array  # [B] bool, row has ended (or is padding / a free slot)
     tokens: jax.Array  # [B, M] int32, generated tokens, 0 after a row is done
     logprobs: jax.Array  # [B, M] fp32, their log-probs, 0 after a row is done
     lengths: jax.Array  # [B] int32, tokens counted per row (the stop token included)
-    rng: jax.Array  # [B] PRNG keys, one stream per row: (seed, prompt index, sample index); step t folds in t
-    step: jax.Array  # [] int32, the column the next token goes to
+    rng: jax.Array  # [B] PRNG keys, one stream per row: (seed, prompt index, sample index); token t folds in t
+    limit: jax.Array  # [B] int32, the row's own max_tokens (<= M)
+    step: jax.Array  # [] int32, decode steps taken in this loop
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,14 +98,17 @@ def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
 
 
-def state_shardings(mesh: Mesh) -> SamplingState:
-    """Shardings of a SamplingState: the cache as sharding.cache_shardings, every other [B, ...]
-    buffer split on its batch dimension over (data, fsdp) (the rows' keys too), the step replicated."""
+def state_shardings(mesh: Mesh, per_row_index: bool = False) -> SamplingState:
+    """Shardings of a SamplingState: the cache as sharding.cache_shardings (its index split like the
+    rows in a pool), every other [B, ...] buffer split on its batch dimension over (data, fsdp) (the
+    rows' keys too), the step replicated."""
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES))  # [B]
     columns = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, M]
-    return SamplingState(cache=sharding.cache_shardings(mesh), last_token=rows, position=rows, done=rows,
-                         tokens=columns, logprobs=columns, lengths=rows, rng=rows,
-                         step=sharding.replicated(mesh))
+    cache = sharding.cache_shardings(mesh)
+    if per_row_index:
+        cache = cache.replace(index=rows)
+    return SamplingState(cache=cache, last_token=rows, position=rows, done=rows, tokens=columns,
+                         logprobs=columns, lengths=rows, rng=rows, limit=rows, step=sharding.replicated(mesh))
 
 
 def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
@@ -90,7 +116,7 @@ def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
     carry in the layout the jit's in/out shardings expect."""
     if mesh is None:
         return state
-    return jax.lax.with_sharding_constraint(state, state_shardings(mesh))
+    return jax.lax.with_sharding_constraint(state, state_shardings(mesh, state.cache.index.ndim == 1))
 
 
 def row_keys(seed_key: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -100,20 +126,27 @@ def row_keys(seed_key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
-    """The rows' keys for generated token `step`."""
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    """The rows' keys for generated token `step` ([] for all rows, or [B]: each row's own token index)."""
+    return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(step) else None))(keys, step)
+
+
+def _last_logits(config: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
+    """fp32 logits [B, V] of hidden states [B, D]: only the last prompt position needs the head."""
+    kernel = output_kernel(config, params)  # [D, V]
+    return jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
 
 
 def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
             prompt_tokens: jax.Array, prompt_segments: jax.Array, seed_key: jax.Array,
-            row_ids: jax.Array) -> SamplingState:
-    """Runs the left-padded prompts through the model into a fresh cache and samples token 0.
+            row_ids: jax.Array, limits: jax.Array) -> SamplingState:
+    """Static batch: runs the left-padded prompts through the model into a fresh cache and samples token 0.
 
     Args:
       prompt_tokens, prompt_segments: [B, P] int32; segment 1 on prompt tokens, 0 on left padding.
         A row that is all padding is a batch-bucket filler: it starts done and counts no tokens.
       seed_key: the call's PRNG key (SamplingParams.seed); row_ids: [B, 2] int32 (global prompt index,
         sample index) of each row, which with it key the row's stream (`row_keys`).
+      limits: [B] int32, each row's max_tokens (<= sampling.max_tokens).
     Returns: the state after one generated token (step = 1).
     """
     B, T = prompt_tokens.shape
@@ -123,8 +156,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         positions = positions_from_segments(prompt_segments)  # [B, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
                                 return_hidden=True)  # [B, T, D]
-        kernel = output_kernel(config, params)  # [D, V]: only the last position needs logits
-        logits = jnp.dot(hidden[:, -1].astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)  # [B, V]
+        logits = _last_logits(config, params, hidden[:, -1])  # [B, V]
         keys = row_keys(seed_key, row_ids)  # [B]
         token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B], [B]
     real = prompt_segments[:, -1] != 0  # [B]
@@ -132,46 +164,127 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         cache=cache,
         last_token=token,
         position=positions[:, -1] + 1,
-        done=~real | _is_stop(token, sampling.stop_token_ids),
+        done=~real | _is_stop(token, sampling.stop_token_ids) | (limits <= 1),
         tokens=jnp.zeros((B, M), jnp.int32).at[:, 0].set(jnp.where(real, token, 0)),
         logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(jnp.where(real, logprob, 0.0)),
         lengths=real.astype(jnp.int32),
         rng=keys,
+        limit=limits,
         step=jnp.ones((), jnp.int32),
+    )
+    return _constrain(state, mesh)
+
+
+def _one_token(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
+               state: SamplingState) -> SamplingState:
+    """One decode step for every row: feed `last_token`, sample the next. Done rows compute too (a
+    step is the same for all rows) but record nothing; token t of a row goes to its column t and is
+    drawn with its key folded with t."""
+    tokens = state.last_token[:, None]  # [B, 1]
+    cache = state.cache
+    if cache.index.ndim == 1:  # a pool: each row writes the slot of its own position
+        cache = cache.replace(index=state.position)
+    segments = jnp.ones_like(tokens)
+    logits, cache = forward(config, params, tokens, state.position[:, None], segments, cache)
+    token, logprob = sample(step_keys(state.rng, state.lengths), logits[:, 0], sampling)  # [B], [B]
+    live = ~state.done  # [B]
+    rows = jnp.arange(token.shape[0])
+    column = lambda buffer, value: buffer.at[rows, state.lengths].set(  # noqa: E731 (a full row: dropped)
+        jnp.where(live, value, 0).astype(buffer.dtype), mode="drop")
+    lengths = state.lengths + live.astype(jnp.int32)
+    state = state.replace(
+        cache=cache,
+        last_token=token,
+        position=state.position + live.astype(jnp.int32),
+        done=state.done | (live & (_is_stop(token, sampling.stop_token_ids) | (lengths >= state.limit))),
+        tokens=column(state.tokens, token),
+        logprobs=column(state.logprobs, logprob),
+        lengths=lengths,
+        step=state.step + 1,
     )
     return _constrain(state, mesh)
 
 
 def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
            state: SamplingState) -> SamplingState:
-    """Samples one token per row per iteration until all rows are done or max_tokens tokens exist."""
+    """Static batch: samples one token per row per iteration until all rows are done."""
 
     def not_finished(state: SamplingState) -> jax.Array:
         return (state.step < sampling.max_tokens) & ~jnp.all(state.done)
 
-    def one_token(state: SamplingState) -> SamplingState:
-        tokens = state.last_token[:, None]  # [B, 1]
-        # Finished rows keep computing (a while_loop step is the same for all rows) but write nothing.
-        segments = jnp.ones_like(tokens)
-        logits, cache = forward(config, params, tokens, state.position[:, None], segments, state.cache)
-        token, logprob = sample(step_keys(state.rng, state.step), logits[:, 0], sampling)  # [B], [B]
-        live = ~state.done  # [B]
-        column = lambda buffer, value: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            buffer, jnp.where(live, value, 0).astype(buffer.dtype)[:, None], state.step, axis=1)
-        state = state.replace(
-            cache=cache,
-            last_token=token,
-            position=state.position + 1,
-            done=state.done | (live & _is_stop(token, sampling.stop_token_ids)),
-            tokens=column(state.tokens, token),
-            logprobs=column(state.logprobs, logprob),
-            lengths=state.lengths + live.astype(jnp.int32),
-            step=state.step + 1,
-        )
-        return _constrain(state, mesh)
-
     with jax.named_scope("decode"):
-        return jax.lax.while_loop(not_finished, one_token, state)
+        return jax.lax.while_loop(not_finished, functools.partial(_one_token, config, sampling, mesh, params), state)
+
+
+def empty_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, slots: int,
+               length: int) -> SamplingState:
+    """A pool of `slots` free rows of `length` KV slots each (M = sampling.max_tokens columns)."""
+    M = sampling.max_tokens
+    cache = init_cache(config, slots, length)
+    rows = jnp.zeros((slots,), jnp.int32)
+    state = SamplingState(
+        cache=cache.replace(index=rows), last_token=rows, position=rows, done=jnp.ones((slots,), bool),
+        tokens=jnp.zeros((slots, M), jnp.int32), logprobs=jnp.zeros((slots, M), jnp.float32), lengths=rows,
+        rng=jax.random.split(jax.random.key(0), slots), limit=rows, step=jnp.zeros((), jnp.int32))
+    return _constrain(state, mesh)
+
+
+def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any, state: SamplingState,
+          prompt_tokens: jax.Array, prompt_length: jax.Array, slots: jax.Array, seed_key: jax.Array,
+          row_ids: jax.Array, limit: jax.Array) -> SamplingState:
+    """Continuous batching: prefills one prompt once and starts its n samples in the pool rows `slots`.
+
+    Args:
+      prompt_tokens: [R, P] int32, the prompt right-padded to P in every row (R = the mesh's batch
+        shards: every device holds a copy; row 0 is read).
+      prompt_length: [] int32, its length; slots: [n] int32 free pool rows; row_ids: [n, 2] (prompt
+        index, sample index) keying each sample's stream; limit: [] int32, the request's max_tokens.
+    Returns: the pool with the n rows holding the prompt's KV in slots 0..length-1 and one new token.
+    """
+    R, T = prompt_tokens.shape
+    n = slots.shape[0]
+    S = state.cache.max_length
+    with jax.named_scope("admit"):
+        segments = jnp.broadcast_to((jnp.arange(T) < prompt_length).astype(jnp.int32), (R, T))  # [R, P]
+        positions = jnp.where(segments != 0, jnp.arange(T, dtype=jnp.int32), 0)
+        hidden, prompt_cache = forward(config, params, prompt_tokens, positions, segments,
+                                       init_cache(config, R, T), return_hidden=True)  # [R, P, D]
+        last = jax.lax.dynamic_index_in_dim(hidden[0], prompt_length - 1, 0, keepdims=False)  # [D]
+        logits = jnp.broadcast_to(_last_logits(config, params, last[None]), (n, config.vocab_size))  # [n, V]
+        keys = row_keys(seed_key, row_ids)  # [n]
+        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [n], [n]
+    L, _, K, _, H = prompt_cache.k.shape
+    copy = lambda pool, new: pool.at[:, slots, :, :T, :].set(  # noqa: E731 the prompt's KV into n rows
+        jnp.broadcast_to(new[:, :1], (L, n, K, T, H)).astype(pool.dtype))
+    segment_row = jnp.pad(segments[0], (0, S - T))  # [S]: the slots a previous request used are cleared
+    length = jnp.broadcast_to(prompt_length, (n,))
+    state = state.replace(
+        cache=state.cache.replace(k=copy(state.cache.k, prompt_cache.k), v=copy(state.cache.v, prompt_cache.v),
+                                  segment_ids=state.cache.segment_ids.at[slots].set(segment_row),
+                                  index=state.cache.index.at[slots].set(length)),
+        last_token=state.last_token.at[slots].set(token),
+        position=state.position.at[slots].set(length),
+        done=state.done.at[slots].set(_is_stop(token, sampling.stop_token_ids) | (limit <= 1)),
+        tokens=state.tokens.at[slots].set(0).at[slots, 0].set(token),
+        logprobs=state.logprobs.at[slots].set(0.0).at[slots, 0].set(logprob),
+        lengths=state.lengths.at[slots].set(1),
+        rng=state.rng.at[slots].set(keys),
+        limit=state.limit.at[slots].set(limit),
+    )
+    return _constrain(state, mesh)
+
+
+def burst(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any, state: SamplingState,
+          max_steps: jax.Array, wake_free: jax.Array) -> SamplingState:
+    """Continuous batching: decode steps over the whole pool until `max_steps` steps ran, or at least
+    `wake_free` rows are done (free for the next prompt; pass the pool size to run until all are done)."""
+
+    def go_on(state: SamplingState) -> jax.Array:
+        return (state.step < max_steps) & (jnp.sum(state.done) < wake_free)
+
+    with jax.named_scope("burst"):
+        state = state.replace(step=jnp.zeros((), jnp.int32))
+        return jax.lax.while_loop(go_on, functools.partial(_one_token, config, sampling, mesh, params), state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,15 +304,15 @@ def bucket(value: int, multiple: int | None = None, minimum: int = 1) -> int:
 
 
 class JaxSampler:
-    """The `Rollout` protocol on JAX: holds the params and the compiled prefill/decode.
+    """The `Rollout` protocol on JAX: holds the params and the compiled functions.
 
     The object only holds the weights, the shape settings and the jit caches; every array of a call
-    flows through the pure `prefill` / `decode` above.
+    flows through the pure functions above.
     """
 
     def __init__(self, config: ModelConfig, params: Any, *, max_length: int, mesh: Mesh | None = None,
                  rules: Sequence = sharding.LOGICAL_RULES, prompt_bucket: int | None = None,
-                 min_prompt_bucket: int = 16):
+                 min_prompt_bucket: int = 16, max_slots: int | None = None, burst_steps: int = 64):
         """
         Args:
           max_length: most tokens (prompt + response) a row may hold; bounds the KV cache (vLLM's
@@ -210,11 +323,18 @@ class JaxSampler:
             run's mesh config); unused without a mesh.
           prompt_bucket: pad prompts to a multiple of this; None pads to a power of two.
           min_prompt_bucket: smallest padded prompt length (short prompts share one compile).
+          max_slots: continuous batching over a pool of this many rows (rounded up to a multiple of
+            the mesh's batch shards); None: the static batch of all a call's rows.
+          burst_steps: most decode steps between two visits of the host (continuous batching).
         """
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: need room for a prompt token and a new token")
         if prompt_bucket is not None and prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={prompt_bucket}: expected a positive length or None")
+        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
+            raise ValueError(f"max_slots={max_slots!r}: expected a positive number of pool rows, or None (static)")
+        if isinstance(burst_steps, bool) or not isinstance(burst_steps, int) or burst_steps < 1:
+            raise ValueError(f"burst_steps={burst_steps!r}: expected a positive number of decode steps")
         if mesh is not None:
             # jax.make_mesh defaults to Explicit axes, whose sharding-in-types rejects the model's
             # embedding gather; the sampler relies on GSPMD propagation, so use the same devices
@@ -226,31 +346,41 @@ class JaxSampler:
         self.prompt_bucket = prompt_bucket
         self.min_prompt_bucket = min_prompt_bucket
         self.batch_shards = 1 if mesh is None else sharding.data_parallel_size(mesh)
+        self.max_slots = None if max_slots is None else round_up(max_slots, self.batch_shards)
+        self.burst_steps = burst_steps
         # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
         self.param_shardings = None if mesh is None else sharding.param_shardings(config, mesh, rules)
         self.trace_counts: collections.Counter = collections.Counter()
-        prefill_shardings, decode_shardings = {}, {}
+        shardings = dict(prefill={}, decode={}, empty_pool={}, admit={}, burst={})
         self.prompt_sharding = None if mesh is None else NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
         if mesh is not None:
-            prompts = self.prompt_sharding
-            state = state_shardings(mesh)
-            prefill_shardings = dict(in_shardings=(self.param_shardings, prompts, prompts, sharding.replicated(mesh),
-                                                   prompts), out_shardings=state)
-            decode_shardings = dict(in_shardings=(self.param_shardings, state), out_shardings=state)
-        # config, sampling and mesh are static (hashable); the state is donated so the while_loop's
-        # cache and buffers (the bulk of the sampler's memory) are updated in place, not copied.
-        self._prefill = self._jit("prefill", prefill, rules, donate_argnums=(), **prefill_shardings)
-        self._decode = self._jit("decode", decode, rules, donate_argnums=(4,), **decode_shardings)
+            prompts, one = self.prompt_sharding, sharding.replicated(mesh)
+            rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+            state, pool = state_shardings(mesh), state_shardings(mesh, per_row_index=True)
+            weights = self.param_shardings
+            shardings = dict(
+                prefill=dict(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state),
+                decode=dict(in_shardings=(weights, state), out_shardings=state),
+                empty_pool=dict(out_shardings=pool),
+                admit=dict(in_shardings=(weights, pool, prompts, one, one, one, one, one), out_shardings=pool),
+                burst=dict(in_shardings=(weights, pool, one, one), out_shardings=pool))
+        # config, sampling and mesh are static (hashable); a state passed in is donated so the cache and
+        # buffers (the bulk of the sampler's memory) are updated in place, not copied.
+        self._prefill = self._jit("prefill", prefill, rules, donate_argnums=(), **shardings["prefill"])
+        self._decode = self._jit("decode", decode, rules, donate_argnums=(4,), **shardings["decode"])
+        self._empty_pool = self._jit("empty_pool", empty_pool, rules, static=5, **shardings["empty_pool"])
+        self._admit = self._jit("admit", admit, rules, donate_argnums=(4,), **shardings["admit"])
+        self._burst = self._jit("burst", burst, rules, donate_argnums=(4,), **shardings["burst"])
         self.params = None
         self.update_weights(params)
 
-    def _jit(self, name: str, function: Callable, rules: Sequence, **jit_kwargs) -> Callable:
+    def _jit(self, name: str, function: Callable, rules: Sequence, static: int = 3, **jit_kwargs) -> Callable:
         @functools.wraps(function)
         def traced(*args):
             self.trace_counts[name] += 1  # runs only while tracing: counts compiles, not calls
             return function(*args)
 
-        return MeshJit(traced, self.mesh, rules, static_argnums=(0, 1, 2), **jit_kwargs)
+        return MeshJit(traced, self.mesh, rules, static_argnums=tuple(range(static)), **jit_kwargs)
 
     def sleep(self) -> None:
         """Nothing to release: the sampler allocates its cache per call and shares JAX's memory pool."""
@@ -286,15 +416,16 @@ class JaxSampler:
         self.params = params
 
     def shapes(self, num_rows: int, longest_prompt: int, max_tokens: int) -> tuple[int, int]:
-        """The bucketed (B, P) a call with these sizes compiles for."""
+        """The bucketed (B, P) a call with these sizes compiles for (B: the pool's rows when continuous)."""
         prompt = min(bucket(longest_prompt, self.prompt_bucket, self.min_prompt_bucket), self.max_length - max_tokens)
-        rows = round_up(bucket(num_rows), self.batch_shards)
+        rows = self.max_slots if self.max_slots is not None else round_up(bucket(num_rows), self.batch_shards)
         return rows, prompt
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 first_prompt: int = 0) -> RolloutBatch:
+                 first_prompt: int = 0, max_tokens: Sequence[int] | None = None) -> RolloutBatch:
         """n responses to each prompt, prompt-major; `first_prompt` is the index of prompts[0] in the
-        step's whole batch (rollout/base.py: samples are keyed by seed, prompt index and sample index)."""
+        step's whole batch (rollout/base.py: samples are keyed by seed, prompt index and sample index);
+        `max_tokens`: each prompt's own limit (<= params.max_tokens), None: params.max_tokens for all."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
         M = params.max_tokens
@@ -302,32 +433,89 @@ class JaxSampler:
             raise ValueError(f"max_tokens={M} leaves no room for a prompt in max_length={self.max_length}")
         prompts = check_prompts(prompts, vocab_size=self.config.vocab_size,
                                 max_prompt_length=self.max_length - M, max_tokens=M)
+        limits = check_max_tokens(max_tokens, len(prompts), M)
+        static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
+        seed_key = jax.random.key(params.seed)
+        if self.mesh is not None:
+            seed_key = jax.device_put(seed_key, sharding.replicated(self.mesh))
+        if self.max_slots is None:
+            tokens, logprobs, lengths = self._generate_static(prompts, params, static, seed_key, first_prompt, limits)
+        else:
+            tokens, logprobs, lengths = self._generate_continuous(prompts, params, static, seed_key, first_prompt,
+                                                                  limits)
+        rows = np.repeat(np.arange(len(prompts), dtype=np.int32), params.n)
+        stops = set(params.stop_token_ids)
+        last = tokens[np.arange(len(rows)), lengths - 1]
+        return RolloutBatch(
+            prompt_index=rows, token_ids=tokens, logprobs=logprobs, lengths=lengths,
+            # vLLM checks stop first: a stop token drawn as the last allowed token is a "stop"
+            finish_reasons=tuple("stop" if int(t) in stops else "length" for t in last),
+        )
+
+    def _generate_static(self, prompts: list[list[int]], params: SamplingParams, static: SamplingParams,
+                         seed_key: jax.Array, first_prompt: int, limits: np.ndarray):
+        M = params.max_tokens
         rows = [prompt for prompt in prompts for _ in range(params.n)]  # prompt-major
-        B, T = self.shapes(len(rows), max(map(len, prompts)), M)
+        R = len(rows)
+        B, T = self.shapes(R, max(map(len, prompts)), M)
         tokens = np.zeros((B, T), np.int32)  # [B, P]
         segments = np.zeros((B, T), np.int32)  # [B, P]
         for r, prompt in enumerate(rows):
             tokens[r, T - len(prompt):] = prompt
             segments[r, T - len(prompt):] = 1
         row_ids = np.zeros((B, 2), np.int32)  # (prompt index, sample index); filler rows draw nothing used
-        row_ids[:len(rows), 0] = first_prompt + np.repeat(np.arange(len(prompts)), params.n)
-        row_ids[:len(rows), 1] = np.tile(np.arange(params.n), len(prompts))
-        seed_key = jax.random.key(params.seed)
+        row_ids[:R, 0] = first_prompt + np.repeat(np.arange(len(prompts)), params.n)
+        row_ids[:R, 1] = np.tile(np.arange(params.n), len(prompts))
+        row_limits = np.full((B,), M, np.int32)
+        row_limits[:R] = np.repeat(limits, params.n)
         if self.mesh is not None:
             tokens, segments, row_ids = jax.device_put((tokens, segments, row_ids), self.prompt_sharding)
-            seed_key = jax.device_put(seed_key, sharding.replicated(self.mesh))
-        static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
-        state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, seed_key, row_ids)
+            row_limits = jax.device_put(row_limits, NamedSharding(self.mesh, P(sharding.BATCH_AXES)))
+        state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, seed_key, row_ids,
+                              row_limits)
         if M > 1:
             state = self._decode(self.config, static, self.mesh, self.params, state)
-        out_tokens, out_logprobs, lengths, done = jax.device_get(
-            (state.tokens, state.logprobs, state.lengths, state.done))
-        R = len(rows)
+        out_tokens, out_logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
         width = int(lengths[:R].max())
-        return RolloutBatch(
-            prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), params.n),
-            token_ids=np.asarray(out_tokens[:R, :width], np.int32),
-            logprobs=np.asarray(out_logprobs[:R, :width], np.float32),
-            lengths=np.asarray(lengths[:R], np.int32),
-            finish_reasons=tuple("stop" if d else "length" for d in done[:R]),
-        )
+        return (np.asarray(out_tokens[:R, :width], np.int32), np.asarray(out_logprobs[:R, :width], np.float32),
+                np.asarray(lengths[:R], np.int32))
+
+    def _generate_continuous(self, prompts: list[list[int]], params: SamplingParams, static: SamplingParams,
+                             seed_key: jax.Array, first_prompt: int, limits: np.ndarray):
+        n, M = params.n, params.max_tokens
+        B, T = self.shapes(len(prompts) * n, max(map(len, prompts)), M)
+        if n > B:
+            raise ValueError(f"max_slots={B} < n={n}: a prompt's n samples start together (they share its "
+                             f"prefill), so the pool needs at least n rows")
+        config, mesh = self.config, self.mesh
+        state = self._empty_pool(config, static, mesh, B, T + M)
+        waiting = collections.deque(range(len(prompts)))
+        owner = np.full((B,), -1)  # the row (prompt * n + sample) each slot serves, -1: free
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        while waiting or (owner >= 0).any():
+            free = np.flatnonzero(owner < 0)
+            while waiting and len(free) >= n:
+                i = waiting.popleft()
+                slots, free = free[:n], free[n:]
+                tokens = np.zeros((self.batch_shards, T), np.int32)  # every batch shard holds the prompt
+                tokens[:, :len(prompts[i])] = prompts[i]
+                row_ids = np.stack([np.full((n,), first_prompt + i), np.arange(n)], axis=1).astype(np.int32)
+                state = self._admit(config, static, mesh, self.params, state, tokens, np.int32(len(prompts[i])),
+                                    slots.astype(np.int32), seed_key, row_ids, np.int32(limits[i]))
+                owner[slots] = i * n + np.arange(n)
+            wake = n if waiting else B  # back to the host once the next prompt fits, or when all are done
+            state = self._burst(config, static, mesh, self.params, state, np.int32(self.burst_steps), np.int32(wake))
+            done, lengths = jax.device_get((state.done, state.lengths))
+            finished = np.flatnonzero((owner >= 0) & done)
+            if len(finished):
+                tokens, logprobs = jax.device_get((state.tokens, state.logprobs))
+                for slot in finished:
+                    results[int(owner[slot])] = (tokens[slot, :lengths[slot]], logprobs[slot, :lengths[slot]])
+                owner[finished] = -1
+        R = len(prompts) * n
+        lengths = np.array([len(results[r][0]) for r in range(R)], np.int32)
+        out_tokens = np.zeros((R, lengths.max()), np.int32)
+        out_logprobs = np.zeros((R, lengths.max()), np.float32)
+        for r in range(R):
+            out_tokens[r, :lengths[r]], out_logprobs[r, :lengths[r]] = results[r]
+        return out_tokens, out_logprobs, lengths

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from mathgrpo import hf_io
 from mathgrpo.config import ModelConfig, RolloutConfig
-from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_prompts
+from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
 
 VLLM_VERSION = "0.32.0"
 MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside both pools
@@ -449,7 +449,7 @@ class VllmEngine:
         return self._sleeps and self.llm.llm_engine.is_sleeping()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 first_prompt: int = 0) -> RolloutBatch:
+                 first_prompt: int = 0, max_tokens: Sequence[int] | None = None) -> RolloutBatch:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate() takes a SamplingParams, got {type(params).__name__}")
         if self.is_sleeping():
@@ -459,12 +459,13 @@ class VllmEngine:
             raise ValueError(f"max_tokens={M} leaves no room for a prompt in max_length={self.max_length}")
         prompts = check_prompts(prompts, vocab_size=self.config.vocab_size,
                                 max_prompt_length=self.max_length - M, max_tokens=M)
+        limits = np.repeat(check_max_tokens(max_tokens, len(prompts), M), params.n if params.greedy else 1)
         copies = params.n if params.greedy else 1
         requests = build_prompts(prompts, copies)
         # Request i of the step's whole batch has seed i: a prompt's samples do not depend on the share.
         first = first_prompt * copies
-        sampling = [build_sampling_params(params, seed=s)
-                    for s in prompt_seeds(params.seed, first + len(requests))[first:]]
+        sampling = [build_sampling_params(params.replace(max_tokens=int(limit)), seed=s)
+                    for s, limit in zip(prompt_seeds(params.seed, first + len(requests))[first:], limits)]
         batch = to_rollout_batch(self.llm.generate(requests, sampling, use_tqdm=False), params)
         if exact_logprobs(self.logprobs_mode, params):
             return batch
