@@ -568,7 +568,9 @@ class RolloutConfig:
     enforce_eager: bool = False  # rollout.enforce_eager: no CUDA graphs / torch.compile (faster engine start)
     kv_cache_gib: float | None = None  # vLLM's KV cache; None: gpu_memory_utilization on a GPU, on a CPU
     #                                    what max_num_seqs sequences of the run's length need, at most 1/4 of RAM
-    decode_batch_per_device: int = 8  # JAX sampler rows per device
+    max_slots: int | None = None  # JAX sampler: continuous batching over a pool of this many rows per device
+    #                               (docs/sampler.md; `plan` chooses one when null); null: one static batch
+    burst_steps: int = 64  # JAX sampler: most decode steps between two visits of the host (continuous batching)
     val_n: int = 16  # val_kwargs.n
     val_temperature: float = 1.0  # val_kwargs.temperature
     val_top_p: float = 0.95  # val_kwargs.top_p
@@ -591,6 +593,10 @@ class RolloutConfig:
             raise ConfigError(f"rollout.max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ConfigError(f"rollout.kv_cache_gib={self.kv_cache_gib} must be > 0 (or null: sized by vLLM)")
+        if self.max_slots is not None and self.max_slots < 1:
+            raise ConfigError(f"rollout.max_slots={self.max_slots} must be >= 1 (or null: one static batch)")
+        if self.burst_steps < 1:
+            raise ConfigError(f"rollout.burst_steps={self.burst_steps} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

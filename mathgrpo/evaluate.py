@@ -248,6 +248,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-prompt-length", type=int, default=1024,
                         help="longer prompts are dropped (data.max_prompt_length)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="JAX engine: continuous batching over a pool of this many rows (default: one static "
+                             "batch of every row)")
     parser.add_argument("--engine", default="jax", choices=["jax", "vllm"],
                         help="jax: the JAX sampler; vllm: vLLM (its CPU build on a CPU)")
     parser.add_argument("--enforce-eager", action="store_true",
@@ -285,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
     from mathgrpo.data import load_tokenizer, read_prompts
 
     rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            enforce_eager=args.enforce_eager)
+                            enforce_eager=args.enforce_eager, max_slots=args.max_slots)
     try:
         factory.prepare(args.engine, rollout)  # before JAX starts and before the model loads
     except factory.EngineUnavailable as error:

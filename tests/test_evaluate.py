@@ -278,6 +278,18 @@ def test_eval_command_end_to_end(tiny_model_dir, aime_slice, tmp_path, capsys):
     assert (tmp_path / "out_ckpt" / "generations.jsonl").read_text() == (out / "generations.jsonl").read_text()
 
 
+def test_eval_with_a_continuous_pool_gives_the_static_batchs_generations(tiny_model_dir, aime_slice, tmp_path):
+    """`--max-slots 2`: the 6 rows (3 prompts × 2) go through a pool of 2 rows, refilled twice; samples
+    are keyed by (seed, prompt, sample), so the generations are the static batch's (fp32 compute)."""
+    fp32 = ("--compute-dtype", "float32", "--temperature", "1.0", "--seed", "5")
+    run_eval(tiny_model_dir, aime_slice, tmp_path / "static", *fp32)
+    run_eval(tiny_model_dir, aime_slice, tmp_path / "pool", *fp32, "--max-slots", "2")
+    static = [json.loads(line) for line in (tmp_path / "static" / "generations.jsonl").read_text().splitlines()]
+    pool = [json.loads(line) for line in (tmp_path / "pool" / "generations.jsonl").read_text().splitlines()]
+    assert [g["response"] for g in pool] == [g["response"] for g in static]
+    assert len({g["response"] for g in static}) > 1
+
+
 def test_eval_command_rejects_a_non_model_dir(aime_slice, tmp_path):
     with pytest.raises(SystemExit, match="neither a HF model directory"):
         run_eval(tmp_path, aime_slice, tmp_path / "out")

@@ -63,6 +63,10 @@ def test_greedy_is_deterministic_and_n_prints_n_completions(capsys, model_dir, q
     out, headers = _run(capsys, model_dir, "--n", "2", "--seed", "3")
     assert [h[:2] for h in headers] == [("1", "2"), ("2", "2")]
     assert len(_texts(out)) == 2
+    # A pool of 2 rows (continuous batching) samples the same keyed completions as the static batch.
+    pool, _ = _run(capsys, model_dir, "--n", "2", "--seed", "3", "--max-slots", "2", "--compute-dtype", "float32")
+    static, _ = _run(capsys, model_dir, "--n", "2", "--seed", "3", "--compute-dtype", "float32")
+    assert _texts(pool) == _texts(static)
 
 
 def test_orbax_checkpoint_gives_the_same_greedy_text(capsys, model_dir, tmp_path):

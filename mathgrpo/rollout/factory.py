@@ -74,6 +74,10 @@ def make_engine(engine: str, config: ModelConfig, params: Any, *, max_length: in
 
     # Several processes: each samples its share on its own device from its own copy of the weights, as
     # each GPU's vLLM engine does, never through a decode step that spans every process's devices.
+    # rollout.max_slots counts pool rows per device: the pool spans the mesh's batch shards.
     if mesh is not None and mesh.devices.size > 1 and jax.process_count() == 1:
-        return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or sharding.LOGICAL_RULES)
-    return JaxSampler(config, params, max_length=max_length)
+        slots = None if rollout.max_slots is None else rollout.max_slots * sharding.data_parallel_size(mesh)
+        return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or sharding.LOGICAL_RULES,
+                          max_slots=slots, burst_steps=rollout.burst_steps)
+    return JaxSampler(config, params, max_length=max_length, max_slots=rollout.max_slots,
+                      burst_steps=rollout.burst_steps)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1, help="-1 or 0 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="JAX engine: continuous batching over a pool of this many rows (default: one static "
+                             "batch of every row)")
     parser.add_argument("--engine", default="jax", choices=["jax", "vllm"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the loaded params (JAX sampler)")
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"generate: {error}") from None
     # eager: one prompt, so vLLM's start-up (CUDA graphs, torch.compile) would cost more than it saves.
     rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            enforce_eager=True)
+                            enforce_eager=True, max_slots=args.max_slots)
     try:
         factory.prepare(args.engine, rollout)  # before JAX starts and before a large model loads
     except factory.EngineUnavailable as error:
