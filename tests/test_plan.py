@@ -31,6 +31,56 @@ def test_plan_cli_on_the_recipe():
     assert report["per_device_peak_bytes"] > report["param_bytes_per_device"] + report["optimizer_bytes_per_device"]
     assert report["fits"] is True
     assert "train_step" in result.stdout and "fits: True" in result.stdout
+    # The JAX sampler's pool, chosen for the JAX share: the training rollout (n = 8, 7,168 new tokens)
+    # and validation (n = 16, 31,744) with one max_slots, each beside the resident train state.
+    sampler = report["sampler"]
+    assert sampler["chosen"] and sampler["fits"]
+    assert (sampler["train"]["n"], sampler["train"]["max_tokens"], sampler["train"]["cache_length"]) == (8, 7168, 8192)
+    assert (sampler["validation"]["n"], sampler["validation"]["max_tokens"]) == (16, 31744)
+    assert sampler["least_slots"] == 2  # a prompt's 16 validation samples start together on 8 devices
+    assert sampler["max_slots"] >= 2
+    kv_per_token = 2 * 36 * 8 * 128 * 2  # k and v · layers · kv heads · head dim · bf16
+    for call, length in (("train", 8192), ("validation", 32768)):
+        pool = sampler[call]
+        assert pool["pool_rows"] == 8 * sampler["max_slots"]
+        assert pool["pool_kv_bytes_per_device"] == sampler["max_slots"] * length * kv_per_token
+        assert pool["burst"]["argument_bytes"] > pool["pool_kv_bytes_per_device"] + report["param_bytes_per_device"]
+        assert pool["rollout_peak_bytes"] == sampler["resident_train_state_bytes"] + pool["peak_bytes"]
+        assert pool["rollout_peak_bytes"] <= report["jax_memory_budget_bytes"]
+    assert "JAX sampler: max_slots" in result.stdout and "chosen for the device memory" in result.stdout
+
+
+def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slots():
+    """On one CPU device with a tiny model: a budget that holds the pool at 5 rows (and the train state)
+    gets 5 rows chosen; a configured max_slots is compiled as given and reported as over the budget."""
+    import dataclasses
+
+    import jax
+
+    from mathgrpo import sharding
+    from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
+    from mathgrpo.model import abstract_params
+
+    model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, param_dtype="float32",
+                        compute_dtype="float32")
+    mesh_config = MeshConfig(data=1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
+    rules = sharding.logical_rules(mesh_config)
+    params = plan._abstract(abstract_params(model), sharding.param_shardings(model, mesh, rules))
+    inputs = plan.PlanInputs(model=model, mesh=mesh_config, grpo=GRPOConfig(), optim=OptimConfig(),
+                             max_prompt_length=64, max_response_length=192, n=2, val_n=4, val_max_tokens=448)
+    resident = 1_000_000
+    at_five = {call: plan._pool_memory(inputs, mesh, rules, params, 5, sampling)["peak_bytes"]
+               for call, sampling in (("train", plan.SamplingParams(n=2, max_tokens=192)),
+                                      ("validation", plan.SamplingParams(n=4, top_p=0.95, max_tokens=448)))}
+    budget = resident + max(at_five.values()) + 1
+    chosen = plan.plan_sampler(inputs, mesh, rules, params, resident=resident, budget=budget)
+    assert chosen["chosen"] and chosen["least_slots"] == 4 and chosen["max_slots"] == 5 and chosen["fits"]
+    assert chosen["validation"]["peak_bytes"] == at_five["validation"]
+    given = plan.plan_sampler(dataclasses.replace(inputs, max_slots=9), mesh, rules, params, resident=resident,
+                              budget=budget)
+    assert not given["chosen"] and given["max_slots"] == 9 and not given["validation"]["fits"]
 
 
 @pytest.mark.slow

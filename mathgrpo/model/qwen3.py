@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from mathgrpo.config import FULL_REMAT, ModelConfig
 from mathgrpo.model.layers import (
     Proj, RMSNorm, apply_rope, attend, cached_attention, cast_sharded, checkpoint_name, cudnn_attention,
-    cudnn_packed_attention, cudnn_packed_supported, dtype_of, remat_policy, token_chunked,
+    cudnn_packed_attention, cudnn_packed_supported, dtype_of, remat_policy, target_platform, token_chunked,
 )
 
 Params = Any  # a pytree of arrays, nested like the linen modules
@@ -61,6 +61,30 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: str | No
         segment_ids=jnp.zeros((batch, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array,
+               slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes row b's new key and value ([B, K, H]) at slot `slots[b]` of `layer` in the [L, B, K, S, H]
+    caches, in place. A slot past the end belongs to a finished row, whose cache is never read again:
+    its write lands on its own last slot.
+
+    One scatter per cache, except on CPU: XLA:CPU does not update a scatter's operand in place inside
+    the decode loop (it kept two copies of the whole cache, measured with `plan`), so there the rows are
+    written one `dynamic_update_slice` at a time in a loop, which it does update in place."""
+    slots = jnp.minimum(slots, cache_k.shape[3] - 1)
+    if target_platform() != "cpu":
+        rows = jnp.arange(k.shape[0])
+        return (cache_k.at[layer, rows, :, slots, :].set(k.astype(cache_k.dtype)),
+                cache_v.at[layer, rows, :, slots, :].set(v.astype(cache_v.dtype)))
+
+    def row(b, caches):
+        start = (layer, b, 0, slots[b], 0)
+        return tuple(jax.lax.dynamic_update_slice(
+            cache, jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=False).astype(cache.dtype)[None, None, :, None, :],
+            start) for cache, new in zip(caches, (k, v)))
+
+    return jax.lax.fori_loop(0, k.shape[0], row, (cache_k, cache_v))
 
 
 def _proj(config: ModelConfig, equation, shape, axes, name):
@@ -110,10 +134,8 @@ class Attention(nn.Module):
                 start = (layer_index, 0, 0, cache_index, 0)
                 cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype)[None], start)
                 cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype)[None], start)
-            else:  # one token per row, each at its own slot; a slot past the end is dropped
-                rows = jnp.arange(k.shape[0])
-                cache_k = cache_k.at[layer_index, rows, :, cache_index, :].set(k[:, 0].astype(cache_k.dtype), mode="drop")
-                cache_v = cache_v.at[layer_index, rows, :, cache_index, :].set(v[:, 0].astype(cache_v.dtype), mode="drop")
+            else:  # one token per row, each at its own slot
+                cache_k, cache_v = write_rows(cache_k, cache_v, k[:, 0], v[:, 0], layer_index, cache_index)
             cache_kv = (cache_k, cache_v)
             k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B, K, S, H]
             v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)

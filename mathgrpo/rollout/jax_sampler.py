@@ -253,13 +253,15 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         logits = jnp.broadcast_to(_last_logits(config, params, last[None]), (n, config.vocab_size))  # [n, V]
         keys = row_keys(seed_key, row_ids)  # [n]
         token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [n], [n]
-    L, _, K, _, H = prompt_cache.k.shape
-    copy = lambda pool, new: pool.at[:, slots, :, :T, :].set(  # noqa: E731 the prompt's KV into n rows
-        jnp.broadcast_to(new[:, :1], (L, n, K, T, H)).astype(pool.dtype))
+    def copy(j, caches):  # the prompt's keys and values into row slots[j], in place
+        return tuple(jax.lax.dynamic_update_slice(pool, new[:, :1].astype(pool.dtype), (0, slots[j], 0, 0, 0))
+                     for pool, new in zip(caches, (prompt_cache.k, prompt_cache.v)))
+
+    pool_k, pool_v = jax.lax.fori_loop(0, n, copy, (state.cache.k, state.cache.v))
     segment_row = jnp.pad(segments[0], (0, S - T))  # [S]: the slots a previous request used are cleared
     length = jnp.broadcast_to(prompt_length, (n,))
     state = state.replace(
-        cache=state.cache.replace(k=copy(state.cache.k, prompt_cache.k), v=copy(state.cache.v, prompt_cache.v),
+        cache=state.cache.replace(k=pool_k, v=pool_v,
                                   segment_ids=state.cache.segment_ids.at[slots].set(segment_row),
                                   index=state.cache.index.at[slots].set(length)),
         last_token=state.last_token.at[slots].set(token),
@@ -285,6 +287,29 @@ def burst(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
     with jax.named_scope("burst"):
         state = state.replace(step=jnp.zeros((), jnp.int32))
         return jax.lax.while_loop(go_on, functools.partial(_one_token, config, sampling, mesh, params), state)
+
+
+FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "admit": admit, "burst": burst}
+
+
+def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
+    """`jax.jit` arguments of each function above: its static arguments, the state it donates (updated in
+    place: the cache and buffers are the bulk of the sampler's memory) and, on a mesh, its in/out
+    shardings. `plan` compiles the sampler's functions with these too."""
+    kwargs = {name: dict(static_argnums=(0, 1, 2), donate_argnums=(4,)) for name in FUNCTIONS}
+    kwargs["prefill"]["donate_argnums"] = ()
+    kwargs["empty_pool"] = dict(static_argnums=(0, 1, 2, 3, 4))
+    if mesh is None:
+        return kwargs
+    prompts, one = NamedSharding(mesh, P(sharding.BATCH_AXES, None)), sharding.replicated(mesh)
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    state, pool, weights = state_shardings(mesh), state_shardings(mesh, per_row_index=True), param_shardings
+    kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state)
+    kwargs["decode"].update(in_shardings=(weights, state), out_shardings=state)
+    kwargs["empty_pool"].update(out_shardings=pool)
+    kwargs["admit"].update(in_shardings=(weights, pool, prompts, one, one, one, one, one), out_shardings=pool)
+    kwargs["burst"].update(in_shardings=(weights, pool, one, one), out_shardings=pool)
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,36 +376,21 @@ class JaxSampler:
         # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
         self.param_shardings = None if mesh is None else sharding.param_shardings(config, mesh, rules)
         self.trace_counts: collections.Counter = collections.Counter()
-        shardings = dict(prefill={}, decode={}, empty_pool={}, admit={}, burst={})
         self.prompt_sharding = None if mesh is None else NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
-        if mesh is not None:
-            prompts, one = self.prompt_sharding, sharding.replicated(mesh)
-            rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
-            state, pool = state_shardings(mesh), state_shardings(mesh, per_row_index=True)
-            weights = self.param_shardings
-            shardings = dict(
-                prefill=dict(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state),
-                decode=dict(in_shardings=(weights, state), out_shardings=state),
-                empty_pool=dict(out_shardings=pool),
-                admit=dict(in_shardings=(weights, pool, prompts, one, one, one, one, one), out_shardings=pool),
-                burst=dict(in_shardings=(weights, pool, one, one), out_shardings=pool))
-        # config, sampling and mesh are static (hashable); a state passed in is donated so the cache and
-        # buffers (the bulk of the sampler's memory) are updated in place, not copied.
-        self._prefill = self._jit("prefill", prefill, rules, donate_argnums=(), **shardings["prefill"])
-        self._decode = self._jit("decode", decode, rules, donate_argnums=(4,), **shardings["decode"])
-        self._empty_pool = self._jit("empty_pool", empty_pool, rules, static=5, **shardings["empty_pool"])
-        self._admit = self._jit("admit", admit, rules, donate_argnums=(4,), **shardings["admit"])
-        self._burst = self._jit("burst", burst, rules, donate_argnums=(4,), **shardings["burst"])
+        shardings = jit_shardings(mesh, self.param_shardings)
+        jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
+        self._prefill, self._decode = jitted["prefill"], jitted["decode"]
+        self._empty_pool, self._admit, self._burst = jitted["empty_pool"], jitted["admit"], jitted["burst"]
         self.params = None
         self.update_weights(params)
 
-    def _jit(self, name: str, function: Callable, rules: Sequence, static: int = 3, **jit_kwargs) -> Callable:
+    def _jit(self, name: str, function: Callable, rules: Sequence, **jit_kwargs) -> Callable:
         @functools.wraps(function)
         def traced(*args):
             self.trace_counts[name] += 1  # runs only while tracing: counts compiles, not calls
             return function(*args)
 
-        return MeshJit(traced, self.mesh, rules, static_argnums=tuple(range(static)), **jit_kwargs)
+        return MeshJit(traced, self.mesh, rules, **jit_kwargs)
 
     def sleep(self) -> None:
         """Nothing to release: the sampler allocates its cache per call and shares JAX's memory pool."""
