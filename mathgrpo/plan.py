@@ -236,17 +236,19 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     burst = train_step.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
     burst_memory = compiled_memory(burst.lower(model, sampling, mesh, params, state, scalar, scalar).compile())
     n = sampling.n
-    prompt = jax.ShapeDtypeStruct((shards, inputs.max_prompt_length), jnp.int32,
+    _, width = jax_sampler.admission(pool_rows, n, shards)
+    prompt = jax.ShapeDtypeStruct((width, inputs.max_prompt_length), jnp.int32,
                                   sharding=kwargs["admit"]["in_shardings"][2])
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=one)
     admit = train_step.MeshJit(jax_sampler.admit, mesh, rules, **kwargs["admit"])
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=one)  # noqa: E731
     admit_memory = compiled_memory(admit.lower(
-        model, sampling.replace(n=1), mesh, params, state, prompt, scalar,
-        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=one), key,
-        jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=one), scalar).compile())
+        model, sampling.replace(n=1), mesh, params, state, prompt, ints(width), ints(width, n), key,
+        ints(width, n, 2), ints(width)).compile())
     kv_bytes = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * jnp.dtype(
         model.compute_dtype).itemsize * length * slots_per_device // mesh.shape["tensor"]
     return {"max_slots": slots_per_device, "pool_rows": pool_rows, "cache_length": length, "n": n,
+            "admitted_prompts_per_call": width,
             "max_tokens": sampling.max_tokens, "pool_kv_bytes_per_device": int(kv_bytes),
             "burst": burst_memory, "admit": admit_memory,
             "peak_bytes": max(burst_memory["peak_bytes"], admit_memory["peak_bytes"])}

@@ -230,48 +230,56 @@ def empty_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
 
 
 def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any, state: SamplingState,
-          prompt_tokens: jax.Array, prompt_length: jax.Array, slots: jax.Array, seed_key: jax.Array,
-          row_ids: jax.Array, limit: jax.Array) -> SamplingState:
-    """Continuous batching: prefills one prompt once and starts its n samples in the pool rows `slots`.
+          prompt_tokens: jax.Array, prompt_lengths: jax.Array, slots: jax.Array, seed_key: jax.Array,
+          row_ids: jax.Array, limits: jax.Array) -> SamplingState:
+    """Continuous batching: prefills A prompts once each and starts each one's n samples in pool rows.
 
     Args:
-      prompt_tokens: [R, P] int32, the prompt right-padded to P in every row (R = the mesh's batch
-        shards: every device holds a copy; row 0 is read).
-      prompt_length: [] int32, its length; slots: [n] int32 free pool rows; row_ids: [n, 2] (prompt
-        index, sample index) keying each sample's stream; limit: [] int32, the request's max_tokens.
-    Returns: the pool with the n rows holding the prompt's KV in slots 0..length-1 and one new token.
+      prompt_tokens: [A, P] int32 prompts, right-padded; prompt_lengths: [A] int32, 0 for a padding
+        prompt (nothing of it is written).
+      slots: [A, n] int32 free pool rows for each prompt's samples (the pool size for a padding prompt);
+        row_ids: [A, n, 2] (prompt index, sample index) keying each sample's stream; limits: [A] int32,
+        each request's max_tokens.
+    Returns: the pool with those rows holding their prompt's KV in slots 0..length-1 and one new token.
     """
-    R, T = prompt_tokens.shape
-    n = slots.shape[0]
-    S = state.cache.max_length
+    A, T = prompt_tokens.shape
+    n = slots.shape[1]
+    B, S = state.done.shape[0], state.cache.max_length
     with jax.named_scope("admit"):
-        segments = jnp.broadcast_to((jnp.arange(T) < prompt_length).astype(jnp.int32), (R, T))  # [R, P]
+        segments = (jnp.arange(T)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)  # [A, P]
         positions = jnp.where(segments != 0, jnp.arange(T, dtype=jnp.int32), 0)
         hidden, prompt_cache = forward(config, params, prompt_tokens, positions, segments,
-                                       init_cache(config, R, T), return_hidden=True)  # [R, P, D]
-        last = jax.lax.dynamic_index_in_dim(hidden[0], prompt_length - 1, 0, keepdims=False)  # [D]
-        logits = jnp.broadcast_to(_last_logits(config, params, last[None]), (n, config.vocab_size))  # [n, V]
-        keys = row_keys(seed_key, row_ids)  # [n]
-        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [n], [n]
-    def copy(j, caches):  # the prompt's keys and values into row slots[j], in place
-        return tuple(jax.lax.dynamic_update_slice(pool, new[:, :1].astype(pool.dtype), (0, slots[j], 0, 0, 0))
-                     for pool, new in zip(caches, (prompt_cache.k, prompt_cache.v)))
+                                       init_cache(config, A, T), return_hidden=True)  # [A, P, D]
+        last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        logits = jnp.repeat(_last_logits(config, params, last), n, axis=0)  # [A·n, V]: one head pass per prompt
+        keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
+        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
+    rows = slots.reshape(A * n)
 
-    pool_k, pool_v = jax.lax.fori_loop(0, n, copy, (state.cache.k, state.cache.v))
-    segment_row = jnp.pad(segments[0], (0, S - T))  # [S]: the slots a previous request used are cleared
-    length = jnp.broadcast_to(prompt_length, (n,))
+    def copy(i, caches):  # prompt i // n's keys and values into pool row rows[i], in place
+        def write(caches):
+            return tuple(jax.lax.dynamic_update_slice(
+                pool, jax.lax.dynamic_slice_in_dim(new, i // n, 1, axis=1).astype(pool.dtype), (0, rows[i], 0, 0, 0))
+                for pool, new in zip(caches, (prompt_cache.k, prompt_cache.v)))
+
+        return jax.lax.cond(rows[i] < B, write, lambda caches: caches, caches)
+
+    pool_k, pool_v = jax.lax.fori_loop(0, A * n, copy, (state.cache.k, state.cache.v))
+    segment_rows = jnp.pad(jnp.repeat(segments, n, axis=0), ((0, 0), (0, S - T)))  # clears a previous request's
+    lengths = jnp.repeat(prompt_lengths, n)
+    limit = jnp.repeat(limits, n)
+    put = lambda buffer, value: buffer.at[rows].set(value, mode="drop")  # noqa: E731 (padding rows: dropped)
     state = state.replace(
-        cache=state.cache.replace(k=pool_k, v=pool_v,
-                                  segment_ids=state.cache.segment_ids.at[slots].set(segment_row),
-                                  index=state.cache.index.at[slots].set(length)),
-        last_token=state.last_token.at[slots].set(token),
-        position=state.position.at[slots].set(length),
-        done=state.done.at[slots].set(_is_stop(token, sampling.stop_token_ids) | (limit <= 1)),
-        tokens=state.tokens.at[slots].set(0).at[slots, 0].set(token),
-        logprobs=state.logprobs.at[slots].set(0.0).at[slots, 0].set(logprob),
-        lengths=state.lengths.at[slots].set(1),
-        rng=state.rng.at[slots].set(keys),
-        limit=state.limit.at[slots].set(limit),
+        cache=state.cache.replace(k=pool_k, v=pool_v, segment_ids=put(state.cache.segment_ids, segment_rows),
+                                  index=put(state.cache.index, lengths)),
+        last_token=put(state.last_token, token),
+        position=put(state.position, lengths),
+        done=put(state.done, _is_stop(token, sampling.stop_token_ids) | (limit <= 1)),
+        tokens=put(state.tokens, jnp.zeros((A * n,) + state.tokens.shape[1:], jnp.int32).at[:, 0].set(token)),
+        logprobs=put(state.logprobs, jnp.zeros((A * n,) + state.logprobs.shape[1:], jnp.float32).at[:, 0].set(logprob)),
+        lengths=put(state.lengths, jnp.ones((A * n,), jnp.int32)),
+        rng=put(state.rng, keys),
+        limit=put(state.limit, limit),
     )
     return _constrain(state, mesh)
 
@@ -289,7 +297,22 @@ def burst(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         return jax.lax.while_loop(go_on, functools.partial(_one_token, config, sampling, mesh, params), state)
 
 
-FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "admit": admit, "burst": burst}
+def gather_rows(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, state: SamplingState,
+                rows: jax.Array) -> SamplingState:
+    """Continuous batching's tail: the pool rows `rows` ([W] indices) as a pool of W rows. Once no
+    prompt waits, the live rows move to a smaller pool whose decode steps cost less."""
+    del config, sampling
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    cache = state.cache
+    state = jax.tree.map(take, state.replace(cache=None, step=None)).replace(
+        cache=cache.replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+                            segment_ids=take(cache.segment_ids), index=take(cache.index)),
+        step=state.step)
+    return _constrain(state, mesh)
+
+
+FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "admit": admit, "burst": burst,
+             "gather_rows": gather_rows}
 
 
 def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
@@ -299,6 +322,7 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     kwargs = {name: dict(static_argnums=(0, 1, 2), donate_argnums=(4,)) for name in FUNCTIONS}
     kwargs["prefill"]["donate_argnums"] = ()
     kwargs["empty_pool"] = dict(static_argnums=(0, 1, 2, 3, 4))
+    kwargs["gather_rows"]["donate_argnums"] = ()
     if mesh is None:
         return kwargs
     prompts, one = NamedSharding(mesh, P(sharding.BATCH_AXES, None)), sharding.replicated(mesh)
@@ -309,6 +333,7 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     kwargs["empty_pool"].update(out_shardings=pool)
     kwargs["admit"].update(in_shardings=(weights, pool, prompts, one, one, one, one, one), out_shardings=pool)
     kwargs["burst"].update(in_shardings=(weights, pool, one, one), out_shardings=pool)
+    kwargs["gather_rows"].update(in_shardings=(pool, one), out_shardings=pool)
     return kwargs
 
 
@@ -326,6 +351,14 @@ def bucket(value: int, multiple: int | None = None, minimum: int = 1) -> int:
     if multiple is None:
         return 1 << (value - 1).bit_length()
     return round_up(value, multiple)
+
+
+def admission(pool_rows: int, n: int, batch_shards: int = 1) -> tuple[int, int]:
+    """(refill, width): a burst returns to the host once `refill` rows are free (at least a prompt's n,
+    an eighth of the pool), and up to `width` prompts are then admitted per `admit` call: fewer host
+    visits and LM-head passes than one prompt at a time, for a few idle rows."""
+    refill = max(n, pool_rows // 8)
+    return refill, round_up(max(refill // n, 1), batch_shards)
 
 
 class JaxSampler:
@@ -381,6 +414,8 @@ class JaxSampler:
         jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
         self._prefill, self._decode = jitted["prefill"], jitted["decode"]
         self._empty_pool, self._admit, self._burst = jitted["empty_pool"], jitted["admit"], jitted["burst"]
+        self._gather_rows = jitted["gather_rows"]
+        self._tails: dict = {}  # pool shape -> {smaller width: (compiled row gather, compiled burst)}
         self.params = None
         self.update_weights(params)
 
@@ -424,6 +459,38 @@ class JaxSampler:
             # others are resharded (JAX may then alias a source shard that already sits in place).
             params = jax.device_put(params, self.param_shardings, may_alias=False)
         self.params = params
+
+    def _prepare_tail(self, sampling: SamplingParams, rows: int, length: int) -> dict[int, tuple]:
+        """The smaller pools the tail of a call moves to (halvings of `rows` down to an eighth, in whole
+        batch shards): their row gather and burst, compiled ahead the first time these shapes are seen
+        and kept (which of them a call reaches depends on its samples, and none may compile later)."""
+        key = (sampling, rows, length)
+        if key in self._tails:
+            return self._tails[key]
+        widths = sorted({max(round_up(rows >> k, self.batch_shards), self.batch_shards) for k in (1, 2, 3)} - {rows},
+                        reverse=True)
+        one = None if self.mesh is None else sharding.replicated(self.mesh)
+        shardings = None if self.mesh is None else state_shardings(self.mesh, per_row_index=True)
+        config, mesh = self.config, self.mesh
+
+        def abstract(width):
+            state = jax.eval_shape(lambda: empty_pool(config, sampling, None, width, length))
+            if shardings is None:
+                return state
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                              self.params)
+        tail, larger = {}, rows
+        for width in widths:
+            gather = self._gather_rows.lower(config, sampling, mesh, abstract(larger),
+                                             jax.ShapeDtypeStruct((width,), jnp.int32, sharding=one)).compile()
+            tail[width] = (gather, self._burst.lower(config, sampling, mesh, params, abstract(width), scalar,
+                                                     scalar).compile())
+            larger = width
+        self._tails[key] = tail
+        return tail
 
     def shapes(self, num_rows: int, longest_prompt: int, max_tokens: int) -> tuple[int, int]:
         """The bucketed (B, P) a call with these sizes compiles for (B: the pool's rows when continuous)."""
@@ -498,6 +565,8 @@ class JaxSampler:
             raise ValueError(f"max_slots={B} < n={n}: a prompt's n samples start together (they share its "
                              f"prefill), so the pool needs at least n rows")
         config, mesh = self.config, self.mesh
+        refill, width = admission(B, n, self.batch_shards)
+        tail = self._prepare_tail(static, B, T + M)
         state = self._empty_pool(config, static, mesh, B, T + M)
         waiting = collections.deque(range(len(prompts)))
         owner = np.full((B,), -1)  # the row (prompt * n + sample) each slot serves, -1: free
@@ -505,16 +574,30 @@ class JaxSampler:
         while waiting or (owner >= 0).any():
             free = np.flatnonzero(owner < 0)
             while waiting and len(free) >= n:
-                i = waiting.popleft()
-                slots, free = free[:n], free[n:]
-                tokens = np.zeros((self.batch_shards, T), np.int32)  # every batch shard holds the prompt
-                tokens[:, :len(prompts[i])] = prompts[i]
-                row_ids = np.stack([np.full((n,), first_prompt + i), np.arange(n)], axis=1).astype(np.int32)
-                state = self._admit(config, static, mesh, self.params, state, tokens, np.int32(len(prompts[i])),
-                                    slots.astype(np.int32), seed_key, row_ids, np.int32(limits[i]))
-                owner[slots] = i * n + np.arange(n)
-            wake = n if waiting else B  # back to the host once the next prompt fits, or when all are done
-            state = self._burst(config, static, mesh, self.params, state, np.int32(self.burst_steps), np.int32(wake))
+                tokens = np.zeros((width, T), np.int32)
+                lengths = np.zeros((width,), np.int32)  # 0: a padding prompt
+                slots = np.full((width, n), B, np.int32)  # B: nothing written
+                row_ids = np.zeros((width, n, 2), np.int32)
+                limit = np.ones((width,), np.int32)
+                for a in range(min(width, len(free) // n, len(waiting))):
+                    i = waiting.popleft()
+                    tokens[a, :len(prompts[i])], lengths[a], limit[a] = prompts[i], len(prompts[i]), limits[i]
+                    slots[a], free = free[:n], free[n:]
+                    row_ids[a, :, 0], row_ids[a, :, 1] = first_prompt + i, np.arange(n)
+                    owner[slots[a]] = i * n + np.arange(n)
+                if mesh is not None:
+                    tokens = jax.device_put(tokens, self.prompt_sharding)
+                state = self._admit(config, static, mesh, self.params, state, tokens, lengths, slots, seed_key,
+                                    row_ids, limit)
+            # Back once the next prompts fit; with none waiting, once the live rows fit the next smaller
+            # pool (or when all are done).
+            pool = len(owner)
+            wake = refill if waiting else pool - next((w for w in tail if w < pool), 0)
+            steps, wake = np.int32(self.burst_steps), np.int32(wake)
+            if pool == B:
+                state = self._burst(config, static, mesh, self.params, state, steps, wake)
+            else:
+                state = tail[pool][1](self.params, state, steps, wake)
             done, lengths = jax.device_get((state.done, state.lengths))
             finished = np.flatnonzero((owner >= 0) & done)
             if len(finished):
@@ -522,6 +605,13 @@ class JaxSampler:
                 for slot in finished:
                     results[int(owner[slot])] = (tokens[slot, :lengths[slot]], logprobs[slot, :lengths[slot]])
                 owner[finished] = -1
+            live = np.flatnonzero(owner >= 0)
+            # The tail: the live rows move to a smaller pool, one halving at a time (each compiled ahead).
+            while not waiting and len(live) and (smaller := next((w for w in tail if w < len(owner)), 0)) >= len(live):
+                rows = np.concatenate([np.flatnonzero(owner >= 0), np.flatnonzero(owner < 0)])[:smaller]
+                state = tail[smaller][0](state, rows.astype(np.int32) if mesh is None else
+                                         jax.device_put(rows.astype(np.int32), sharding.replicated(mesh)))
+                owner = owner[rows]
         R = len(prompts) * n
         lengths = np.array([len(results[r][0]) for r in range(R)], np.int32)
         out_tokens = np.zeros((R, lengths.max()), np.int32)

@@ -101,31 +101,43 @@ def uniforms(rng: jax.Array, rows: int) -> jax.Array:
     return jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(rng)
 
 
-def categorical(rng: jax.Array, logits: jax.Array, block: int = 1024) -> tuple[jax.Array, jax.Array]:
+def vocab_block(vocab_size: int, target: int = 1024) -> int:
+    """The block width `categorical` tiles the vocabulary with: a divisor of it near `target` (within
+    4×), so the [B, V] logits reshape to [B, V / block, block] in place; else `target` (and a padded
+    copy). Qwen3's 151,936 = 128 × 1,187."""
+    divisors = [d for d in range(max(1, target // 4), min(vocab_size, 4 * target) + 1) if vocab_size % d == 0]
+    return min(divisors, key=lambda d: abs(d - target)) if divisors else min(target, vocab_size)
+
+
+def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """One draw per row from softmax(logits) ([B, V] fp32, -inf = excluded) by inverse CDF.
 
     `jax.random.categorical` draws a Gumbel per vocabulary entry (two logs each): on CPU that cost
     more per decode step than the whole LM head at V = 151,936 (BENCHMARKS.md). This uses ONE uniform
-    per row: w = exp(logits − max) (one exp pass), block totals over blocks of `block` tokens, the
-    block where u·Σw falls (cumulative sum over the few blocks), then the token inside that block
-    (cumulative sum over `block` entries). Exact up to fp32 rounding of the sums; a token of weight 0
-    (excluded) is never returned: a draw rounding past the last positive weight takes that token.
+    per row and two passes over the logits: their max, then the block totals of w = exp(logits − max)
+    over blocks of `block` tokens (default `vocab_block(V)`, a divisor of V: the logits are tiled in
+    place, never copied). The block where u·Σw falls comes from the cumulative sum over the few blocks;
+    the token inside it from the cumulative sum over that one block's weights, recomputed from its
+    `block` logits. Exact up to fp32 rounding of the sums; a token of weight 0 (excluded) is never
+    returned: a draw rounding past the last positive weight takes that token.
 
     Returns (tokens [B] int32, logsumexp(logits) [B]): the normalizer comes free with the block totals.
     """
     B, V = logits.shape
+    block = block or vocab_block(V)
     blocks = -(-V // block)
     peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
-    weights = jnp.exp(logits - peak)  # [B, V], 0 where excluded
-    weights = jnp.pad(weights, ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
-    block_cdf = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
+    if V % block:  # no divisor near the target: a padded copy, excluded (-inf) entries
+        logits = jnp.pad(logits, ((0, 0), (0, blocks * block - V)), constant_values=-jnp.inf)
+    grid = logits.reshape(B, blocks, block)
+    block_cdf = jnp.cumsum(jnp.sum(jnp.exp(grid - peak[:, :, None]), axis=-1), axis=-1)  # [B, nb]
     target = uniforms(rng, B)[:, None] * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
     positive_blocks = block_cdf > jnp.concatenate([jnp.zeros((B, 1)), block_cdf[:, :-1]], axis=-1)
     chosen = jnp.sum(block_cdf <= target, axis=-1)  # [B] first block whose cdf exceeds the target
     last_positive = blocks - 1 - jnp.argmax(positive_blocks[:, ::-1], axis=-1)
     chosen = jnp.minimum(chosen, last_positive)
     before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], -1)[:, 0], 0.0)
-    inner = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+    inner = jnp.exp(jnp.take_along_axis(grid, chosen[:, None, None], axis=1)[:, 0] - peak)  # [B, block]
     inner_cdf = jnp.cumsum(inner, axis=-1)
     index = jnp.sum(inner_cdf <= (target[:, 0] - before)[:, None], axis=-1)  # [B]
     last_inner = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
