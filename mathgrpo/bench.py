@@ -151,6 +151,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mfu.add_argument("--mfu-vocab-block", type=int, default=16384,
                      help="grpo.logprob_vocab_block: columns per tile of the fused head (one device)")
     mfu.add_argument("--mfu-compile-only", action="store_true", help="compile and print memory analysis only")
+    decode = parser.add_argument_group("decode (`--decode`: the JAX sampler at the 4B shapes vs the memory "
+                                       "roofline; bench_decode.py)")
+    size.add_argument("--decode", action="store_true", help="measure decode tokens/s against the HBM roofline (GPU)")
+    decode.add_argument("--decode-layers", type=int, default=36, help="layers of the 4B shapes (36 in the model)")
+    decode.add_argument("--decode-slots", type=int, default=64, help="pool rows (one request each)")
+    decode.add_argument("--decode-prompt", type=int, default=1024, help="prompt tokens per request")
+    decode.add_argument("--decode-tokens", type=int, default=1024, help="new tokens per request")
+    decode.add_argument("--decode-copy-gib", type=float, default=2.0, help="array size of the bandwidth measurement")
+    decode.add_argument("--decode-hidden", type=int, default=0, help="a smaller hidden size (CPU tests); 0: the 4B's")
 
 
 def interleaved(sides: dict, repeats: int, warmup: int = WARMUP_CALLS, extra: int = EXTRA_CALLS) -> dict[str, dict]:
@@ -543,6 +552,10 @@ def main(args: argparse.Namespace) -> int:
         from mathgrpo import bench_mfu
 
         return bench_mfu.main(args)
+    if args.decode:
+        from mathgrpo import bench_decode
+
+        return bench_decode.main(args)
     size_name = "tiny" if args.tiny else "quick" if args.quick else "full"
     size = SIZES[size_name]
     if args.new_tokens is not None:

@@ -4,15 +4,17 @@
 #   plans  `plan` for the 4B recipe compiled by XLA:GPU for 8 described GPUs (fsdp8 and fsdp4×tp2, at
 #          16,384 and 32,768 tokens per micro-batch): the GPU compiler's memory analysis, not XLA:CPU's;
 #   mfu    the train step's MFU on the 4B shapes with fewer layers, cuDNN attention (bench_mfu.py),
-#          remat full (the recipe) and save_dots, and a 2-layer run (the fixed cost: LM head, embedding, AdamW).
-# Usage: OUT=dir bash scripts/gpu_checks.sh [tests] [plans] [mfu]   (default: all; results in $OUT)
+#          remat full (the recipe) and save_dots, and a 2-layer run (the fixed cost: LM head, embedding, AdamW);
+#   decode the JAX sampler (continuous batching) at the 4B shapes, all 36 layers in bf16, 64 rows of
+#          1,024 + 1,024 tokens, against the HBM roofline (bench_decode.py).
+# Usage: OUT=dir bash scripts/gpu_checks.sh [tests] [plans] [mfu] [decode]   (default: all; results in $OUT)
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda,cpu TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 [ -d .gpu_site ] && export PYTHONPATH=$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}  # pure-Python deps carried in
-SECTIONS=${*:-tests plans mfu}
+SECTIONS=${*:-tests plans mfu decode}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -51,4 +53,9 @@ fi
 if want mfu; then
   echo "== MFU with remat save_dots =="
   mfu save_dots_12l --mfu-layers 12 --mfu-remat save_dots
+fi
+if want decode; then
+  echo "== decode (JAX sampler, 4B shapes) vs the HBM roofline =="
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 $PY -m mathgrpo bench --decode --out "$OUT/decode.json" 2>&1 \
+    | grep -v '^{' | tail -4
 fi

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from mathgrpo.__main__ import build_parser, main
 from mathgrpo.bench import long_tail_lengths
 
@@ -195,3 +197,21 @@ def test_calls_that_grow_the_heap_are_replaced_and_kept_in_the_record():
     assert result["ours"]["seconds"] == [1.0, 3.0, 5.0] and result["ours"]["median"] == 3.0
     assert result["ours"]["heap_growth_calls"] == [[7.0, big]]
     assert result["theirs"]["heap_growth_calls"] == []
+
+
+def test_decode_roofline_at_small_shapes(tmp_path):
+    """`bench --decode` on CPU at a small model of the 4B's layout: every request makes its tokens, and the
+    roofline is the formula's (bytes a step must read over the copy bandwidth measured in the run)."""
+    out = tmp_path / "decode.json"
+    assert main(["bench", "--decode", "--decode-layers", "2", "--decode-hidden", "64", "--decode-slots", "4",
+                 "--decode-prompt", "16", "--decode-tokens", "8", "--decode-copy-gib", "0.0625",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    # 2 layers of D 64, F 192, 4 heads of 32, 2 kv heads; the tied head 4096 × 64; all bf16.
+    layer = 3 * 64 * 192 + 64 * (4 * 32 + 2 * 2 * 32 + 4 * 32)
+    assert r["weight_bytes_per_step"] == 2 * (2 * layer + 4096 * 64)
+    assert r["kv_bytes_per_step"] == 4 * (16 + 3.5) * 2 * 2 * 2 * 32 * 2
+    assert r["roofline_tokens_per_s"] == pytest.approx(
+        4 * r["copy_bandwidth_bytes_per_s"] / (r["weight_bytes_per_step"] + r["kv_bytes_per_step"]))
+    assert r["tokens_per_s"] == pytest.approx(4 * 8 / r["seconds"])
+    assert 0 < r["fraction_of_roofline"] == pytest.approx(r["tokens_per_s"] / r["roofline_tokens_per_s"])

@@ -13,16 +13,18 @@ continuous batching over a pool of KV slots.
 4. `decode` loops one token at a time inside `lax.while_loop` until every row is done.
 
 **Continuous batching** (`max_slots=N`): a pool of N rows ("slots"), each with S = P + max_tokens KV
-slots, serves the call's requests (prompt i, sample j) through a host-side queue:
-1. `admit` prefills ONE prompt (right-padded to P, in a batch of the mesh's batch-shard count), samples
-   the first token of each of its n samples and copies the prompt's KV into n free slots: the n
-   samples share one prefill. A prompt waits until n slots are free.
-2. `burst` decodes every slot one token per step inside `lax.while_loop`, for at most `burst_steps`
-   steps, and returns to the host early once enough slots are free for the next waiting prompt (or
-   when every slot is done and nothing waits). Each slot writes its own KV slot (KVCache's per-row
-   index: a request's prompt starts at slot 0 whatever row it sits in).
-3. Between bursts the host collects finished rows and admits waiting prompts. Shapes never change
-   within a call (N, P, S fixed): rows coming and going never recompile.
+slots, serves the call's requests (prompt i, sample j) through a host-side queue (docs/sampler.md):
+1. `admit` prefills up to `width` prompts (right-padded to P), each once, samples the first token of
+   each of their n samples and copies each prompt's KV into n free rows: the n samples share one
+   prefill. A prompt waits until n rows are free.
+2. `burst` decodes every row one token per step inside `lax.while_loop`, for at most `burst_steps`
+   steps, and returns to the host early once `refill` rows are free for waiting prompts (`admission`).
+   Each row writes its own KV slot (KVCache's per-row index: a request's prompt starts at slot 0
+   whatever row it sits in).
+3. Between bursts the host collects finished rows and admits waiting prompts. Once none wait, the live
+   rows move to a pool of half the rows (`gather_rows`) whenever they fit, down to an eighth: the
+   tail's decode steps cost what its live rows need. Shapes never change within a pool (N, P, S
+   fixed) and the smaller pools are compiled ahead: rows coming and going never recompile.
 
 Both paths: a row ends once it samples one of `stop_token_ids` (kept) or has its request's
 `max_tokens` tokens; nothing after that is written (tokens 0, log-probs 0) or counted (`lengths`).
