@@ -20,7 +20,6 @@ everything else costs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -105,10 +104,7 @@ def format_report(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mathgrpo.bench_mfu import emit
+
     report = run(args)
-    print(format_report(report))
-    print(json.dumps(report))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return emit(report, format_report(report), args.out)

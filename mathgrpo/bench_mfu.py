@@ -146,11 +146,16 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    report = run(args)
-    print(format_report(report))
+def emit(report: dict, text: str, out: str | None) -> int:
+    """Prints a device benchmark's text and its JSON line, and writes the JSON to `out` if given."""
+    print(text)
     print(json.dumps(report))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    return emit(report, format_report(report), args.out)
