@@ -17,15 +17,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RECIPE_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The recipe's real parquet files (../shared/data beside the repository)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the repository expects ../shared/data beside it")
-    return SHARED_DATA
+def recipe_data() -> Path:
+    """The recipe's real parquet files, in the repository (data/README.md)."""
+    return RECIPE_DATA
 
 
 @pytest.fixture(scope="session")

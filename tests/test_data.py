@@ -29,9 +29,9 @@ def tokenizer(qwen3_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def train(shared_data, tokenizer):
+def train(recipe_data, tokenizer):
     """The whole recipe train file, read once (about 4 s on 2 cores)."""
-    config = DataConfig(train_files=(str(shared_data / TRAIN),))
+    config = DataConfig(train_files=(str(recipe_data / TRAIN),))
     return read_prompts(config.train_files, tokenizer, config)
 
 
@@ -60,9 +60,9 @@ def chat(content):
 # The real files.
 
 
-def test_train_file_reads_with_overlong_prompts_dropped(shared_data, tokenizer, train):
+def test_train_file_reads_with_overlong_prompts_dropped(recipe_data, tokenizer, train):
     records, summary = train
-    table = pq.read_table(shared_data / TRAIN)
+    table = pq.read_table(recipe_data / TRAIN)
     assert summary.rows == table.num_rows == 17917  # recipe_spec §1.3
     assert summary.skipped == {}
     assert summary.kept + summary.dropped_overlong == 17917 and summary.dropped_overlong > 0
@@ -102,20 +102,20 @@ def test_steps_per_epoch_of_the_recipe(train):
 
 @pytest.mark.parametrize("name, rows, source", [("aime24.parquet", 30, "AIME24"), ("aime25.parquet", 30, "AIME25"),
                                                 ("amc23.parquet", 83, "AMC23"), ("math500.parquet", 500, "MATH-500")])
-def test_validation_files_read(shared_data, tokenizer, name, rows, source):
-    config = DataConfig(val_files=(str(shared_data / name),))
+def test_validation_files_read(recipe_data, tokenizer, name, rows, source):
+    config = DataConfig(val_files=(str(recipe_data / name),))
     records, summary = read_prompts(config.val_files, tokenizer, config)
-    table = pq.read_table(shared_data / name).to_pylist()
+    table = pq.read_table(recipe_data / name).to_pylist()
     assert summary.rows == len(table) == rows and summary.kept == rows and summary.skipped == {}
     for record, row in zip(records, table):
         assert record.ground_truth == row["reward_model"]["ground_truth"] and record.data_source == source
         assert record.extra_info == row["extra_info"] and record.messages[0]["content"].endswith(SUFFIX)
 
 
-def test_aime24_prompt_is_the_recipe_template(shared_data, tokenizer):
-    config = DataConfig(val_files=(str(shared_data / "aime24.parquet"),))
+def test_aime24_prompt_is_the_recipe_template(recipe_data, tokenizer):
+    config = DataConfig(val_files=(str(recipe_data / "aime24.parquet"),))
     records, _ = read_prompts(config.val_files, tokenizer, config)
-    content = pq.read_table(shared_data / "aime24.parquet").column("prompt").to_pylist()[0][0]["content"]
+    content = pq.read_table(recipe_data / "aime24.parquet").column("prompt").to_pylist()[0][0]["content"]
     expected = tokenizer(recipe_prompt(content), add_special_tokens=False)["input_ids"]
     assert list(records[0].prompt_ids) == expected
     assert expected[0] == 151644 and expected[-7:] == [151644, 77091, 198, 151667, 271, 151668, 271]
@@ -125,8 +125,8 @@ def test_aime24_prompt_is_the_recipe_template(shared_data, tokenizer):
     assert tokenizer.decode(records[0].prompt_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_overlong_prompts_are_dropped_and_counted_or_rejected(shared_data, tokenizer):
-    path = str(shared_data / "aime24.parquet")
+def test_overlong_prompts_are_dropped_and_counted_or_rejected(recipe_data, tokenizer):
+    path = str(recipe_data / "aime24.parquet")
     contents = [m[0]["content"] for m in pq.read_table(path).column("prompt").to_pylist()]
     lengths = [len(tokenizer(recipe_prompt(c), add_special_tokens=False)["input_ids"]) for c in contents]
     limit = sorted(lengths)[len(lengths) // 2]  # some prompts pass, some do not, one is exactly at it

@@ -244,9 +244,9 @@ def run_eval(model, data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def aime_slice(shared_data, tmp_path_factory):
+def aime_slice(recipe_data, tmp_path_factory):
     data = tmp_path_factory.mktemp("eval_data") / "aime24_3.parquet"
-    pq.write_table(pq.read_table(shared_data / "aime24.parquet").slice(0, 3), data)
+    pq.write_table(pq.read_table(recipe_data / "aime24.parquet").slice(0, 3), data)
     return data
 
 

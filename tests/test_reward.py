@@ -145,11 +145,11 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def data_ground_truths(shared_data) -> dict[str, list[str]]:
-    """Ground truths of the validation files and MATH-500 (conftest's `shared_data` is ../shared/data)."""
+def data_ground_truths(recipe_data) -> dict[str, list[str]]:
+    """Ground truths of the validation files and MATH-500 (conftest's `recipe_data`: data/ in the repository)."""
     truths = {}
     for name in VALIDATION_FILES:
-        table = pq.read_table(shared_data / f"{name}.parquet", columns=["reward_model"])
+        table = pq.read_table(recipe_data / f"{name}.parquet", columns=["reward_model"])
         truths[name] = [row["ground_truth"] for row in table.column("reward_model").to_pylist()]
     return truths
 

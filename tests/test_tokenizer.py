@@ -4,10 +4,10 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 
-def test_chat_template_without_thinking_renders_the_recipe_prompt(qwen3_tokenizer_dir, shared_data):
+def test_chat_template_without_thinking_renders_the_recipe_prompt(qwen3_tokenizer_dir, recipe_data):
     """recipe_spec §1.3: `<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`."""
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
-    row = pq.read_table(shared_data / "aime24.parquet").slice(0, 1).to_pylist()[0]
+    row = pq.read_table(recipe_data / "aime24.parquet").slice(0, 1).to_pylist()[0]
     messages = list(row["prompt"])
     assert messages[0]["role"] == "user"
     content = messages[0]["content"]
