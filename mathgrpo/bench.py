@@ -467,7 +467,7 @@ def realistic_responses(count: int, seed: int) -> tuple[list[str], list[str]]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.parquet"
+    path = Path(__file__).resolve().parents[1] / "data" / "math500.parquet"  # data/README.md
     truths = [row["ground_truth"] for row in pq.read_table(path, columns=["reward_model"]).column(0).to_pylist()]
     rng = np.random.default_rng(seed)
     reasoning = ("Let me think step by step. First we rewrite the expression and simplify both sides; "
