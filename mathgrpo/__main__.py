@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = direction.add_parser("orbax-to-hf", help="Orbax checkpoint → HF model directory")
     to_hf.add_argument("--ckpt", required=True)
     to_hf.add_argument("--out", required=True)
-    to_hf.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    to_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                       help="default: the dtype of the HF files the checkpoint came from, else its params' dtype")
     to_hf.add_argument("--max-shard-size", default="5GB", type=_parse_size,
                        help="size limit of one safetensors file (e.g. 5GB, 500MB)")
 

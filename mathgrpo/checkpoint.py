@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 
 
 def make_meta(config: ModelConfig, tokenizer_dir: str | os.PathLike | None = None,
-              generation_config: dict | None = None) -> dict:
+              generation_config: dict | None = None, hf_dtype: str | None = None) -> dict:
+    """`hf_dtype`: the dtype of the HF files the params came from, which `orbax_to_hf` exports in by default."""
     return {
         "format": "mathgrpo-params",
         "version": FORMAT_VERSION,
@@ -34,6 +35,7 @@ def make_meta(config: ModelConfig, tokenizer_dir: str | os.PathLike | None = Non
         "param_dtype": config.param_dtype,
         "tokenizer_dir": os.path.abspath(tokenizer_dir) if tokenizer_dir else None,
         "generation_config": generation_config,
+        "hf_dtype": hf_dtype,
     }
 
 
@@ -43,7 +45,8 @@ def model_config_from_meta(meta: dict, **runtime) -> ModelConfig:
 
 
 def save_params(path: str | os.PathLike, config: ModelConfig, params: Any, *,
-                tokenizer_dir: str | os.PathLike | None = None, generation_config: dict | None = None) -> None:
+                tokenizer_dir: str | os.PathLike | None = None, generation_config: dict | None = None,
+                hf_dtype: str | None = None) -> None:
     """Writes params + metadata as an Orbax checkpoint at `path` (which must not exist)."""
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
@@ -51,7 +54,7 @@ def save_params(path: str | os.PathLike, config: ModelConfig, params: Any, *,
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(path, ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave(make_meta(config, tokenizer_dir, generation_config)),
+        meta=ocp.args.JsonSave(make_meta(config, tokenizer_dir, generation_config, hf_dtype)),
     ))
 
 
@@ -83,18 +86,23 @@ def restore_params(path: str | os.PathLike, shardings: Any | Callable[[ModelConf
 
 
 def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> ModelConfig:
-    """HF directory → Orbax params checkpoint (params stored in `dtype`; bf16 → fp32 is exact)."""
+    """HF directory → Orbax params checkpoint (params stored in `dtype`; bf16 → fp32 is exact). The
+    files' own dtype is recorded, so `orbax_to_hf` gives back the files the checkpoint came from."""
     config, params = hf_io.load(hf_dir, dtype=dtype)
     tokenizer = hf_dir if any(os.path.exists(os.path.join(hf_dir, f)) for f in hf_io.TOKENIZER_FILES) else None
     save_params(out, config, params, tokenizer_dir=tokenizer,
-                generation_config=hf_io.read_generation_config(hf_dir))
+                generation_config=hf_io.read_generation_config(hf_dir), hf_dtype=hf_io.stored_dtype(hf_dir))
     return config
 
 
-def orbax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16",
+def orbax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                 max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
-    """Orbax params checkpoint → HF directory (with the tokenizer it was converted from, if still there)."""
+    """Orbax params checkpoint → HF directory (with the tokenizer it was converted from, if still there).
+
+    `dtype` None: the dtype of the HF files the checkpoint was converted from (so HF → Orbax → HF gives
+    the same files, fp32 or bf16), else the params' own dtype (a trainer checkpoint: fp32)."""
     config, params, meta = restore_params(ckpt)
+    dtype = dtype or meta.get("hf_dtype") or config.param_dtype
     tokenizer = meta.get("tokenizer_dir")
     if tokenizer and not os.path.isdir(tokenizer):
         print(f"warning: tokenizer source {tokenizer} no longer exists; exporting without tokenizer files")

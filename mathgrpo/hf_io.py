@@ -31,6 +31,7 @@ import numpy as np
 
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import abstract_params
+from mathgrpo.model.layers import dtype_name
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -233,6 +234,16 @@ def _check_tensors(source: SafetensorsDir, config: ModelConfig, expected: dict) 
                                 f"expected {shape} from config.json")
 
 
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The floating dtype a HF directory's tensors are stored in ("bfloat16", "float32", ...)."""
+    names = {entry.dtype.name for entry in SafetensorsDir(path).entries.values()
+             if np.issubdtype(entry.dtype, np.floating) or entry.dtype == SAFETENSORS_DTYPES["BF16"]}
+    if len(names) != 1:
+        raise HFFormatError(f"{os.fspath(path)}: tensors stored in {sorted(names) or 'no floating dtype'}; "
+                            "expected one floating dtype")
+    return names.pop()
+
+
 def load(path: str | os.PathLike, dtype: str = "float32",
          shardings: Any | Callable[[ModelConfig], Any] | None = None,
          **runtime) -> tuple[ModelConfig, Any]:
@@ -240,11 +251,13 @@ def load(path: str | os.PathLike, dtype: str = "float32",
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index); bf16 or fp32.
-      dtype: the params' dtype (and `ModelConfig.param_dtype`); fp32 master weights by default.
+      dtype: the params' dtype (and `ModelConfig.param_dtype`), a name or a numpy / JAX dtype; fp32
+        master weights by default.
       shardings: a pytree of `jax.sharding.Sharding` like the params, or a function of the config
         returning one; None puts everything on this process's first device.
       runtime: other ModelConfig runtime fields (compute_dtype, attention, ...).
     """
+    dtype = dtype_name(dtype)
     config = ModelConfig.from_hf(path, param_dtype=dtype, **runtime)
     source = SafetensorsDir(path)
     expected = expected_tensors(config)
@@ -299,7 +312,7 @@ def hf_tensors(config: ModelConfig, params: Any, dtype: str | None = None) -> It
         leaf = _get(params, rule.path)
         tensor = _host(leaf[layer] if layer is not None else leaf)
         tensor = to_hf_layout(rule, tensor)
-        yield name, np.ascontiguousarray(tensor.astype(np.dtype(dtype)) if dtype else tensor)
+        yield name, np.ascontiguousarray(tensor.astype(np.dtype(dtype_name(dtype))) if dtype else tensor)
 
 
 def _write_safetensors(path: str, names: list[str], shapes: dict, dtype: np.dtype,
@@ -337,6 +350,7 @@ def save(config: ModelConfig, params: Any, path: str | os.PathLike, *, dtype: st
     process must call this (the gathers of sharded params are collective).
     """
     path = os.fspath(path)
+    dtype = dtype_name(dtype)
     np_dtype = np.dtype(dtype)
     expected = expected_tensors(config)
     names = list(expected)

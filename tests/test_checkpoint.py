@@ -38,6 +38,45 @@ def test_hf_to_orbax_to_hf_cli_is_bitwise(tiny_hf_dir, tmp_path, qwen3_tokenizer
     assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+def test_fp32_hf_to_orbax_to_hf_with_default_flags_is_bitwise_fp32(tiny_hf_dir, tmp_path):
+    """The export's default dtype is the source files' (recorded at conversion): an fp32 model comes back
+    fp32, bit for bit, and a trainer-style checkpoint without that record exports its params' dtype."""
+    source = tiny_hf_dir("float32", **SHAPE)
+    assert hf_io.stored_dtype(source) == "float32"
+    result = run_cli("convert", "hf-to-orbax", "--hf-dir", str(source), "--out", str(tmp_path / "ckpt"))
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.read_meta(tmp_path / "ckpt")["hf_dtype"] == "float32"
+    result = run_cli("convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"))
+    assert result.returncode == 0, result.stderr
+    assert hf_io.stored_dtype(tmp_path / "back") == "float32"
+    assert_bitwise_equal(all_tensors(source), all_tensors(tmp_path / "back"))
+    # --dtype still says otherwise
+    checkpoint.orbax_to_hf(tmp_path / "ckpt", tmp_path / "bf16", dtype="bfloat16")
+    assert hf_io.stored_dtype(tmp_path / "bf16") == "bfloat16"
+    # No record (a trainer's params checkpoint): the params' dtype.
+    config, params = hf_io.load(source)
+    checkpoint.save_params(tmp_path / "trained", config, params)
+    checkpoint.orbax_to_hf(tmp_path / "trained", tmp_path / "trained_hf")
+    assert hf_io.stored_dtype(tmp_path / "trained_hf") == "float32"
+
+
+def test_dtype_arguments_take_names_numpy_and_jax_dtypes(tiny_hf_dir, tmp_path):
+    import jax.numpy as jnp
+    import ml_dtypes
+    import numpy as np
+
+    source = tiny_hf_dir("float32", **SHAPE)
+    for dtype in ("bfloat16", jnp.bfloat16, np.dtype(ml_dtypes.bfloat16)):
+        config, params = hf_io.load(source, dtype=dtype)
+        assert config.param_dtype == "bfloat16" and params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    for i, dtype in enumerate((np.float32, jnp.float32)):
+        hf_io.save(config, params, tmp_path / f"out{i}", dtype=dtype)
+        assert hf_io.stored_dtype(tmp_path / f"out{i}") == "float32"
+    for bad in ("int8", np.int32, "fp32"):
+        with pytest.raises(ValueError, match="expected one of"):
+            hf_io.load(source, dtype=bad)
+
+
 def test_checkpoint_records_config_and_tokenizer(tiny_hf_dir, tmp_path):
     source = tiny_hf_dir(**SHAPE)
     config = checkpoint.hf_to_orbax(source, tmp_path / "ckpt")

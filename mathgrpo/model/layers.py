@@ -32,6 +32,21 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype) -> str:
+    """A floating dtype given by name ("bfloat16"), numpy dtype or JAX dtype (`jnp.bfloat16`) as its name,
+    the form configs and files store; anything else is refused, naming what is accepted."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {FLOAT_DTYPES} (a name, numpy or JAX dtype)")
+    return name
+
+
 def cast_sharded(param: jax.Array, dtype, axes: tuple[str, ...]) -> jax.Array:
     """Casts a (sharded) parameter to the compute dtype *before* it is gathered for a matmul: the
     constraint keeps the cast on the shards, so FSDP all-gathers move and hold bf16, not fp32."""
