@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.mathgrpo-installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check mathgrpo tests scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -284,8 +284,8 @@ def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str,
 
 def main(args: argparse.Namespace) -> int:
     from mathgrpo.config import DataConfig, RolloutConfig
-    from mathgrpo.rollout import factory
     from mathgrpo.data import load_tokenizer, read_prompts
+    from mathgrpo.rollout import factory
 
     rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             enforce_eager=args.enforce_eager, max_slots=args.max_slots)

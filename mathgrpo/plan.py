@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mathgrpo import sharding, train_step
-from mathgrpo.metrics import flops_per_step
 from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
+from mathgrpo.metrics import flops_per_step
 from mathgrpo.model import abstract_params, count_params
 from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.packing import PackedBatch
@@ -274,7 +274,8 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budg
     most = {}
     if chosen:
         for name, sampling in calls.items():  # a row's bytes from two compiles; memory is linear in the rows
-            low, high = (_pool_memory(inputs, mesh, rules, params, s, sampling)["peak_bytes"] for s in (least, 2 * least))
+            low, high = (_pool_memory(inputs, mesh, rules, params, s, sampling)["peak_bytes"]
+                         for s in (least, 2 * least))
             per_row = max((high - low) / least, 1.0)
             most[name] = least + int((budget - resident - low) // per_row)
         slots = max(min(most.values()), least)
@@ -305,7 +306,8 @@ def format_report(report: dict) -> str:
 
     lines = [f"plan: {report['params'] / 1e9:.3f}B params on {report['devices']} devices {report['mesh']} "
              f"({report['device_kind']}, attention {report['attention']}); micro-batch "
-             f"{report['micro_batch_tokens_per_device']} tokens/device, {report['micro_batches_in_buffer']} in the buffer",
+             f"{report['micro_batch_tokens_per_device']} tokens/device, "
+             f"{report['micro_batches_in_buffer']} in the buffer",
              f"  params (fp32)          {gib(report['param_bytes_per_device'])} / device",
              f"  optimizer state        {gib(report['optimizer_bytes_per_device'])} / device",
              f"  gradients (fp32)       {gib(report['gradient_bytes_per_device'])} / device (within temporaries)"]

@@ -35,7 +35,8 @@ def main() -> None:
     tokens = jax.random.randint(keys[2], (1, T), 0, V)
     weights = jax.random.normal(keys[3], (1, T), jnp.float32)
     matmul_flops = 4 * 2 * T * D * V  # forward, recomputed forward, two backward matmuls
-    print(f"{jax.devices()[0].device_kind}; head matmul work per row (fwd+recompute+bwd): {matmul_flops / 1e12:.1f} TFLOP")
+    print(f"{jax.devices()[0].device_kind}; head matmul work per row (fwd+recompute+bwd): "
+          f"{matmul_flops / 1e12:.1f} TFLOP")
     for chunk in (512, 2048, 4096, 8192):
         def loss(h, k):
             logprobs, entropy = grpo.hidden_logprobs(model, k, h, tokens, chunk_size=chunk)
@@ -49,7 +50,8 @@ def main() -> None:
     embedding = jax.random.normal(keys[1], (V, D), jnp.float32)
     cotangent = jax.random.normal(keys[0], (1, T, D), jnp.float32)
     embed_grad = jax.jit(jax.grad(lambda e: jnp.sum(jnp.take(e, tokens, axis=0) * cotangent)))
-    print(f"embedding gradient (scatter-add into [V, D] fp32): {timed(embed_grad, embedding) * 1e3:8.1f} ms", flush=True)
+    print(f"embedding gradient (scatter-add into [V, D] fp32): {timed(embed_grad, embedding) * 1e3:8.1f} ms",
+          flush=True)
 
     params = {"embed": embedding, "layers": jnp.zeros((12 * 101_000_000 // D, D), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
@@ -62,7 +64,8 @@ def main() -> None:
         return optax.apply_updates(params, updates), state
 
     count = sum(p.size for p in jax.tree.leaves(params))
-    print(f"AdamW + clip over {count / 1e9:.2f}B fp32 params: {timed(update, params, state, grads) * 1e3:8.1f} ms", flush=True)
+    print(f"AdamW + clip over {count / 1e9:.2f}B fp32 params: {timed(update, params, state, grads) * 1e3:8.1f} ms",
+          flush=True)
 
 
 if __name__ == "__main__":

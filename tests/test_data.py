@@ -10,8 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathgrpo.config import ConfigError, from_dict
-from mathgrpo.data import (DataConfig, DataError, IteratorState, PromptBatches, PromptRecord, load_tokenizer,
-                           read_prompts)
+from mathgrpo.data import (
+    DataConfig,
+    DataError,
+    IteratorState,
+    PromptBatches,
+    PromptRecord,
+    load_tokenizer,
+    read_prompts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "dapo_math_17k_processed.parquet"

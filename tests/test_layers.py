@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from mathgrpo.model.layers import (
-    project,
-    cudnn_packed_attention,
-    segment_layout,
     RMSNorm,
     apply_rope,
     blockwise_attention,
     cached_attention,
     cudnn_attention,
+    cudnn_packed_attention,
+    project,
     reference_attention,
+    segment_layout,
 )
 from tests.test_plan import cuda_plugin_installed
 
@@ -206,7 +206,8 @@ def test_cudnn_packed_matches_reference_with_gradients_on_gpu():
 
     packed = functools.partial(cudnn_packed_attention, max_segments=4)
     (_, got), got_grads = jax.value_and_grad(lambda *a: loss(packed, *a), (0, 1, 2), has_aux=True)(q, k, v)
-    (_, want), want_grads = jax.value_and_grad(lambda *a: loss(reference_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
+    (_, want), want_grads = jax.value_and_grad(lambda *a: loss(reference_attention, *a), (0, 1, 2),
+                                               has_aux=True)(q, k, v)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-2)
     assert np.all(np.asarray(got)[~valid] == 0)
     for g, w in zip(got_grads, want_grads):
@@ -310,7 +311,8 @@ def test_projection_gradient_is_reduce_scattered_in_fp32_on_described_gpus():
         return jnp.sum(jax.lax.map(jax.checkpoint(chunk), x.reshape(B, T // C, C, D).swapaxes(0, 1)))
 
     text = described_fsdp8_hlo(loss, (PartitionSpec("fsdp", None), PartitionSpec("fsdp", None, None)),
-                               (jax.ShapeDtypeStruct((D, F), jnp.float32), jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)))
+                               (jax.ShapeDtypeStruct((D, F), jnp.float32),
+                                jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16)))
     scattered = re.findall(r"((?:bf16|f32)\[[0-9,]+\])\{[0-9,]*\} reduce-scatter", text)
     assert scattered and all(s.startswith("f32[") for s in scattered), scattered
 

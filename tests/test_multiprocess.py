@@ -67,7 +67,8 @@ def rows(output_dir):
 
 
 def assert_same_params(a, b, tolerance=1e-5):
-    first, second = load_file(os.path.join(a, "hf", "model.safetensors")), load_file(os.path.join(b, "hf", "model.safetensors"))
+    first = load_file(os.path.join(a, "hf", "model.safetensors"))
+    second = load_file(os.path.join(b, "hf", "model.safetensors"))
     assert sorted(first) == sorted(second)
     for name in first:
         error = np.linalg.norm(first[name] - second[name]) / max(np.linalg.norm(first[name]), 1e-30)
@@ -129,7 +130,8 @@ def test_resume_after_one_process_is_killed_mid_step(task, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     # One JAX compilation cache for the three launches: the later ones skip XLA's compiles (the same
     # programs, so the same executables).
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     code, log = launch(overrides(task, reference, "data.val_files=[]"), env_extra=cache)
     assert code == 0, log[-3000:]
     args = overrides(task, resumed, "data.val_files=[]")

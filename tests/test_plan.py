@@ -19,7 +19,8 @@ GIB = 2**30
 @pytest.mark.slow
 def test_plan_cli_on_the_recipe():
     result = subprocess.run([sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE], cwd=ROOT,
-                            capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                            capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}

@@ -360,7 +360,8 @@ import sys
 sys.path.insert(0, {repo!r})
 from mathgrpo.reward import score_batch
 print("script body ran", flush=True)
-scores, info = score_batch([r"\\\\boxed{{\\\\frac{{4}}{{2}}}}", r"\\\\boxed{{0.5}}", r"\\\\boxed{{3}}"], ["2", "1/2", "4"])
+responses = [r"\\\\boxed{{\\\\frac{{4}}{{2}}}}", r"\\\\boxed{{0.5}}", r"\\\\boxed{{3}}"]
+scores, info = score_batch(responses, ["2", "1/2", "4"])
 print("scores", scores, info["status"], flush=True)
 """
 

@@ -5,7 +5,8 @@ from transformers import AutoTokenizer
 
 
 def test_chat_template_without_thinking_renders_the_recipe_prompt(qwen3_tokenizer_dir, recipe_data):
-    """recipe_spec §1.3: `<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`."""
+    """The recipe's chat template, without thinking:
+    `<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`."""
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     row = pq.read_table(recipe_data / "aime24.parquet").slice(0, 1).to_pylist()[0]
     messages = list(row["prompt"])

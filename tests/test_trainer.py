@@ -126,7 +126,8 @@ def test_disk_full_during_save_keeps_the_last_good_checkpoint(task, tmp_path, mo
         return real_save(self, step, state, extra)
 
     monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", failing_save)
-    with pytest.raises(trainer.CheckpointError, match=r"step 2 .* No space left on device.*last complete checkpoint is step 1"):
+    with pytest.raises(trainer.CheckpointError,
+                       match=r"step 2 .* No space left on device.*last complete checkpoint is step 1"):
         trainer.train(config)
     monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", real_save)
     assert checkpoint.TrainCheckpointer(output / "checkpoints").latest_step() == 1
@@ -152,8 +153,8 @@ def test_three_steps_checkpoint_and_resume_with_either_engine(task, tmp_path, mo
     trained; the JAX sampler is the control."""
     if engine == "vllm":
         pytest.importorskip("vllm")
-        from mathgrpo.rollout import vllm_engine
         from mathgrpo.config import RolloutConfig
+        from mathgrpo.rollout import vllm_engine
 
         for name, value in vllm_engine.environment_for(RolloutConfig()).items():
             monkeypatch.setenv(name, value)  # the trainer sets them; restored after the test

@@ -26,8 +26,20 @@ import jax.numpy as jnp
 
 from mathgrpo.config import FULL_REMAT, ModelConfig
 from mathgrpo.model.layers import (
-    Proj, RMSNorm, apply_rope, attend, cached_attention, cast_sharded, checkpoint_name, cudnn_attention,
-    cudnn_packed_attention, cudnn_packed_supported, dtype_of, remat_policy, target_platform, token_chunked,
+    Proj,
+    RMSNorm,
+    apply_rope,
+    attend,
+    cached_attention,
+    cast_sharded,
+    checkpoint_name,
+    cudnn_attention,
+    cudnn_packed_attention,
+    cudnn_packed_supported,
+    dtype_of,
+    remat_policy,
+    target_platform,
+    token_chunked,
 )
 
 Params = Any  # a pytree of arrays, nested like the linen modules

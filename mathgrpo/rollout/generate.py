@@ -18,7 +18,6 @@ import argparse
 import sys
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory or Orbax params checkpoint")
     parser.add_argument("--prompt", required=True, help="the user message")
