@@ -83,11 +83,13 @@ def assert_same_batches(a, b):
             assert x[key] == y[key], (x["step"], key)
 
 
-def test_two_processes_train_like_one(task, tmp_path):
+@pytest.mark.parametrize("sampler", [(), ("rollout.max_slots=4",)], ids=["static", "continuous"])
+def test_two_processes_train_like_one(task, tmp_path, sampler):
+    """Continuous: each process's JAX sampler serves its share through a pool of 4 rows (refilled)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    code, log = launch(overrides(task, one), processes=1)
+    code, log = launch(overrides(task, one, *sampler), processes=1)
     assert code == 0, log[-3000:]
-    code, log = launch(overrides(task, two))
+    code, log = launch(overrides(task, two, *sampler))
     assert code == 0, log[-3000:]
     for step in (1, 2, 3):  # each process generated its own half of every step's 8 prompts
         assert SHARE_LINE.format(p=0, s=step, first=0, last=3) in log

@@ -576,21 +576,22 @@ class JaxSampler:
         while waiting or (owner >= 0).any():
             free = np.flatnonzero(owner < 0)
             while waiting and len(free) >= n:
-                tokens = np.zeros((width, T), np.int32)
-                lengths = np.zeros((width,), np.int32)  # 0: a padding prompt
+                prompt_tokens = np.zeros((width, T), np.int32)
+                prompt_lengths = np.zeros((width,), np.int32)  # 0: a padding prompt
                 slots = np.full((width, n), B, np.int32)  # B: nothing written
                 row_ids = np.zeros((width, n, 2), np.int32)
                 limit = np.ones((width,), np.int32)
                 for a in range(min(width, len(free) // n, len(waiting))):
                     i = waiting.popleft()
-                    tokens[a, :len(prompts[i])], lengths[a], limit[a] = prompts[i], len(prompts[i]), limits[i]
+                    prompt_tokens[a, :len(prompts[i])], prompt_lengths[a] = prompts[i], len(prompts[i])
+                    limit[a] = limits[i]
                     slots[a], free = free[:n], free[n:]
                     row_ids[a, :, 0], row_ids[a, :, 1] = first_prompt + i, np.arange(n)
                     owner[slots[a]] = i * n + np.arange(n)
                 if mesh is not None:
-                    tokens = jax.device_put(tokens, self.prompt_sharding)
-                state = self._admit(config, static, mesh, self.params, state, tokens, lengths, slots, seed_key,
-                                    row_ids, limit)
+                    prompt_tokens = jax.device_put(prompt_tokens, self.prompt_sharding)
+                state = self._admit(config, static, mesh, self.params, state, prompt_tokens, prompt_lengths, slots,
+                                    seed_key, row_ids, limit)
             # Back once the next prompts fit; with none waiting, once the live rows fit the next smaller
             # pool (or when all are done).
             pool = len(owner)
