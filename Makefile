@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check mathgrpo tests scripts
+	$(BIN)/ruff check mathgrpo tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -55,20 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="directory for params/ (Orbax) and hf/")
     sft.add_argument("overrides", nargs="*", help="key.path=value")
 
-    from mathgrpo import evaluate  # light: JAX starts only when a command runs (plan sets XLA_FLAGS first)
+    from mathgrpo.eval import validate  # light: JAX starts only when a command runs (plan sets XLA_FLAGS first)
 
-    evaluate.add_arguments(commands.add_parser(
+    validate.add_arguments(commands.add_parser(
         "eval", help="sample n responses per prompt, grade them, report mean@n / best@k / maj@k / pass@k"))
 
-    from mathgrpo.rollout import generate  # light: JAX starts only when the command runs
+    from mathgrpo.tools import generate  # light: JAX starts only when the command runs
 
     generate.add_arguments(commands.add_parser(
         "generate", help="sample completions of one chat prompt (chat template; JAX sampler or vLLM)"))
-
-    from mathgrpo import bench  # light: JAX and torch start only when the command runs
-
-    bench.add_arguments(commands.add_parser(
-        "bench", help="throughput of train step, log-probs, sampler, reward vs torch/HF, in one run"))
 
     plan = commands.add_parser("plan", help="compile ahead of time on abstract arrays: per-device memory and FLOPs")
     plan.add_argument("--config", required=True)
@@ -100,34 +95,34 @@ def _fake_devices_for(config_path: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mathgrpo import host_memory
+    from mathgrpo.utils import host_memory
 
     host_memory.keep_freed_host_memory()  # before JAX starts its threads (XLA:CPU only)
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        from mathgrpo import checkpoint
+        from mathgrpo.weights import orbax
 
         if args.direction == "hf-to-orbax":
-            config = checkpoint.hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
+            config = orbax.hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
         else:
-            config = checkpoint.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype,
+            config = orbax.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype,
                                             max_shard_bytes=args.max_shard_size)
         print(f"wrote {args.out} ({config.num_hidden_layers} layers, hidden {config.hidden_size})")
         return 0
     if args.command == "generate":
-        from mathgrpo.rollout import generate
+        from mathgrpo.tools import generate
 
         return generate.main(args)
     if args.command == "eval":
-        from mathgrpo import evaluate
+        from mathgrpo.eval import validate
 
-        return evaluate.main(args)
+        return validate.main(args)
     if args.command == "train":
-        from mathgrpo import trainer
+        from mathgrpo.train import loop
 
-        return trainer.main(args)
+        return loop.main(args)
     if args.command == "sft":
-        from mathgrpo import sft
+        from mathgrpo.train import sft
 
         return sft.main(args)
     if args.command == "plan":
@@ -144,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             # included; a compile for described GPUs needs no device.
             os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
-        from mathgrpo import plan
         from mathgrpo.config import load_config
+        from mathgrpo.tools import plan
 
         config = load_config(args.config, args.overrides)
         devices = plan.plan_devices(config.mesh, described=args.described_devices, gpu_spec=gpu_spec)
@@ -153,12 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.format_report(report))
         print(json.dumps(report))
         return 0
-    if args.command == "bench":
-        from mathgrpo import bench
-
-        return bench.main(args)
     if args.command == "parity":
-        from mathgrpo import parity
+        from mathgrpo.tools import parity
 
         return parity.main(args)
     raise AssertionError(args.command)

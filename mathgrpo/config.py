@@ -345,7 +345,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    """GRPO loss and train-step knobs; symbols as in grpo.py's docstring."""
+    """GRPO loss and train-step knobs; symbols as in rl/losses.py's docstring."""
 
     group_size: int = 8  # G, actor_rollout_ref.rollout.n
     norm_adv_by_std: bool = True  # algorithm.norm_adv_by_std_in_grpo (False: Dr.GRPO)
@@ -468,7 +468,7 @@ class MeshConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data (read by data.py).
+# Data (read by data/prompts.py).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

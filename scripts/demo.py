@@ -1,6 +1,6 @@
 """`make demo`: the main job on the embedded default — GRPO that visibly learns, on a laptop CPU.
 
-1. Builds the task (mathgrpo/demo_task.py): "problem 417: 3+8=?" in verl's parquet schema (1,024
+1. Builds the task (mathgrpo/testing/demo_task.py): "problem 417: 3+8=?" in verl's parquet schema (1,024
    training prompts, 64 held-out ones), a character-level HF tokenizer with a chat template, and a
    randomly initialized tiny Qwen3 (2 layers, width 128, 4 heads of 32).
 2. Warm start: `python -m mathgrpo sft` imitates demonstrations "3+8=\\boxed{11}", half of them off
@@ -36,7 +36,7 @@ def cli(*args: str) -> None:
 
 
 def main() -> int:
-    from mathgrpo import demo_task
+    from mathgrpo.testing import demo_task
 
     start = time.time()
     shutil.rmtree(RUN, ignore_errors=True)

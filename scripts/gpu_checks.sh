@@ -22,7 +22,7 @@ $PY -c "import jax, flax, optax, orbax.checkpoint, transformers, torch; print('j
 
 mfu() {  # name, then bench arguments
   local name=$1; shift
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 $PY -m mathgrpo bench --mfu --out "$OUT/mfu_$name.json" "$@" 2>&1 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 $PY -m benchmarks --mfu --out "$OUT/mfu_$name.json" "$@" 2>&1 \
     | grep -v '^{' | tail -8
 }
 if want mfu; then
@@ -56,6 +56,6 @@ if want mfu; then
 fi
 if want decode; then
   echo "== decode (JAX sampler, 4B shapes) vs the HBM roofline =="
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 $PY -m mathgrpo bench --decode --out "$OUT/decode.json" 2>&1 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 $PY -m benchmarks --decode --out "$OUT/decode.json" 2>&1 \
     | grep -v '^{' | tail -4
 fi

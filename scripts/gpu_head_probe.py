@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mathgrpo import grpo
 from mathgrpo.config import load_model_config
+from mathgrpo.rl import logprobs as rl_logprobs
 
 
 def timed(fn, *args, repeats: int = 5) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
           f"{matmul_flops / 1e12:.1f} TFLOP")
     for chunk in (512, 2048, 4096, 8192):
         def loss(h, k):
-            logprobs, entropy = grpo.hidden_logprobs(model, k, h, tokens, chunk_size=chunk)
+            logprobs, entropy = rl_logprobs.hidden_logprobs(model, k, h, tokens, chunk_size=chunk)
             return jnp.sum(logprobs * weights) + 1e-3 * jnp.sum(entropy * weights)
 
         fn = jax.jit(jax.grad(loss, (0, 1)))

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
-from mathgrpo import host_memory  # noqa: E402
+from mathgrpo.utils import host_memory
 
 host_memory.keep_freed_host_memory()  # as the CLI does, before JAX starts its threads
 
@@ -42,7 +42,7 @@ def qwen3_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A factory of tiny random HF Qwen3 dirs, cached per (dtype, overrides)."""
-    from mathgrpo.tiny import make_tiny_qwen3
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     cache = {}
 

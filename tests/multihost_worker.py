@@ -18,9 +18,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def main() -> None:
     coordinator, num_processes, process_id, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    from mathgrpo import sharding
+    from mathgrpo.parallel import mesh as parallel_mesh
 
-    sharding.initialize_distributed(coordinator, num_processes, process_id)
+    parallel_mesh.initialize_distributed(coordinator, num_processes, process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     import numpy as np
     from jax.experimental import multihost_utils
@@ -28,7 +28,7 @@ def main() -> None:
     from mathgrpo.config import MeshConfig
     from tests.test_sharding import run_step
 
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    mesh = parallel_mesh.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     state, outputs, _ = run_step(mesh)
     params = [np.asarray(multihost_utils.process_allgather(leaf, tiled=True)) for leaf in jax.tree.leaves(state.params)]
     metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in outputs["metrics"].items()}

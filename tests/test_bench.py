@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from mathgrpo.__main__ import build_parser, main
-from mathgrpo.bench import long_tail_lengths
+from benchmarks.__main__ import build_parser, main
+from benchmarks.bench import long_tail_lengths
 
 KEYS = (
     "train_step.tokens_per_s", "train_step.torch_tokens_per_s", "train_step.ratio_vs_torch",
@@ -32,7 +32,7 @@ def lookup(results, dotted):
 
 def test_bench_tiny_reports_every_measure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--tiny", "--out", str(out)]) == 0
+    assert main(["--tiny", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the one JSON line, last
     assert printed["train_step"]["ratio_vs_torch"] == results["train_step"]["ratio_vs_torch"]
@@ -50,7 +50,7 @@ def test_bench_tiny_reports_every_measure(tmp_path, capsys):
     # The responses mix correct and wrong answers, so the mean score is strictly between 0 and 1.
     assert 0 < results["reward"]["mean_score"] < 1
     # every bound of the issue is checked against this run's own value, and printed
-    from mathgrpo.bench import ACCEPTANCE
+    from benchmarks.bench import ACCEPTANCE
 
     assert set(results["acceptance"]) == {key for key, *_ in ACCEPTANCE}
     for key, check in results["acceptance"].items():
@@ -87,7 +87,7 @@ def test_long_tail_lengths_are_mostly_short_with_a_tail_at_max_tokens():
 def test_acceptance_compares_each_bound():
     """Values just under and at each bound (scripted results, no run): met exactly when the issue's
     comparison holds, and the printed lines say which."""
-    from mathgrpo.bench import ACCEPTANCE, acceptance, format_table
+    from benchmarks.bench import ACCEPTANCE, acceptance, format_table
 
     def results(train, fraction, logprob, sampler, recompiles, long_static, vllm, long_vllm, decode):
         return {"train_step": {"ratio_vs_torch": train, "fraction_of_matmul_peak": fraction},
@@ -135,19 +135,19 @@ def test_bench_parser_is_light():
     import subprocess
     import sys
 
-    code = ("import sys; from mathgrpo.__main__ import build_parser; "
-            "build_parser().parse_args(['bench', '--quick']); "
+    code = ("import sys; from benchmarks.__main__ import build_parser; "
+            "build_parser().parse_args(['--quick']); "
             "print('jax' in sys.modules, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
-    assert build_parser().parse_args(["bench", "--tiny"]).tiny
+    assert build_parser().parse_args(["--tiny"]).tiny
 
 
 def test_torch_worker_reports_its_errors(tmp_path):
     """The torch reference runs in its own process; a failure there is raised here, naming the cause."""
     import pytest
 
-    from mathgrpo.bench_torch import TorchSide
+    from benchmarks.bench_torch import TorchSide
 
     with pytest.raises(RuntimeError, match="torch worker failed: .*"):
         TorchSide(str(tmp_path / "no-model-here"), threads=1)
@@ -158,8 +158,8 @@ def test_torch_worker_times_its_calls(tmp_path):
     call fails with the method named."""
     import pytest
 
-    from mathgrpo.bench_torch import TorchSide
-    from mathgrpo.tiny import make_tiny_qwen3
+    from benchmarks.bench_torch import TorchSide
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     make_tiny_qwen3(tmp_path)
     with TorchSide(str(tmp_path), threads=1) as reference:
@@ -173,7 +173,7 @@ def test_torch_worker_times_its_calls(tmp_path):
 def test_calls_that_grow_the_heap_are_replaced_and_kept_in_the_record():
     """`interleaved` times `repeats` calls per side that did not grow the heap, replacing a call with
     HEAP_GROWTH_FAULTS or more page faults by one more (at most `extra`), and reports those apart."""
-    from mathgrpo.bench import HEAP_GROWTH_FAULTS, interleaved
+    from benchmarks.bench import HEAP_GROWTH_FAULTS, interleaved
 
     big = HEAP_GROWTH_FAULTS
     script = {
@@ -203,7 +203,7 @@ def test_decode_roofline_at_small_shapes(tmp_path):
     """`bench --decode` on CPU at a small model of the 4B's layout: every request makes its tokens, and the
     roofline is the formula's (bytes a step must read over the copy bandwidth measured in the run)."""
     out = tmp_path / "decode.json"
-    assert main(["bench", "--decode", "--decode-layers", "2", "--decode-hidden", "64", "--decode-slots", "4",
+    assert main(["--decode", "--decode-layers", "2", "--decode-hidden", "64", "--decode-slots", "4",
                  "--decode-prompt", "16", "--decode-tokens", "8", "--decode-copy-gib", "0.0625",
                  "--out", str(out)]) == 0
     r = json.loads(out.read_text())

@@ -112,7 +112,6 @@ RECIPE_TABLE = {
 
 def test_recipe_config_matches_the_recipe_table():
     from mathgrpo.config import load_config
-    from mathgrpo.sharding import make_mesh  # noqa: F401  (the mesh is checked below by its size)
 
     config = load_config(CONFIGS.parent / "qwen3_4b_base_grpo.yaml")
     for key, expected in RECIPE_TABLE.items():

@@ -9,16 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mathgrpo.config import ConfigError, from_dict
-from mathgrpo.data import (
-    DataConfig,
-    DataError,
-    IteratorState,
-    PromptBatches,
-    PromptRecord,
-    load_tokenizer,
-    read_prompts,
-)
+from mathgrpo.config import ConfigError, DataConfig, from_dict
+from mathgrpo.data.prompts import DataError, IteratorState, PromptBatches, PromptRecord, load_tokenizer, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "dapo_math_17k_processed.parquet"

@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mathgrpo import evaluate, hf_io
-from mathgrpo.data import PromptRecord, load_tokenizer
+from mathgrpo.data.prompts import PromptRecord, load_tokenizer
+from mathgrpo.eval import validate
 from mathgrpo.rollout import Rollout, RolloutBatch, SamplingParams
+from mathgrpo.weights import hf
 
 N = 4
 
@@ -78,7 +79,7 @@ def scenario(tokenizer):
     """Two sources. "SetA": prompt 0 answers [7, 5, 5, 7] (truth 7), prompt 2 answers [3, 3, 3, 4]
     (truth 3); "SetB": prompt 1, truth 12, answers [11, no box, 12 without a stop token, 11]."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    stops = evaluate.default_stop_token_ids(tokenizer)
+    stops = validate.default_stop_token_ids(tokenizer)
 
     def response(text, stop=True):
         return tokenizer.encode(text, add_special_tokens=False) + ([im_end] if stop else [])
@@ -103,17 +104,17 @@ def scenario(tokenizer):
 
 
 def test_default_stop_tokens_are_eos_im_end_and_endoftext(tokenizer):
-    stops = evaluate.default_stop_token_ids(tokenizer)
+    stops = validate.default_stop_token_ids(tokenizer)
     expected = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     assert set(stops) == expected | {tokenizer.eos_token_id} and len(stops) == len(set(stops))
 
 
 def test_k_sizes():
-    assert evaluate.pass_at_k_sizes(16) == [1, 2, 4, 8, 16]
-    assert evaluate.pass_at_k_sizes(6) == [1, 2, 4]
-    assert evaluate.bootstrap_sizes(16) == [2, 4, 8, 16]
-    assert evaluate.bootstrap_sizes(6) == [2, 4, 6]  # verl: powers of two below n, then n
-    assert evaluate.bootstrap_sizes(1) == []
+    assert validate.pass_at_k_sizes(16) == [1, 2, 4, 8, 16]
+    assert validate.pass_at_k_sizes(6) == [1, 2, 4]
+    assert validate.bootstrap_sizes(16) == [2, 4, 8, 16]
+    assert validate.bootstrap_sizes(6) == [2, 4, 6]  # verl: powers of two below n, then n
+    assert validate.bootstrap_sizes(1) == []
 
 
 def test_validate_metrics_against_hand_values(scenario, tokenizer, tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_validate_metrics_against_hand_values(scenario, tokenizer, tmp_path, cap
     assert isinstance(engine, Rollout)
     params = SamplingParams(n=N, max_tokens=32, stop_token_ids=engine.stop_token_ids, seed=5)
     jsonl_path = tmp_path / "validation" / "g.jsonl"  # the directory does not exist yet
-    metrics, generations = evaluate.validate(engine, records, tokenizer, params, jsonl_path=jsonl_path,
+    metrics, generations = validate.validate(engine, records, tokenizer, params, jsonl_path=jsonl_path,
                                              log_generations=2)
     assert engine.calls == [(3, params)]  # one call, all prompts, the caller's params (seed 5)
 
@@ -171,7 +172,7 @@ def test_validate_metrics_against_hand_values(scenario, tokenizer, tmp_path, cap
     # Logged generations: verl's choice (sort by prompt, RandomState(42) shuffle, first 2), printed.
     ordered = sorted(generations, key=lambda g: g["prompt"])
     np.random.RandomState(42).shuffle(ordered)
-    assert evaluate.select_logged_generations(generations, 2) == ordered[:2]
+    assert validate.select_logged_generations(generations, 2) == ordered[:2]
     printed = capsys.readouterr().out
     assert printed.count("[generation ") == 2 and ordered[0]["response"] in printed
 
@@ -180,8 +181,8 @@ def test_sources_are_independent(scenario, tokenizer):
     """A source's metrics depend only on its own samples: validating SetB alone changes nothing."""
     records, engine, _ = scenario
     params = SamplingParams(n=N, max_tokens=32, stop_token_ids=engine.stop_token_ids)
-    together, _ = evaluate.validate(engine, records, tokenizer, params)
-    alone, _ = evaluate.validate(engine, [records[1]], tokenizer, params)
+    together, _ = validate.validate(engine, records, tokenizer, params)
+    alone, _ = validate.validate(engine, [records[1]], tokenizer, params)
     assert alone == {key: value for key, value in together.items() if "/SetB/" in key}
 
 
@@ -198,7 +199,7 @@ def test_chunked_calls_and_auto_grader(scenario, tokenizer):
     engine.calls.clear()
     engine.first_prompts.clear()
     params = SamplingParams(n=N, max_tokens=32, stop_token_ids=engine.stop_token_ids, seed=3)
-    metrics, generations = evaluate.validate(engine, [records[0], dapo], tokenizer, params, grader="auto",
+    metrics, generations = validate.validate(engine, [records[0], dapo], tokenizer, params, grader="auto",
                                              prompts_per_call=1)
     assert [(count, p.seed) for count, p in engine.calls] == [(1, 3), (1, 3)] and engine.first_prompts == [0, 1]
     assert [g["score"] for g in generations[N:]] == [1.0, -1.0, 1.0, -1.0]
@@ -218,7 +219,7 @@ def test_engine_out_of_order_is_an_error(scenario, tokenizer):
                                 batch.finish_reasons)
 
     with pytest.raises(ValueError, match="prompt-major"):
-        evaluate.validate(Shuffled(engine.script, engine.stop_token_ids), records, tokenizer,
+        validate.validate(Shuffled(engine.script, engine.stop_token_ids), records, tokenizer,
                           SamplingParams(n=N, max_tokens=32))
 
 
@@ -228,19 +229,19 @@ def test_engine_out_of_order_is_an_error(scenario, tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, qwen3_tokenizer_dir):
-    from mathgrpo.tiny import make_tiny_qwen3
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     path = tmp_path_factory.mktemp("tiny_eval_model")
     make_tiny_qwen3(path, vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    assert hf_io.copy_tokenizer(qwen3_tokenizer_dir, path)
+    assert hf.copy_tokenizer(qwen3_tokenizer_dir, path)
     return path
 
 
 def run_eval(model, data, out, *extra):
-    args = evaluate.add_arguments(argparse.ArgumentParser()).parse_args(
+    args = validate.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--model", str(model), "--data", str(data), "--n", "2", "--max-tokens", "8", "--out", str(out), *extra])
-    assert evaluate.main(args) == 0
+    assert validate.main(args) == 0
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +272,7 @@ def test_eval_command_end_to_end(tiny_model_dir, aime_slice, tmp_path, capsys):
     assert "   best@k    maj@k   pass@k" in printed
 
     # The same weights as an Orbax params checkpoint (tokenizer found through its meta) sample the same.
-    from mathgrpo.checkpoint import hf_to_orbax
+    from mathgrpo.weights.orbax import hf_to_orbax
 
     hf_to_orbax(tiny_model_dir, tmp_path / "ckpt")
     run_eval(tmp_path / "ckpt", aime_slice, tmp_path / "out_ckpt")
@@ -302,12 +303,12 @@ def test_eval_command_with_vllm_gives_the_jax_samplers_greedy_generations(aime_s
     pytest.importorskip("vllm")
     from unittest import mock
 
-    from mathgrpo.tiny import make_tiny_qwen3
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     model = tmp_path / "model"  # head_dim 32: the smallest vLLM's CPU attention supports
     make_tiny_qwen3(model, vocab_size=151936, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32, initializer_range=0.2)
-    assert hf_io.copy_tokenizer(qwen3_tokenizer_dir, model)
+    assert hf.copy_tokenizer(qwen3_tokenizer_dir, model)
     with mock.patch.dict(os.environ):  # the command sets vLLM's environment
         run_eval(model, aime_slice, tmp_path / "vllm", "--engine", "vllm", "--temperature", "0", "--enforce-eager",
                  "--compute-dtype", "float32")

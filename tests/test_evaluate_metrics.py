@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from mathgrpo.evaluate_metrics import (
+from mathgrpo.eval.metrics import (
     bootstrap_metric,
     calc_maj_val,
     compute_validation_metrics,

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mathgrpo import grpo
 from mathgrpo.config import ModelConfig
-from mathgrpo.fused_head import fused_logprobs, vocab_block_size
 from mathgrpo.model import init_params, logits
+from mathgrpo.rl import logprobs as rl_logprobs
+from mathgrpo.rl.fused_head import fused_logprobs, vocab_block_size
 
 
 def reference(hidden, kernel, targets, count, temperature):
@@ -98,7 +98,7 @@ def test_masked_token_logprobs_score_only_the_masked_positions():
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 19)))
     positions = jnp.broadcast_to(jnp.arange(19), (2, 19))
     mask = jnp.asarray(rng.random((2, 19)) < 0.5).at[:, 0].set(True)  # position 0 has no prediction
-    logprobs, entropy = grpo.token_logprobs(TINY, params, tokens, positions, jnp.ones_like(tokens), mask=mask,
+    logprobs, entropy = rl_logprobs.token_logprobs(TINY, params, tokens, positions, jnp.ones_like(tokens), mask=mask,
                                             chunk_size=4, vocab_block=64)
     full = np.asarray(logits(TINY, params, tokens), np.float64)  # [B, T, V]
     log_softmax = full - full.max(-1, keepdims=True)

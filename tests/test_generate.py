@@ -9,8 +9,8 @@ from unittest import mock
 
 import pytest
 
-from mathgrpo import checkpoint, hf_io
-from mathgrpo.rollout import generate
+from mathgrpo.tools import generate
+from mathgrpo.weights import hf, orbax
 
 PROMPT = "What is 2 + 3?"
 HEADER = re.compile(r"^--- completion (\d+)/(\d+): finish=(stop|length), (\d+) tokens, mean log-prob (-?\d+\.\d+)$",
@@ -20,13 +20,13 @@ HEADER = re.compile(r"^--- completion (\d+)/(\d+): finish=(stop|length), (\d+) t
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, qwen3_tokenizer_dir):
     """Tiny everywhere but the vocabulary, which must cover the real tokenizer's 151,643 + special ids."""
-    from mathgrpo.tiny import make_tiny_qwen3
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     path = tmp_path_factory.mktemp("tiny_generate")
     make_tiny_qwen3(path, vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=None,
                     eos_token_id=151643, tie_word_embeddings=True)
-    hf_io.copy_tokenizer(qwen3_tokenizer_dir, path)
+    hf.copy_tokenizer(qwen3_tokenizer_dir, path)
     return path
 
 
@@ -48,7 +48,7 @@ def test_greedy_is_deterministic_and_n_prints_n_completions(capsys, model_dir, q
     out, headers = _run(capsys, model_dir, "--temperature", "0")
     assert len(headers) == 1 and headers[0][:2] == ("1", "1")
     # The prompt is the chat template's rendering of one user message.
-    from mathgrpo.data import load_tokenizer
+    from mathgrpo.data.prompts import load_tokenizer
 
     tokenizer = load_tokenizer(qwen3_tokenizer_dir)
     ids = generate.chat_prompt_ids(tokenizer, PROMPT)
@@ -71,7 +71,7 @@ def test_greedy_is_deterministic_and_n_prints_n_completions(capsys, model_dir, q
 
 def test_orbax_checkpoint_gives_the_same_greedy_text(capsys, model_dir, tmp_path):
     """A params checkpoint converted from the HF dir (its tokenizer recorded in meta) samples the same."""
-    checkpoint.hf_to_orbax(model_dir, tmp_path / "ckpt")
+    orbax.hf_to_orbax(model_dir, tmp_path / "ckpt")
     hf_out, _ = _run(capsys, model_dir, "--temperature", "0")
     ckpt_out, _ = _run(capsys, tmp_path / "ckpt", "--temperature", "0")
     assert ckpt_out == hf_out
@@ -94,12 +94,12 @@ def test_vllm_engine_prints_the_jax_samplers_greedy_text(capsys, qwen3_tokenizer
     """`--engine vllm` (vLLM's CPU build here): greedy completions equal the JAX sampler's (fp32: in bf16
     the two engines' roundings differ)."""
     pytest.importorskip("vllm")
-    from mathgrpo.tiny import make_tiny_qwen3
+    from mathgrpo.testing.tiny import make_tiny_qwen3
 
     make_tiny_qwen3(tmp_path, vocab_size=151936, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32, bos_token_id=None,
                     eos_token_id=151643, tie_word_embeddings=True, initializer_range=0.2)
-    hf_io.copy_tokenizer(qwen3_tokenizer_dir, tmp_path)
+    hf.copy_tokenizer(qwen3_tokenizer_dir, tmp_path)
     with mock.patch.dict(os.environ):
         vllm_out, headers = _run(capsys, tmp_path, "--temperature", "0", "--n", "2", "--engine", "vllm",
                                  "--compute-dtype", "float32")

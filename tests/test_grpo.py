@@ -1,4 +1,5 @@
-"""grpo.py against a PyTorch transcription of verl's formulas (core_algos.py, rollout_corr_helper.py).
+"""mathgrpo.rl (losses, advantages, rollout correction) against a PyTorch transcription of verl's formulas
+(core_algos.py, rollout_corr_helper.py).
 
 The `verl_*` functions below are written from verl's source (recipe_spec §2.1-2.6) and are the
 reference; ours must agree to 1e-6 in fp32 on random inputs, gradients included, with edge cases:
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from mathgrpo import grpo
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import init_params, logits
+from mathgrpo.rl import advantages as rl_advantages
+from mathgrpo.rl import logprobs as rl_logprobs
+from mathgrpo.rl import losses, rollout_correction
 
 # --- the reference: verl in torch ---------------------------------------------------------------
 
@@ -113,7 +116,7 @@ def test_group_advantages_match_verl(group_size, norm_by_std):
     scores = rng.integers(0, 2, 32).astype(np.float32)
     scores[:group_size] = 1.0  # an all-equal group
     expected = verl_grpo_advantages(torch.from_numpy(scores), group_size, norm_by_std=norm_by_std)
-    got = grpo.group_advantages(scores, group_size, norm_by_std=norm_by_std)
+    got = rl_advantages.group_advantages(scores, group_size, norm_by_std=norm_by_std)
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
     if group_size > 1:
         assert np.all(np.asarray(got[:group_size]) == 0.0)  # equal scores give exactly 0
@@ -121,12 +124,12 @@ def test_group_advantages_match_verl(group_size, norm_by_std):
 
 def test_group_advantages_hand_values():
     """Scores [1, 0, 0, 0]: mean 1/4, unbiased std sqrt((9/16 + 3/16)/3) = 1/2, so A = [1.5, -.5, -.5, -.5]."""
-    np.testing.assert_allclose(grpo.group_advantages([1.0, 0, 0, 0], 4, eps=0.0), [1.5, -0.5, -0.5, -0.5])
+    np.testing.assert_allclose(rl_advantages.group_advantages([1.0, 0, 0, 0], 4, eps=0.0), [1.5, -0.5, -0.5, -0.5])
     with pytest.raises(ValueError, match="groups of 4"):
-        grpo.group_advantages([1.0, 0, 0], 4)
+        rl_advantages.group_advantages([1.0, 0, 0], 4)
 
 
-@pytest.mark.parametrize("mode", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
 @pytest.mark.parametrize("with_is", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_policy_loss_matches_verl(mode, with_is, seed):
@@ -141,7 +144,7 @@ def test_policy_loss_matches_verl(mode, with_is, seed):
     loss_ref.backward()
 
     def ours(lp):
-        return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask), clip_low=0.2,
+        return losses.policy_loss(lp, jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask), clip_low=0.2,
                                 clip_high=0.28, clip_c=3.0, agg=mode,
                                 is_weights=None if is_weights is None else jnp.asarray(is_weights),
                                 sequence_count=(mask.sum(-1) > 0).sum() if mode == "seq-mean-token-sum-norm" else None)
@@ -163,7 +166,7 @@ def test_gspo_matches_verl():
                                torch.tensor(mask), 0.2, 0.2).item()
 
     def ours(lp):
-        return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask),
+        return losses.policy_loss(lp, jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask),
                                 agg="seq-mean-token-mean", importance_level="sequence")[0]
 
     loss, grad = jax.value_and_grad(ours)(jnp.asarray(logprobs))
@@ -176,7 +179,7 @@ def test_ratio_one_makes_clipping_inert():
     logprobs, _, advantages, mask = random_inputs(4)
 
     def ours(lp):
-        return grpo.policy_loss(lp, jax.lax.stop_gradient(lp), jnp.asarray(advantages), jnp.asarray(mask),
+        return losses.policy_loss(lp, jax.lax.stop_gradient(lp), jnp.asarray(advantages), jnp.asarray(mask),
                                 clip_low=0.01, clip_high=0.01)
 
     (loss, metrics), grad = jax.value_and_grad(ours, has_aux=True)(jnp.asarray(logprobs))
@@ -189,7 +192,8 @@ def test_ratio_one_makes_clipping_inert():
 def test_truncated_importance_weights_match_verl():
     logprobs, rollout, _, mask = random_inputs(5)
     expected, untruncated = verl_tis(torch.tensor(logprobs), torch.tensor(rollout), torch.tensor(mask), 2.0)
-    got, got_untruncated = grpo.rollout_is_weights(jnp.asarray(logprobs), jnp.asarray(rollout), jnp.asarray(mask))
+    got, got_untruncated = rollout_correction.rollout_is_weights(jnp.asarray(logprobs), jnp.asarray(rollout),
+                                                                 jnp.asarray(mask))
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
     np.testing.assert_allclose(got_untruncated, untruncated.numpy(), rtol=1e-6)
     assert float(jnp.max(got)) == 2.0
@@ -214,12 +218,12 @@ def test_rollout_correction_metrics_match_verl():
         "log_ppl_diff": (mean_rollout - mean_train).mean(),
         "chi2_token": verl_masked_mean(torch.exp(log_ratio.clamp(-20, 20)) ** 2, mask_t) - 1.0,
     }
-    got = grpo.rollout_correction_metrics(jnp.asarray(logprobs), jnp.asarray(rollout), jnp.asarray(mask))
+    got = rollout_correction.rollout_correction_metrics(jnp.asarray(logprobs), jnp.asarray(rollout), jnp.asarray(mask))
     for name, value in expected.items():
         np.testing.assert_allclose(got[f"rollout_corr/{name}"], value.item(), rtol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("kind", grpo.KL_TYPES)
+@pytest.mark.parametrize("kind", losses.KL_TYPES)
 def test_kl_penalty_matches_verl(kind):
     rng = np.random.default_rng(7)
     lp, ref = rng.normal(-2, 1, 50), rng.normal(-2, 1, 50)
@@ -231,7 +235,8 @@ def test_kl_penalty_matches_verl(kind):
         kl = ref - lp
         expected = np.clip(np.exp(kl) - kl - 1, -10, 10)
     # fp32 cancellation in exp(kl) - kl - 1 near kl = 0: absolute 1e-6
-    np.testing.assert_allclose(grpo.kl_penalty(jnp.asarray(lp), jnp.asarray(ref), kind), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses.kl_penalty(jnp.asarray(lp), jnp.asarray(ref), kind), expected,
+                               rtol=1e-6, atol=1e-6)
 
 
 TINY = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -244,7 +249,7 @@ def test_chunked_logprobs_and_entropy_equal_full_softmax(temperature, chunk):
     params = init_params(TINY, jax.random.key(1))
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, TINY.vocab_size, (2, 13)))
     positions = jnp.broadcast_to(jnp.arange(13), (2, 13))
-    logprobs, entropy = grpo.token_logprobs(TINY, params, tokens, positions, jnp.ones_like(tokens),
+    logprobs, entropy = rl_logprobs.token_logprobs(TINY, params, tokens, positions, jnp.ones_like(tokens),
                                             temperature=temperature, chunk_size=chunk)
     full = np.asarray(logits(TINY, params, tokens), np.float64) / temperature  # [B, T, V]
     log_softmax = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -267,7 +272,7 @@ def test_logprob_pass_memory_is_far_below_full_logits():
     tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
 
     def loss(p, tokens):
-        lp, ent = grpo.token_logprobs(config, p, tokens, jnp.broadcast_to(jnp.arange(T), (1, T)),
+        lp, ent = rl_logprobs.token_logprobs(config, p, tokens, jnp.broadcast_to(jnp.arange(T), (1, T)),
                                       jnp.ones_like(tokens), chunk_size=512)
         return jnp.sum(lp) + jnp.sum(jax.lax.stop_gradient(ent))
 

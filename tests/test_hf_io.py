@@ -12,9 +12,9 @@ import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.torch import load_file, save_file
 
-from mathgrpo import hf_io
 from mathgrpo.config import ConfigError
 from mathgrpo.model import abstract_params, logits
+from mathgrpo.weights import hf
 
 SHAPE = dict(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3, head_dim=16)
 
@@ -41,9 +41,9 @@ def assert_bitwise_equal(a: dict, b: dict):
 def test_sharded_bf16_round_trip_is_bitwise(tiny_hf_dir, tmp_path, tied, param_dtype):
     source = tiny_hf_dir("bfloat16", max_shard_size="40KB", tie_word_embeddings=tied, **SHAPE)
     assert os.path.exists(source / "model.safetensors.index.json")
-    config, params = hf_io.load(source, dtype=param_dtype)
+    config, params = hf.load(source, dtype=param_dtype)
     assert all(leaf.dtype == jnp.dtype(param_dtype) for leaf in jax.tree.leaves(params))
-    hf_io.save(config, params, tmp_path / "out", dtype="bfloat16", max_shard_bytes=40_000)
+    hf.save(config, params, tmp_path / "out", dtype="bfloat16", max_shard_bytes=40_000)
     assert_bitwise_equal(all_tensors(source), all_tensors(tmp_path / "out"))
     assert ("lm_head.weight" in all_tensors(tmp_path / "out")) == (not tied)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -57,8 +57,8 @@ def test_export_loads_in_transformers_with_identical_logits(tiny_hf_dir, tmp_pat
     import transformers
 
     source = tiny_hf_dir("float32", tie_word_embeddings=True, **SHAPE)
-    config, params = hf_io.load(source)
-    hf_io.save(config, params, tmp_path / "out", dtype="float32")
+    config, params = hf.load(source)
+    hf.save(config, params, tmp_path / "out", dtype="float32")
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "generation_config.json", "model.safetensors"]
     original = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -72,8 +72,8 @@ def test_export_loads_in_transformers_with_identical_logits(tiny_hf_dir, tmp_pat
 
 
 def test_tokenizer_and_generation_config_are_written(tiny_hf_dir, tmp_path, qwen3_tokenizer_dir):
-    config, params = hf_io.load(tiny_hf_dir(**SHAPE))
-    hf_io.save(config, params, tmp_path / "out", tokenizer_dir=qwen3_tokenizer_dir,
+    config, params = hf.load(tiny_hf_dir(**SHAPE))
+    hf.save(config, params, tmp_path / "out", tokenizer_dir=qwen3_tokenizer_dir,
                generation_config={"eos_token_id": [2, 3], "max_new_tokens": 7})
     assert {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["max_new_tokens"] == 7
@@ -83,7 +83,7 @@ def test_load_straight_into_shardings(tiny_hf_dir):
     """Each device receives only its shard; values equal the single-device load."""
     source = tiny_hf_dir("bfloat16", **SHAPE)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
-    config, reference = hf_io.load(source)
+    config, reference = hf.load(source)
 
     def shardings(config):
         # Split the largest axis of each leaf over fsdp when it divides, else replicate.
@@ -96,7 +96,7 @@ def test_load_straight_into_shardings(tiny_hf_dir):
             return NamedSharding(mesh, PartitionSpec(*axes))
         return jax.tree.map(one, abstract_params(config))
 
-    config, sharded = hf_io.load(source, shardings=shardings)
+    config, sharded = hf.load(source, shardings=shardings)
     expected_shardings = shardings(config)
     for leaf, ref, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference),
                                    jax.tree.leaves(expected_shardings)):
@@ -125,22 +125,22 @@ def rewrite(path, change):
 
 def test_missing_tensor_is_named(single_file_dir):
     rewrite(single_file_dir, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-    with pytest.raises(hf_io.HFFormatError, match=r"missing tensor.*model\.layers\.1\.self_attn\.k_norm\.weight"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match=r"missing tensor.*model\.layers\.1\.self_attn\.k_norm\.weight"):
+        hf.load(single_file_dir)
 
 
 def test_extra_tensor_is_named(single_file_dir):
     rewrite(single_file_dir, lambda t: t.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
-    with pytest.raises(hf_io.HFFormatError, match=r"unexpected tensor.*model\.layers\.9\.mlp\.up_proj\.weight"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match=r"unexpected tensor.*model\.layers\.9\.mlp\.up_proj\.weight"):
+        hf.load(single_file_dir)
 
 
 def test_wrong_shape_is_named(single_file_dir):
     def change(t):
         t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
     rewrite(single_file_dir, change)
-    with pytest.raises(hf_io.HFFormatError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*shape.*expected"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*shape.*expected"):
+        hf.load(single_file_dir)
 
 
 def test_non_qwen3_config(single_file_dir):
@@ -148,15 +148,15 @@ def test_non_qwen3_config(single_file_dir):
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (single_file_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="not a dense Qwen3"):
-        hf_io.load(single_file_dir)
+        hf.load(single_file_dir)
 
 
 def test_config_shape_mismatch_names_the_tensor(single_file_dir):
     config = json.loads((single_file_dir / "config.json").read_text())
     config["intermediate_size"] = 100
     (single_file_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_io.HFFormatError, match=r"gate_proj\.weight.*has shape"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match=r"gate_proj\.weight.*has shape"):
+        hf.load(single_file_dir)
 
 
 @pytest.fixture
@@ -168,16 +168,16 @@ def sharded_dir(tiny_hf_dir, tmp_path):
 
 def test_broken_index_json(sharded_dir):
     (sharded_dir / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(hf_io.HFFormatError, match="broken index"):
-        hf_io.load(sharded_dir)
+    with pytest.raises(hf.HFFormatError, match="broken index"):
+        hf.load(sharded_dir)
 
 
 def test_index_pointing_to_a_missing_file(sharded_dir):
     index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     os.remove(sharded_dir / first)
-    with pytest.raises(hf_io.HFFormatError, match=f"{first}.*does not exist"):
-        hf_io.load(sharded_dir)
+    with pytest.raises(hf.HFFormatError, match=f"{first}.*does not exist"):
+        hf.load(sharded_dir)
 
 
 def test_index_listing_a_tensor_its_file_lacks(sharded_dir):
@@ -185,19 +185,19 @@ def test_index_listing_a_tensor_its_file_lacks(sharded_dir):
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.norm.weight"] = sorted(set(index["weight_map"].values()))[0]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(hf_io.HFFormatError, match=r"model\.norm\.weight.*lacks it"):
-        hf_io.load(sharded_dir)
+    with pytest.raises(hf.HFFormatError, match=r"model\.norm\.weight.*lacks it"):
+        hf.load(sharded_dir)
 
 
 def test_truncated_safetensors_file(single_file_dir):
     path = single_file_dir / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(hf_io.HFFormatError, match="model.safetensors"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match="model.safetensors"):
+        hf.load(single_file_dir)
 
 
 def test_no_weights_at_all(single_file_dir):
     os.remove(single_file_dir / "model.safetensors")
-    with pytest.raises(hf_io.HFFormatError, match="no model.safetensors"):
-        hf_io.load(single_file_dir)
+    with pytest.raises(hf.HFFormatError, match="no model.safetensors"):
+        hf.load(single_file_dir)

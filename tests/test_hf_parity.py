@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mathgrpo import hf_io
 from mathgrpo.model import forward, positions_from_segments
-from mathgrpo.parity import TOLERANCES, compare_logits, random_batch, run_parity
+from mathgrpo.tools.parity import TOLERANCES, compare_logits, random_batch, run_parity
+from mathgrpo.weights import hf
 
 CONFIGS = {
     "G1-untied-1layer": dict(num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1),
@@ -64,7 +64,7 @@ def test_gradient_matches_pytorch(tiny_hf_dir, name):
     path = tiny_hf_dir(**CONFIGS[name])
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                                     attn_implementation="eager")
-    config, params = hf_io.load(path, dtype="float32", compute_dtype="float32")
+    config, params = hf.load(path, dtype="float32", compute_dtype="float32")
     tokens, mask = random_batch(config.vocab_size, 3, 20, seed=7)
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
 
@@ -88,7 +88,7 @@ def test_gradient_matches_pytorch(tiny_hf_dir, name):
 
     grads = jax.grad(loss)(params)
     compared = 0
-    for hf_name, ours in hf_io.hf_tensors(config, grads):
+    for hf_name, ours in hf.hf_tensors(config, grads):
         reference = torch_grads[hf_name]
         error = np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-30)
         assert error <= 1e-4, (hf_name, error)

@@ -4,11 +4,11 @@ import subprocess
 import sys
 import textwrap
 
-from mathgrpo import host_memory
+from mathgrpo.utils import host_memory
 
 SCRIPT = textwrap.dedent("""
     import os, resource, sys
-    from mathgrpo import host_memory
+    from mathgrpo.utils import host_memory
     applied = host_memory.keep_freed_host_memory() if sys.argv[1] == "apply" else False
     import jax, jax.numpy as jnp
     x = jnp.ones((2**24,))  # 64 MiB
@@ -64,7 +64,7 @@ def test_an_installed_jax_plugin_counts_as_an_accelerator(monkeypatch, tmp_path)
 
 
 RELEASE = textwrap.dedent("""
-    from mathgrpo import host_memory
+    from mathgrpo.utils import host_memory
     assert host_memory.keep_freed_host_memory()
     import numpy as np
 

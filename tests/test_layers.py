@@ -282,14 +282,15 @@ def described_fsdp8_hlo(loss, arg_specs, shapes):
     import flax.linen as nn
     from jax.sharding import Mesh, NamedSharding
 
-    from mathgrpo import plan, sharding
     from mathgrpo.config import MeshConfig
+    from mathgrpo.parallel import mesh as parallel_mesh
+    from mathgrpo.tools import plan
 
     spec = Path(__file__).resolve().parent.parent / "configs" / "gpus" / "h100_sxm.txtpb"
     config = MeshConfig(data=1, fsdp=8, tensor=1)
     devices = plan.plan_devices(config, gpu_spec=spec.read_text())
     mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel_mesh.logical_rules(config)):
         step = jax.jit(jax.grad(loss), in_shardings=tuple(NamedSharding(mesh, s) for s in arg_specs))
         return step.lower(*shapes).compile().as_text()
 

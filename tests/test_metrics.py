@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mathgrpo import metrics
 from mathgrpo.config import load_model_config
+from mathgrpo.tracking import flops, plots, sinks, verl_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
@@ -28,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 def test_data_metrics_hand_batch():
     # Four responses; the second is aborted (length 0), the fourth hits max_response_length=10.
-    result = metrics.data_metrics(
+    result = verl_metrics.data_metrics(
         scores=[1.0, 0.0, 0.0, 1.0],
         advantages=[0.5, -3.0, -1.5, 1.5],
         response_lengths=[4, 0, 6, 10],
@@ -62,7 +62,7 @@ def test_data_metrics_hand_batch():
 
 
 def test_data_metrics_separate_rewards():
-    result = metrics.data_metrics(scores=[1.0, 0.0], rewards=[0.5, -0.25], advantages=[1.0, -1.0],
+    result = verl_metrics.data_metrics(scores=[1.0, 0.0], rewards=[0.5, -0.25], advantages=[1.0, -1.0],
                                   response_lengths=[3, 1], prompt_lengths=[2, 2], max_response_length=8,
                                   max_prompt_length=4)
     assert result["critic/score/mean"] == 0.5
@@ -108,7 +108,7 @@ def test_data_metrics_match_verl_token_tensors():
         token_scores[i, max(response_lengths[i] - 1, 0)] = scores[i]
     token_advantages = advantages[:, None] * attention_mask[:, P:]  # GRPO: broadcast, masked
     reference = verl_data_metrics(token_scores, token_advantages, attention_mask, R)
-    ours = metrics.data_metrics(scores=scores, advantages=advantages, response_lengths=response_lengths,
+    ours = verl_metrics.data_metrics(scores=scores, advantages=advantages, response_lengths=response_lengths,
                                 prompt_lengths=prompt_lengths, max_response_length=R, max_prompt_length=P)
     # verl's aborted rows still carry a score in this construction only if the score is non-zero;
     # the reference skips them just as ours does.
@@ -119,16 +119,16 @@ def test_data_metrics_match_verl_token_tensors():
 def test_data_metrics_errors():
     kwargs = dict(max_response_length=4, max_prompt_length=4)
     with pytest.raises(ValueError, match="advantages has 1 values but scores has 2"):
-        metrics.data_metrics(scores=[1, 0], advantages=[1], response_lengths=[1, 1], prompt_lengths=[1, 1],
+        verl_metrics.data_metrics(scores=[1, 0], advantages=[1], response_lengths=[1, 1], prompt_lengths=[1, 1],
                              **kwargs)
     with pytest.raises(ValueError, match="every response is empty"):
-        metrics.data_metrics(scores=[1, 0], advantages=[1, 1], response_lengths=[0, 0], prompt_lengths=[1, 1],
+        verl_metrics.data_metrics(scores=[1, 0], advantages=[1, 1], response_lengths=[0, 0], prompt_lengths=[1, 1],
                              **kwargs)
 
 
 def test_timing_metrics():
     timings = {"gen": 2.0, "reward": 0.5, "update_actor": 3.0, "adv": 0.04, "step": 6.0}
-    result = metrics.timing_metrics(timings, response_tokens=1000, total_tokens=4000)
+    result = verl_metrics.timing_metrics(timings, response_tokens=1000, total_tokens=4000)
     assert {k: result[f"timing_s/{k}"] for k in timings} == timings
     per_token = {k: v for k, v in result.items() if k.startswith("timing_per_token_ms/")}
     # gen: 2 s · 1000 / 1000 response tokens = 2 ms; update_actor: 3000 ms / 4000 = 0.75; adv: 40 / 4000.
@@ -138,7 +138,7 @@ def test_timing_metrics():
 
 def test_throughput_metrics():
     # 4000 tokens in a 2 s step on 8 devices: 4000 / 16 = 250 tokens/s/device.
-    assert metrics.throughput_metrics(total_tokens=4000, step_time=2.0, n_devices=8) == {
+    assert verl_metrics.throughput_metrics(total_tokens=4000, step_time=2.0, n_devices=8) == {
         "perf/total_num_tokens": 4000.0, "perf/time_per_step": 2.0, "perf/throughput": 250.0}
 
 
@@ -152,23 +152,23 @@ def test_mfu_qwen3_4b():
     #   MLP 3·2560·9728 = 74,711,040; attention projections 2560·(4096 + 1024 + 1024 + 4096) = 26,214,400;
     #   per layer 100,925,440, × 36 = 3,633,315,840; embedding + head 2·151936·2560 = 777,912,320.
     n_dense = 4_411_228_160
-    assert metrics.dense_parameters(model) == n_dense
+    assert flops.dense_parameters(model) == n_dense
     assert round(n_dense / 1e9, 3) == 4.411  # recipe_spec §2.8
     # Attention coefficient 12·128·32·36 = 1,769,472 ≈ 1.769e6: a one-token sequence adds it once.
-    assert metrics.flops_per_step(model, [1]) - 6 * n_dense == 1_769_472
+    assert flops.flops_per_step(model, [1]) - 6 * n_dense == 1_769_472
     # Two sequences of 1000 and 3000 tokens, 8 devices, 10 s, 989 TFLOP/s each:
     #   6·4,411,228,160·4000 = 105,869,475,840,000; 1,769,472·(1000² + 3000²) = 17,694,720,000,000;
     #   total 123,564,195,840,000 FLOPs → / 10 s / 989e12 / 8 = 0.00156173...
-    value = metrics.mfu(model, sequence_lengths=[1000, 3000], seconds=10.0, n_devices=8, peak_flops=989e12)
+    value = flops.mfu(model, sequence_lengths=[1000, 3000], seconds=10.0, n_devices=8, peak_flops=989e12)
     assert value == pytest.approx(123_564_195_840_000 / 10 / 989e12 / 8, rel=1e-12)
     assert value == pytest.approx(0.0015617, rel=1e-4)
-    two_epochs = metrics.mfu(model, sequence_lengths=[1000, 3000], seconds=10.0, n_devices=8, peak_flops=989e12,
+    two_epochs = flops.mfu(model, sequence_lengths=[1000, 3000], seconds=10.0, n_devices=8, peak_flops=989e12,
                              ppo_epochs=2)
     assert two_epochs == pytest.approx(2 * value)
     # The usual MFU accounting drops the embedding table (a gather) and halves the causal square:
     #   weights 4,411,228,160 − 151936·2560 = 4,022,272,000; attention 6·128·32·36 = 884,736 per token².
     #   6·4,022,272,000·4000 = 96,534,528,000,000; 884,736·(1000² + 3000²) = 8,847,360,000,000.
-    assert metrics.model_flops_per_step(model, [1000, 3000]) == 96_534_528_000_000 + 8_847_360_000_000
+    assert flops.model_flops_per_step(model, [1000, 3000]) == 96_534_528_000_000 + 8_847_360_000_000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,14 +185,14 @@ class FakeDevice:
 
 def test_memory_metrics():
     gib = 1024**3
-    result = metrics.memory_metrics(FakeDevice({"bytes_in_use": 1, "peak_bytes_in_use": 3 * gib // 2,
+    result = verl_metrics.memory_metrics(FakeDevice({"bytes_in_use": 1, "peak_bytes_in_use": 3 * gib // 2,
                                                 "pool_bytes": gib, "peak_pool_bytes": 5 * gib}))
     assert result["perf/max_memory_allocated_gb"] == 1.5 and result["perf/max_memory_reserved_gb"] == 5.0
-    cpu_only = metrics.memory_metrics(FakeDevice(None))
+    cpu_only = verl_metrics.memory_metrics(FakeDevice(None))
     assert set(cpu_only) == {"perf/cpu_memory_used_gb"}
     # This process has imported numpy and JAX: its peak RSS is well above 10 MiB and below 1 TiB.
     assert 0.01 < cpu_only["perf/cpu_memory_used_gb"] < 1024
-    real = metrics.memory_metrics()  # the first local JAX device (CPU here)
+    real = verl_metrics.memory_metrics()  # the first local JAX device (CPU here)
     assert "perf/cpu_memory_used_gb" in real
 
 
@@ -202,13 +202,13 @@ def test_reduce_metrics():
             {"actor/pg_loss": 2.0, "rollout_corr/rollout_is_max": 7.0, "response_length/min": 4.0,
              "global_seqlen/minmax_diff": 1.0},
             {"actor/pg_loss": 6.0}]
-    assert metrics.reduce_metrics(rows) == {
+    assert verl_metrics.reduce_metrics(rows) == {
         "actor/pg_loss": 3.0,  # mean of 1, 2, 6
         "rollout_corr/rollout_is_max": 7.0,
         "response_length/min": 4.0,
         "global_seqlen/minmax_diff": 3.0,  # "max" is tested before "min", as verl does
     }
-    assert metrics.reduce_metrics({"a/max": [1, 9], "b": [1, 2]}) == {"a/max": 9.0, "b": 1.5}
+    assert verl_metrics.reduce_metrics({"a/max": [1, 9], "b": [1, 2]}) == {"a/max": 9.0, "b": 1.5}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,11 +216,11 @@ def test_reduce_metrics():
 
 
 def test_crc32c_vectors():
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC catalogue's check value
-    assert metrics.crc32c(b"") == 0
-    assert metrics.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
-    assert metrics.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert metrics.crc32c(bytes(range(32))) == 0x46DD794E
+    assert sinks.crc32c(b"123456789") == 0xE3069283  # the CRC catalogue's check value
+    assert sinks.crc32c(b"") == 0
+    assert sinks.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
+    assert sinks.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert sinks.crc32c(bytes(range(32))) == 0x46DD794E
 
 
 def unmask(masked: int) -> int:
@@ -235,10 +235,10 @@ def read_tfrecords(path):
         header = data[offset:offset + 8]
         (length,) = struct.unpack("<Q", header)
         (length_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
-        assert unmask(length_crc) == metrics.crc32c(header)
+        assert unmask(length_crc) == sinks.crc32c(header)
         payload = data[offset + 12:offset + 12 + length]
         (payload_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
-        assert unmask(payload_crc) == metrics.crc32c(payload)
+        assert unmask(payload_crc) == sinks.crc32c(payload)
         records.append(payload)
         offset += 16 + length
     assert offset == len(data)
@@ -323,15 +323,15 @@ def event_message_class():
 
 def test_varint_encoding():
     # Protobuf's documented example: 150 → 96 01; 300 → AC 02; −1 as int64 → ten bytes.
-    assert metrics._varint(150) == b"\x96\x01" and metrics._varint(300) == b"\xac\x02"
-    assert metrics._varint(-1) == b"\xff" * 9 + b"\x01"
+    assert sinks._varint(150) == b"\x96\x01" and sinks._varint(300) == b"\xac\x02"
+    assert sinks._varint(-1) == b"\xff" * 9 + b"\x01"
 
 
 def test_tensorboard_event_file(tmp_path, capsys):
     steps = {1: {"critic/score/mean": 0.25, "actor/grad_norm": 1.5},
              2: {"critic/score/mean": 0.5, "actor/grad_norm": float("nan"), "val-core/AIME24/acc/mean@16": 0.1},
              300: {"critic/score/mean": 0.75, "perf/huge": 1e39}}  # beyond float32 → +inf
-    with metrics.MetricsLogger(tmp_path, total_steps=300) as logger:
+    with sinks.MetricsLogger(tmp_path, total_steps=300) as logger:
         for step, values in steps.items():
             logger.log(step, values)
     files = list((tmp_path / "tensorboard").iterdir())
@@ -360,13 +360,13 @@ def test_tensorboard_event_file(tmp_path, capsys):
 
 
 def test_jsonl_round_trip_and_progress(tmp_path, capsys):
-    logger = metrics.MetricsLogger(tmp_path, total_steps=10)
+    logger = sinks.MetricsLogger(tmp_path, total_steps=10)
     logger.log(1, {"critic/score/mean": np.float32(0.5), "response_length/mean": 812, "x": float("nan"),
                    "y": float("inf"), "timing_s/step": 4.0},
                samples=[{"prompt": "1+1?", "response": "\\boxed{2}", "score": np.float64(1.0)}])
     logger.log(2, {"critic/score/mean": 0.75, "timing_s/step": 6.0})
     logger.close()
-    rows = metrics.read_metrics_jsonl(tmp_path / "metrics.jsonl")
+    rows = sinks.read_metrics_jsonl(tmp_path / "metrics.jsonl")
     assert rows == [{"step": 1, "critic/score/mean": 0.5, "response_length/mean": 812.0, "x": None, "y": None,
                      "timing_s/step": 4.0},
                     {"step": 2, "critic/score/mean": 0.75, "timing_s/step": 6.0}]
@@ -377,15 +377,15 @@ def test_jsonl_round_trip_and_progress(tmp_path, capsys):
     assert lines == ["step 1/10 | critic/score/mean 0.5 | response_length/mean 812 | 4.0 s/step | eta 0:00:36",
                      "step 2/10 | critic/score/mean 0.75 | 5.0 s/step | eta 0:00:40"]
     # A resumed run appends to the same files.
-    with metrics.MetricsLogger(tmp_path) as again:
+    with sinks.MetricsLogger(tmp_path) as again:
         again.log(3, {"critic/score/mean": 1.0})
-    assert [row["step"] for row in metrics.read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    with pytest.raises(TypeError, match="'bad'"), metrics.MetricsLogger(tmp_path / "other") as other:
+    assert [row["step"] for row in sinks.read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    with pytest.raises(TypeError, match="'bad'"), sinks.MetricsLogger(tmp_path / "other") as other:
         other.log(1, {"bad": "text"})
 
 
 def test_progress_line_eta():
-    logger = metrics.MetricsLogger("unused", enabled=False, total_steps=279)
+    logger = sinks.MetricsLogger("unused", enabled=False, total_steps=279)
     logger._step_times = [35.2]
     line = logger.progress_line(12, {"actor/grad_norm": 0.1234, "critic/score/mean": 0.41,
                                      "response_length/mean": 812.4, "timing_s/step": 35.2})
@@ -395,7 +395,7 @@ def test_progress_line_eta():
 
 
 def test_disabled_logger_writes_nothing(tmp_path, capsys):
-    logger = metrics.MetricsLogger(tmp_path / "run", enabled=False, total_steps=3)
+    logger = sinks.MetricsLogger(tmp_path / "run", enabled=False, total_steps=3)
     logger.log(1, {"critic/score/mean": 1.0}, samples=[{"a": 1}])
     logger.close()
     assert not (tmp_path / "run").exists() and capsys.readouterr().out == ""
@@ -465,15 +465,15 @@ def test_plot_curves_png(tmp_path):
         rows.append(row)
     rows.append({"step": 20, "critic/score/mean": 0.9})  # a resumed run re-logs step 20: the last row wins
     path = tmp_path / "curves.png"
-    panels = metrics.plot_curves(rows, path)
+    panels = plots.plot_curves(rows, path)
     image, text = decode_png(path)
     keys = ["critic/score/mean", "response_length/mean", "actor/entropy", "val-core/AIME24/acc/mean@16"]
     assert [panel["key"] for panel in panels] == keys  # grad_norm absent; best@16 is not a mean@ curve
     assert panels[0]["y_range"][1] < 1.0  # the re-logged step 20 (0.9) replaced the first one (1.0)
     assert text["Comment"].split("\n") == keys
-    assert image.shape == (2 * metrics.PANEL_HEIGHT, 2 * metrics.PANEL_WIDTH, 3)
-    line = np.all(image == metrics.LINE_COLOR, axis=-1)
-    background = np.all(image == metrics.BACKGROUND, axis=-1)
+    assert image.shape == (2 * plots.PANEL_HEIGHT, 2 * plots.PANEL_WIDTH, 3)
+    line = np.all(image == plots.LINE_COLOR, axis=-1)
+    background = np.all(image == plots.BACKGROUND, axis=-1)
     inside = np.zeros_like(line)
     for panel in panels:
         left, top, right, bottom = panel["box"]
@@ -499,10 +499,10 @@ def test_plot_curves_png(tmp_path):
     assert not (line & ~inside).any()  # the curves stay inside their boxes
     # The title starts at (4, 5) of the first panel with a "C" in the 5x7 font.
     letter_c = [".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."]
-    drawn = np.all(image[5:12, 4:9] == metrics.AXES_COLOR, axis=-1)
+    drawn = np.all(image[5:12, 4:9] == plots.AXES_COLOR, axis=-1)
     assert ["".join("#" if bit else "." for bit in row) for row in drawn] == letter_c
 
 
 def test_plot_curves_without_data(tmp_path):
     with pytest.raises(ValueError, match="no finite values"):
-        metrics.plot_curves([{"step": 1, "other": 1.0}], tmp_path / "empty.png")
+        plots.plot_curves([{"step": 1, "other": 1.0}], tmp_path / "empty.png")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mathgrpo import checkpoint, demo_task, trainer
+from mathgrpo.testing import demo_task
+from mathgrpo.train import loop
+from mathgrpo.weights import orbax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -106,7 +108,7 @@ def test_two_processes_train_like_one(task, tmp_path, sampler):
 
 
 def test_a_diverging_process_stops_the_run_with_the_named_error(task, tmp_path):
-    code, log = launch(overrides(task, tmp_path / "run"), env_extra={trainer.PERTURB_SCORES_ENV: "1"}, timeout=300)
+    code, log = launch(overrides(task, tmp_path / "run"), env_extra={loop.PERTURB_SCORES_ENV: "1"}, timeout=300)
     assert code != 0
     assert "BatchMismatch: step 1: process 1's batch differs from process 0's" in log, log[-3000:]
 
@@ -137,11 +139,11 @@ def test_resume_after_one_process_is_killed_mid_step(task, tmp_path):
     code, log = launch(overrides(task, reference, "data.val_files=[]"), env_extra=cache)
     assert code == 0, log[-3000:]
     args = overrides(task, resumed, "data.val_files=[]")
-    code, log = launch(args, env_extra={**cache, trainer.KILL_AT_ENV: "step:2@1"})
+    code, log = launch(args, env_extra={**cache, loop.KILL_AT_ENV: "step:2@1"})
     assert code != 0 and "step 2: generated prompts" in log, log[-3000:]
     assert not (resumed / "hf").exists()
     # Step 1's save is asynchronous: the kill leaves it committed, or (still in flight) nothing at all.
-    committed = checkpoint.TrainCheckpointer(resumed / "checkpoints").all_steps()
+    committed = orbax.TrainCheckpointer(resumed / "checkpoints").all_steps()
     assert committed in ([], [1]), committed
     code, log = launch(args, env_extra=cache)
     assert code == 0, log[-3000:]

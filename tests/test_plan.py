@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mathgrpo import plan
 from mathgrpo.config import load_config
+from mathgrpo.rollout import base
+from mathgrpo.tools import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "qwen3_4b_base_grpo.yaml")
@@ -58,23 +59,24 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
 
     import jax
 
-    from mathgrpo import sharding
     from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
     from mathgrpo.model import abstract_params
+    from mathgrpo.parallel import mesh as parallel_mesh
+    from mathgrpo.parallel import shardings
 
     model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, param_dtype="float32",
                         compute_dtype="float32")
     mesh_config = MeshConfig(data=1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
-    rules = sharding.logical_rules(mesh_config)
-    params = plan._abstract(abstract_params(model), sharding.param_shardings(model, mesh, rules))
+    mesh = parallel_mesh.make_mesh(mesh_config, jax.devices()[:1])
+    rules = parallel_mesh.logical_rules(mesh_config)
+    params = plan._abstract(abstract_params(model), shardings.param_shardings(model, mesh, rules))
     inputs = plan.PlanInputs(model=model, mesh=mesh_config, grpo=GRPOConfig(), optim=OptimConfig(),
                              max_prompt_length=64, max_response_length=192, n=2, val_n=4, val_max_tokens=448)
     resident = 1_000_000
     at_five = {call: plan._pool_memory(inputs, mesh, rules, params, 5, sampling)["peak_bytes"]
-               for call, sampling in (("train", plan.SamplingParams(n=2, max_tokens=192)),
-                                      ("validation", plan.SamplingParams(n=4, top_p=0.95, max_tokens=448)))}
+               for call, sampling in (("train", base.SamplingParams(n=2, max_tokens=192)),
+                                      ("validation", base.SamplingParams(n=4, top_p=0.95, max_tokens=448)))}
     budget = resident + max(at_five.values()) + 1
     chosen = plan.plan_sampler(inputs, mesh, rules, params, resident=resident, budget=budget)
     assert chosen["chosen"] and chosen["least_slots"] == 4 and chosen["max_slots"] == 5 and chosen["fits"]

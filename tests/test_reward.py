@@ -14,19 +14,15 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from mathgrpo.reward import (
+from mathgrpo.reward.graders import (
     GradeTask,
-    RewardPool,
-    RewardWorkerError,
     _math_verify_shortcut,
     _plan_sympy_check,
-    compute_score,
     dapo_reward,
     dapo_score,
-    math_reward,
-    score_batch,
     select_grader,
 )
+from mathgrpo.reward.pool import RewardPool, RewardWorkerError, compute_score, math_reward, score_batch
 
 VALIDATION_FILES = ("aime24", "aime25", "amc23", "math500")
 
@@ -358,7 +354,7 @@ def test_compute_score_dispatch():
 SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
-from mathgrpo.reward import score_batch
+from mathgrpo.reward.pool import score_batch
 print("script body ran", flush=True)
 responses = [r"\\\\boxed{{\\\\frac{{4}}{{2}}}}", r"\\\\boxed{{0.5}}", r"\\\\boxed{{3}}"]
 scores, info = score_batch(responses, ["2", "1/2", "4"])

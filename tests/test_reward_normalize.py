@@ -7,7 +7,7 @@ obvious): Hendrycks MATH `_strip_string` with the MathQA units, PRM800K `_normal
 
 import pytest
 
-from mathgrpo.reward_normalize import (
+from mathgrpo.reward.normalize import (
     extract_boxed_answer,
     is_fraction_string,
     is_repetitive,

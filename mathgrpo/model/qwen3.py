@@ -2,7 +2,7 @@
 
 Follows HF `modeling_qwen3.py` (recipe_spec §5.2): pre-norm blocks; grouped-query attention whose
 per-head q/k RMSNorm comes *before* RoPE; rotate-half RoPE; SwiGLU MLP; no biases; tied or untied
-LM head. Parameter names follow HF (`q_proj`, `k_norm`, `input_layernorm`), so `hf_io`'s table is
+LM head. Parameter names follow HF (`q_proj`, `k_norm`, `input_layernorm`), so `weights/hf.py`'s table is
 identity plus reshapes. Legend in `layers.py`.
 
 Departures from HF, each deliberate:
@@ -426,7 +426,7 @@ def abstract_params(config: ModelConfig) -> Params:
 
 
 def logical_axes(config: ModelConfig) -> Params:
-    """PartitionSpecs of logical axis names, one per parameter (mapped to the mesh in sharding.py)."""
+    """PartitionSpecs of logical axis names, one per parameter (mapped to the mesh in parallel/mesh.py)."""
     return nn.get_partition_spec(_boxed_abstract(config))
 
 

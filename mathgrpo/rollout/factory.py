@@ -69,15 +69,15 @@ def make_engine(engine: str, config: ModelConfig, params: Any, *, max_length: in
                 mode = "raw_logprobs"
         return vllm_engine.VllmEngine(config, params, max_length=max_length, rollout=rollout, seed=seed,
                                       logprobs_mode=mode)
-    from mathgrpo import sharding
+    from mathgrpo.parallel import mesh as parallel_mesh
     from mathgrpo.rollout.jax_sampler import JaxSampler
 
     # Several processes: each samples its share on its own device from its own copy of the weights, as
     # each GPU's vLLM engine does, never through a decode step that spans every process's devices.
     # rollout.max_slots counts pool rows per device: the pool spans the mesh's batch shards.
     if mesh is not None and mesh.devices.size > 1 and jax.process_count() == 1:
-        slots = None if rollout.max_slots is None else rollout.max_slots * sharding.data_parallel_size(mesh)
-        return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or sharding.LOGICAL_RULES,
+        slots = None if rollout.max_slots is None else rollout.max_slots * parallel_mesh.data_parallel_size(mesh)
+        return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or parallel_mesh.LOGICAL_RULES,
                           max_slots=slots, burst_steps=rollout.burst_steps)
     return JaxSampler(config, params, max_length=max_length, max_slots=rollout.max_slots,
                       burst_steps=rollout.burst_steps)

@@ -45,7 +45,7 @@ Log-probs follow rollout/base.py: log_softmax(logits / T) of the sampled token o
 never renormalized by top-k/top-p (greedy: at T = 1).
 
 Sharding: with a `mesh` (sharding.make_mesh's data/fsdp/tensor axes), the sampler uses training's
-layout from sharding.py: its copy of the params has `param_shardings` under the same logical rules
+layout from parallel/: its copy of the params has `param_shardings` under the same logical rules
 (FSDP over "fsdp", heads/MLP/vocab over "tensor"), the KV cache has `cache_shardings` (batch over
 data × fsdp, kv heads over tensor), and the prompts and every [B, ...] buffer of the state split their
 batch over data × fsdp. The jitted functions take these as explicit in/out shardings and are
@@ -66,12 +66,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mathgrpo import sharding
 from mathgrpo.config import ModelConfig
 from mathgrpo.model import KVCache, abstract_params, forward, init_cache, output_kernel, positions_from_segments
+from mathgrpo.parallel import mesh as parallel_mesh
+from mathgrpo.parallel import shardings as parallel_shardings
+from mathgrpo.parallel.mesh import MeshJit
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
 from mathgrpo.rollout.sampling import sample
-from mathgrpo.train_step import MeshJit
 
 
 @flax.struct.dataclass
@@ -104,13 +105,13 @@ def state_shardings(mesh: Mesh, per_row_index: bool = False) -> SamplingState:
     """Shardings of a SamplingState: the cache as sharding.cache_shardings (its index split like the
     rows in a pool), every other [B, ...] buffer split on its batch dimension over (data, fsdp) (the
     rows' keys too), the step replicated."""
-    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))  # [B]
-    columns = NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, M]
-    cache = sharding.cache_shardings(mesh)
+    rows = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES))  # [B]
+    columns = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None))  # [B, M]
+    cache = parallel_shardings.cache_shardings(mesh)
     if per_row_index:
         cache = cache.replace(index=rows)
     return SamplingState(cache=cache, last_token=rows, position=rows, done=rows, tokens=columns,
-                         logprobs=columns, lengths=rows, rng=rows, limit=rows, step=sharding.replicated(mesh))
+                         logprobs=columns, lengths=rows, rng=rows, limit=rows, step=parallel_shardings.replicated(mesh))
 
 
 def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
@@ -327,8 +328,8 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     kwargs["gather_rows"]["donate_argnums"] = ()
     if mesh is None:
         return kwargs
-    prompts, one = NamedSharding(mesh, P(sharding.BATCH_AXES, None)), sharding.replicated(mesh)
-    rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    prompts, one = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)), parallel_shardings.replicated(mesh)
+    rows = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES))
     state, pool, weights = state_shardings(mesh), state_shardings(mesh, per_row_index=True), param_shardings
     kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state)
     kwargs["decode"].update(in_shardings=(weights, state), out_shardings=state)
@@ -371,7 +372,7 @@ class JaxSampler:
     """
 
     def __init__(self, config: ModelConfig, params: Any, *, max_length: int, mesh: Mesh | None = None,
-                 rules: Sequence = sharding.LOGICAL_RULES, prompt_bucket: int | None = None,
+                 rules: Sequence = parallel_mesh.LOGICAL_RULES, prompt_bucket: int | None = None,
                  min_prompt_bucket: int = 16, max_slots: int | None = None, burst_steps: int = 64):
         """
         Args:
@@ -405,13 +406,14 @@ class JaxSampler:
         self.mesh = mesh
         self.prompt_bucket = prompt_bucket
         self.min_prompt_bucket = min_prompt_bucket
-        self.batch_shards = 1 if mesh is None else sharding.data_parallel_size(mesh)
+        self.batch_shards = 1 if mesh is None else parallel_mesh.data_parallel_size(mesh)
         self.max_slots = None if max_slots is None else round_up(max_slots, self.batch_shards)
         self.burst_steps = burst_steps
         # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
-        self.param_shardings = None if mesh is None else sharding.param_shardings(config, mesh, rules)
+        self.param_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
         self.trace_counts: collections.Counter = collections.Counter()
-        self.prompt_sharding = None if mesh is None else NamedSharding(mesh, P(sharding.BATCH_AXES, None))  # [B, P]
+        self.prompt_sharding = (None if mesh is None  # [B, P]
+                                else NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)))
         shardings = jit_shardings(mesh, self.param_shardings)
         jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
         self._prefill, self._decode = jitted["prefill"], jitted["decode"]
@@ -471,7 +473,7 @@ class JaxSampler:
             return self._tails[key]
         widths = sorted({max(round_up(rows >> k, self.batch_shards), self.batch_shards) for k in (1, 2, 3)} - {rows},
                         reverse=True)
-        one = None if self.mesh is None else sharding.replicated(self.mesh)
+        one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
         shardings = None if self.mesh is None else state_shardings(self.mesh, per_row_index=True)
         config, mesh = self.config, self.mesh
 
@@ -516,7 +518,7 @@ class JaxSampler:
         static = params.replace(n=1, seed=0)  # n and seed must not key the compile cache
         seed_key = jax.random.key(params.seed)
         if self.mesh is not None:
-            seed_key = jax.device_put(seed_key, sharding.replicated(self.mesh))
+            seed_key = jax.device_put(seed_key, parallel_shardings.replicated(self.mesh))
         if self.max_slots is None:
             tokens, logprobs, lengths = self._generate_static(prompts, params, static, seed_key, first_prompt, limits)
         else:
@@ -549,7 +551,7 @@ class JaxSampler:
         row_limits[:R] = np.repeat(limits, params.n)
         if self.mesh is not None:
             tokens, segments, row_ids = jax.device_put((tokens, segments, row_ids), self.prompt_sharding)
-            row_limits = jax.device_put(row_limits, NamedSharding(self.mesh, P(sharding.BATCH_AXES)))
+            row_limits = jax.device_put(row_limits, NamedSharding(self.mesh, P(parallel_mesh.BATCH_AXES)))
         state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, seed_key, row_ids,
                               row_limits)
         if M > 1:
@@ -613,7 +615,7 @@ class JaxSampler:
             while not waiting and len(live) and (smaller := next((w for w in tail if w < len(owner)), 0)) >= len(live):
                 rows = np.concatenate([np.flatnonzero(owner >= 0), np.flatnonzero(owner < 0)])[:smaller]
                 state = tail[smaller][0](state, rows.astype(np.int32) if mesh is None else
-                                         jax.device_put(rows.astype(np.int32), sharding.replicated(mesh)))
+                                         jax.device_put(rows.astype(np.int32), parallel_shardings.replicated(mesh)))
                 owner = owner[rows]
         R = len(prompts) * n
         lengths = np.array([len(results[r][0]) for r in range(R)], np.int32)

@@ -46,9 +46,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mathgrpo import hf_io
 from mathgrpo.config import ModelConfig, RolloutConfig
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
+from mathgrpo.weights import hf
 
 VLLM_VERSION = "0.32.0"
 MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside both pools
@@ -306,12 +306,12 @@ def _replicated(sharding: jax.sharding.Sharding) -> NamedSharding:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _hf_tensor(rule: hf_io.TensorRule, dtype: str, replicated: NamedSharding, leaf: jax.Array,
+def _hf_tensor(rule: hf.TensorRule, dtype: str, replicated: NamedSharding, leaf: jax.Array,
                layer: jax.Array | None) -> jax.Array:
     """One HF tensor from a (sharded) params leaf: slice the layer, cast (so the gather moves bf16),
     HF layout, replicate. Compiled once per table row; the layer index is traced."""
     tensor = leaf if layer is None else jax.lax.dynamic_index_in_dim(leaf, layer, keepdims=False)
-    tensor = hf_io.to_hf_layout(rule, tensor.astype(dtype))
+    tensor = hf.to_hf_layout(rule, tensor.astype(dtype))
     return jax.lax.with_sharding_constraint(tensor, replicated)
 
 
@@ -321,7 +321,7 @@ def hf_device_tensors(config: ModelConfig, params: Any, dtype: str = SYNC_DTYPE)
     The arrays stay on the devices (nothing goes through the host); every process gets a full copy.
     Collective across processes: all must iterate it to the end together.
     """
-    for name, (rule, layer, shape) in hf_io.expected_tensors(config).items():
+    for name, (rule, layer, shape) in hf.expected_tensors(config).items():
         leaf = _leaf(params, rule.path)
         if not isinstance(leaf, jax.Array):
             leaf = jnp.asarray(leaf)
@@ -516,7 +516,7 @@ class VllmEngine:
             owner = int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
             self.sync_dir = os.path.join(_tmpfs() or tempfile.gettempdir(), f"mathgrpo-weights-{owner}")
         # One file (no stale shards between syncs). hf_io.save writes from process 0 only.
-        hf_io.save(self.config, params, self.sync_dir, dtype=self.dtype,
+        hf.save(self.config, params, self.sync_dir, dtype=self.dtype,
                    max_shard_bytes=_total_bytes(self.config, self.dtype) + 1)
         if not self._reads_files:  # the "dummy" loader cannot read files
             self.llm.collective_rpc("update_config", args=({"load_config": {"load_format": "safetensors"}},))
@@ -561,4 +561,4 @@ def _repack_tied_head(model: Any) -> None:
 def _total_bytes(config: ModelConfig, dtype: str) -> int:
     """The size of all weights in `dtype`."""
     itemsize = np.dtype(jnp.dtype(dtype)).itemsize
-    return sum(math.prod(shape) * itemsize for _, _, shape in hf_io.expected_tensors(config).values())
+    return sum(math.prod(shape) * itemsize for _, _, shape in hf.expected_tensors(config).values())

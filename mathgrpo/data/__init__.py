@@ -1,0 +1,1 @@
+"""Prompts: verl's parquet schema, the chat template, resumable batches."""

@@ -1,0 +1,1 @@
+"""Validation: generate, grade, and verl's mean@k / best@k / maj@k / pass@k metrics."""

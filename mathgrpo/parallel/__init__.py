@@ -1,0 +1,1 @@
+"""The device mesh, logical-axis rules, shardings and multi-host initialization."""

@@ -1,0 +1,1 @@
+"""Reinforcement-learning math: log-probs, advantages, losses, rollout correction, distillation."""

@@ -1,0 +1,1 @@
+"""Metrics with verl's names and formulas, FLOP counts, and where metrics go."""

@@ -1,0 +1,1 @@
+"""Process-level helpers: which process logs, the host allocator."""

@@ -1,0 +1,1 @@
+"""Weights on disk: Hugging Face safetensors (one name table) and Orbax checkpoints."""
