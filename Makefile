@@ -9,11 +9,11 @@ else
 endif
 BIN := $(VENV)/bin
 # pytest-xdist workers: much of the suite's time is XLA compiles, which use one core each (2-core
-# machines: 17 min with 2 workers in session 7, 27 min serially in session 6). TEST_WORKERS=0: serial.
+# machines: 17 min with 2 workers, 27 min serially). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.mathgrpo-installed
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo demo-opd lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# On-policy distillation: the GRPO demo's policy teaches a weak student (runs `make demo`'s steps first if needed).
+demo-opd: $(STAMP)
+	$(BIN)/python scripts/demo_opd.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mathgrpo tests scripts benchmarks

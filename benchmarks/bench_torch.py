@@ -4,8 +4,8 @@ Each framework gets its own process and so its own host heap: in one process tor
 fragment the heap XLA:CPU takes its per-step temp buffer from (one ~4 GB block at the full bench
 size), the next step's block no longer fits in the hole it left, the heap grows, and on the virtual
 machines we run on fresh pages cost 0.5-3.5 s per GB: ours 4.4-5.7 s per step without page faults,
-10.1 s in a step that took 686 k of them, after torch's step had run in the same heap (BENCHMARKS.md,
-session 5). The worker applies the same allocator settings as our side (host_memory), which makes
+10.1 s in a step that took 686 k of them, after torch's step had run in the same heap
+(BENCHMARKS.md). The worker applies the same allocator settings as our side (host_memory), which makes
 torch's step faster too.
 
 `TorchSide` starts the worker (spawned: no JAX state is inherited), sends it one command at a time and
@@ -68,7 +68,7 @@ def padded_batch(prompts, responses, advantages):
 class _Reference:
     """The torch workloads, on `transformers.Qwen3ForCausalLM` loaded from `work_dir` (the weights ours
     loads too). Eager attention, as tiny.make_tiny_qwen3 builds it: on this padded batch SDPA's masked
-    path was not faster (train step 8.0-10.4 s eager vs 9.2-12.3 s SDPA, session 5)."""
+    path was not faster (train step 8.0-10.4 s eager vs 9.2-12.3 s SDPA; BENCHMARKS.md)."""
 
     def __init__(self, work_dir: str, threads: int):
         import torch

@@ -16,6 +16,8 @@ def _parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mathgrpo.config import ATTENTION_IMPLEMENTATIONS
+
     parser = argparse.ArgumentParser(prog="mathgrpo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--batch", type=int, default=2)
     parity.add_argument("--seq", type=int, default=16)
     parity.add_argument("--seed", type=int, default=0)
-    parity.add_argument("--attention", default="reference", choices=["reference", "blockwise", "cudnn"])
+    parity.add_argument("--attention", default="reference", choices=list(ATTENTION_IMPLEMENTATIONS))
     train = commands.add_parser("train", help="run (or resume) GRPO training from an experiment config")
     train.add_argument("--config", required=True)
     train.add_argument("overrides", nargs="*", help="key.path=value")

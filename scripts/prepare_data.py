@@ -4,7 +4,7 @@
     python scripts/prepare_data.py jsonl aime24.jsonl aime24.parquet --data-source AIME24 --split test
 
 Layouts:
-- `open-r1`: open-r1/DAPO-Math-17k-Processed (recipe_spec §4): `prompt` is the bare problem (a string),
+- `open-r1`: open-r1/DAPO-Math-17k-Processed (docs/recipe.md §4): `prompt` is the bare problem (a string),
   `solution` its answer, plus `data_source`, `source_prompt` (DAPO's original chat, with its
   "Answer:" instructions), `ability`, `reward_model`, `extra_info`. The user message becomes
   `prompt + suffix` (or, with --use-source-prompt, `source_prompt` unchanged); the ground truth is
@@ -13,7 +13,7 @@ Layouts:
 
 The default suffix is the validation sets' " Please reason step by step, and put your final answer
 within \\boxed{}.". The recipe's 17,917-row train file has the suffix with double braces,
-"\\boxed{{}}." (recipe_spec §1.3); pass --suffix to reproduce it. Nothing is downloaded.
+"\\boxed{{}}." (docs/recipe.md §1.3); pass --suffix to reproduce it. Nothing is downloaded.
 
 Output columns: `prompt` (list of {content, role}), `data_source`, `ability`, `reward_model`
 {ground_truth (string), style}, `extra_info` {index, split, ...}.

@@ -18,7 +18,7 @@ SUFFIX = " Please reason step by step, and put your final answer within \\boxed{
 
 
 def recipe_prompt(content: str) -> str:
-    """recipe_spec §1.3: Qwen3's template with enable_thinking=False, written out by hand."""
+    """docs/recipe.md §1.3: Qwen3's template with enable_thinking=False, written out by hand."""
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -62,7 +62,7 @@ def chat(content):
 def test_train_file_reads_with_overlong_prompts_dropped(recipe_data, tokenizer, train):
     records, summary = train
     table = pq.read_table(recipe_data / TRAIN)
-    assert summary.rows == table.num_rows == 17917  # recipe_spec §1.3
+    assert summary.rows == table.num_rows == 17917  # docs/recipe.md §1.3
     assert summary.skipped == {}
     assert summary.kept + summary.dropped_overlong == 17917 and summary.dropped_overlong > 0
     assert all(len(record.prompt_ids) <= 1024 for record in records)

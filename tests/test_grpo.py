@@ -1,7 +1,7 @@
 """mathgrpo.rl (losses, advantages, rollout correction) against a PyTorch transcription of verl's formulas
 (core_algos.py, rollout_corr_helper.py).
 
-The `verl_*` functions below are written from verl's source (recipe_spec §2.1-2.6) and are the
+The `verl_*` functions below are written from verl's source (docs/recipe.md §2.1-2.6) and are the
 reference; ours must agree to 1e-6 in fp32 on random inputs, gradients included, with edge cases:
 all-equal groups, groups of one, empty responses, log-ratios beyond the ±20 clamp.
 """
@@ -53,7 +53,7 @@ def verl_agg_loss(loss_mat, loss_mask, mode):
         seq_mask = (seq_mask > 0).float()
         return verl_masked_mean(seq_losses, seq_mask)
     if mode == "seq-mean-token-sum-norm":
-        # recipe_spec §2.4 (verl 0.7): Σ seq losses / mask.shape[-1]; ours (global form) also divides by
+        # docs/recipe.md §2.4 (verl 0.7): Σ seq losses / mask.shape[-1]; ours (global form) also divides by
         # the number of non-empty sequences — compared below through that documented relation.
         return torch.sum(torch.sum(loss_mat * loss_mask, dim=-1)) / loss_mask.shape[-1]
     raise ValueError(mode)

@@ -1,16 +1,16 @@
-"""Metrics: verl's formulas on hand-derived batches, and sinks read back by independent decoders.
+"""Metrics: verl's formulas on hand-derived batches, and each sink read back by its own library's reader.
 
 References: the data metrics are also recomputed the way verl computes them (padded token tensors,
-masked_select over the response mask); MFU numbers are derived below from the Qwen3-4B shapes;
-CRC-32C is checked against published test vectors; the TensorBoard file is parsed by a TFRecord
-reader and a generic protobuf wire-format decoder written here (and by google.protobuf when it is
-importable); the PNG by a decoder written here (chunk CRCs, inflate, all five row filters).
+masked_select over the response mask); MFU numbers are derived below from the Qwen3-4B shapes. The
+TensorBoard scalars are read by TensorBoard's EventAccumulator, the W&B offline run by W&B's own
+`Record` protobuf, the curves PNG by Pillow (matplotlib's image dependency).
 """
 
+import glob
 import json
 import math
-import struct
-import zlib
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +153,7 @@ def test_mfu_qwen3_4b():
     #   per layer 100,925,440, × 36 = 3,633,315,840; embedding + head 2·151936·2560 = 777,912,320.
     n_dense = 4_411_228_160
     assert flops.dense_parameters(model) == n_dense
-    assert round(n_dense / 1e9, 3) == 4.411  # recipe_spec §2.8
+    assert round(n_dense / 1e9, 3) == 4.411  # docs/recipe.md §2.8
     # Attention coefficient 12·128·32·36 = 1,769,472 ≈ 1.769e6: a one-token sequence adds it once.
     assert flops.flops_per_step(model, [1]) - 6 * n_dense == 1_769_472
     # Two sequences of 1000 and 3000 tokens, 8 devices, 10 s, 989 TFLOP/s each:
@@ -212,150 +212,6 @@ def test_reduce_metrics():
 
 
 # ---------------------------------------------------------------------------------------------------
-# CRC-32C and the TensorBoard event file.
-
-
-def test_crc32c_vectors():
-    assert sinks.crc32c(b"123456789") == 0xE3069283  # the CRC catalogue's check value
-    assert sinks.crc32c(b"") == 0
-    assert sinks.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
-    assert sinks.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert sinks.crc32c(bytes(range(32))) == 0x46DD794E
-
-
-def unmask(masked: int) -> int:
-    """TensorFlow's `crc32c::Unmask`: subtract the constant, rotate left by 15."""
-    rotated = (masked - 0xA282EAD8) & 0xFFFFFFFF
-    return ((rotated >> 17) | (rotated << 15)) & 0xFFFFFFFF
-
-
-def read_tfrecords(path):
-    data, records, offset = Path(path).read_bytes(), [], 0
-    while offset < len(data):
-        header = data[offset:offset + 8]
-        (length,) = struct.unpack("<Q", header)
-        (length_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
-        assert unmask(length_crc) == sinks.crc32c(header)
-        payload = data[offset + 12:offset + 12 + length]
-        (payload_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
-        assert unmask(payload_crc) == sinks.crc32c(payload)
-        records.append(payload)
-        offset += 16 + length
-    assert offset == len(data)
-    return records
-
-
-def parse_protobuf(data: bytes) -> list[tuple[int, int, object]]:
-    """Wire format → [(field, wire type, value)]: varints as int, fixed64/32 and length-delimited as bytes."""
-    fields, offset = [], 0
-
-    def varint():
-        nonlocal offset
-        value = shift = 0
-        while True:
-            byte = data[offset]
-            offset += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while offset < len(data):
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, offset = data[offset:offset + size], offset + size
-        elif wire == 2:
-            size = varint()
-            value, offset = data[offset:offset + size], offset + size
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        fields.append((field, wire, value))
-    return fields
-
-
-def decode_event(data: bytes) -> dict:
-    event = {"scalars": {}}
-    for field, wire, value in parse_protobuf(data):
-        if (field, wire) == (1, 1):
-            event["wall_time"] = struct.unpack("<d", value)[0]
-        elif (field, wire) == (2, 0):
-            event["step"] = value
-        elif (field, wire) == (3, 2):
-            event["file_version"] = value.decode()
-        elif (field, wire) == (5, 2):
-            for value_field, value_wire, summary_value in parse_protobuf(value):
-                assert (value_field, value_wire) == (1, 2)  # repeated Summary.Value
-                parts = {(f, w): v for f, w, v in parse_protobuf(summary_value)}
-                event["scalars"][parts[(1, 2)].decode()] = struct.unpack("<f", parts[(2, 5)])[0]
-        else:
-            raise AssertionError(f"unexpected Event field {field}")
-    return event
-
-
-def event_message_class():
-    """tensorflow Event / Summary with their real field numbers, built with google.protobuf."""
-    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
-    from google.protobuf import descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="mathgrpo_test_event.proto", package="mathgrpo_test")
-
-    def message(name, fields):
-        proto = file.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            proto.field.add(name=field_name, number=number, type=kind, label=label, type_name=type_name)
-
-    message("Value", [("tag", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, None),
-                      ("simple_value", 2, F.TYPE_FLOAT, F.LABEL_OPTIONAL, None)])
-    message("Summary", [("value", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".mathgrpo_test.Value")])
-    message("Event", [("wall_time", 1, F.TYPE_DOUBLE, F.LABEL_OPTIONAL, None),
-                      ("step", 2, F.TYPE_INT64, F.LABEL_OPTIONAL, None),
-                      ("file_version", 3, F.TYPE_STRING, F.LABEL_OPTIONAL, None),
-                      ("summary", 5, F.TYPE_MESSAGE, F.LABEL_OPTIONAL, ".mathgrpo_test.Summary")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mathgrpo_test.Event"))
-
-
-def test_varint_encoding():
-    # Protobuf's documented example: 150 → 96 01; 300 → AC 02; −1 as int64 → ten bytes.
-    assert sinks._varint(150) == b"\x96\x01" and sinks._varint(300) == b"\xac\x02"
-    assert sinks._varint(-1) == b"\xff" * 9 + b"\x01"
-
-
-def test_tensorboard_event_file(tmp_path, capsys):
-    steps = {1: {"critic/score/mean": 0.25, "actor/grad_norm": 1.5},
-             2: {"critic/score/mean": 0.5, "actor/grad_norm": float("nan"), "val-core/AIME24/acc/mean@16": 0.1},
-             300: {"critic/score/mean": 0.75, "perf/huge": 1e39}}  # beyond float32 → +inf
-    with sinks.MetricsLogger(tmp_path, total_steps=300) as logger:
-        for step, values in steps.items():
-            logger.log(step, values)
-    files = list((tmp_path / "tensorboard").iterdir())
-    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
-    events = [decode_event(record) for record in read_tfrecords(files[0])]
-    assert events[0]["file_version"] == "brain.Event:2" and events[0]["scalars"] == {}
-    assert [event["step"] for event in events[1:]] == [1, 2, 300]
-    for event, values in zip(events[1:], steps.values()):
-        assert event["wall_time"] > 1.6e9  # seconds since the epoch
-        assert event["scalars"].keys() == values.keys()
-        for tag, value in values.items():
-            got = event["scalars"][tag]
-            expected = math.inf if value > 3.5e38 else np.float32(value)
-            assert (math.isnan(got) and math.isnan(value)) or got == expected, tag
-    Event = event_message_class()
-    parsed = [Event.FromString(record) for record in read_tfrecords(files[0])]
-    assert parsed[0].file_version == "brain.Event:2"
-    assert [(v.tag, v.simple_value) for v in parsed[1].summary.value] == [("critic/score/mean", 0.25),
-                                                                        ("actor/grad_norm", 1.5)]
-    assert parsed[3].step == 300 and parsed[3].summary.value[0].simple_value == 0.75
-    capsys.readouterr()
-
-
-# ---------------------------------------------------------------------------------------------------
 # JSONL, samples, progress line.
 
 
@@ -402,56 +258,200 @@ def test_disabled_logger_writes_nothing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
-# PNG curves.
+# Sinks chosen by name (verl's trainer.logger).
 
 
-def decode_png(path):
-    """→ (RGB array [H, W, 3], {tEXt keyword: text}); checks the signature and every chunk CRC."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    offset, idat, text, header = 8, b"", {}, None
-    kinds = []
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset:offset + 4])
-        kind, body = data[offset + 4:offset + 8], data[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
-        assert crc == zlib.crc32(kind + body), kind
-        kinds.append(kind)
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        elif kind == b"tEXt":
-            keyword, value = body.split(b"\0", 1)
-            text[keyword.decode("latin-1")] = value.decode("latin-1")
-        offset += 12 + length
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
-    width, height, depth, color_type, compression, filtering, interlace = header
-    assert (depth, color_type, compression, filtering, interlace) == (8, 2, 0, 0, 0)
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-    pixels = np.zeros((height, 3 * width), np.int32)
-    for y in range(height):  # undo the row filters (None, Sub, Up, Average, Paeth), bpp = 3
-        kind, row, previous = raw[y, 0], raw[y, 1:].astype(np.int32), pixels[y - 1] if y else np.zeros(3 * width)
-        out = pixels[y]
-        if kind in (0, 2):  # None / Up need no left neighbour: vectorized
-            out[:] = (row + (previous if kind == 2 else 0)) & 0xFF
+def test_make_logger_fans_out_to_the_chosen_sinks(tmp_path, capsys):
+    with sinks.make_logger(["jsonl"], tmp_path / "jsonl", total_steps=2) as logger:
+        logger.log(1, {"critic/score/mean": 0.5}, samples=[{"prompt": "p"}])
+    assert sorted(p.name for p in (tmp_path / "jsonl").iterdir()) == ["metrics.jsonl", "samples.jsonl"]
+    assert sinks.read_metrics_jsonl(tmp_path / "jsonl" / "metrics.jsonl") == [{"step": 1, "critic/score/mean": 0.5}]
+    assert capsys.readouterr().out == ""  # no console sink, no progress line
+    with sinks.make_logger(["console"], tmp_path / "console", total_steps=2) as logger:
+        logger.log(1, {"critic/score/mean": 0.5, "timing_s/step": 3.0})
+    assert not (tmp_path / "console").exists()
+    assert capsys.readouterr().out == "step 1/2 | critic/score/mean 0.5 | 3.0 s/step | eta 0:00:03\n"
+    with sinks.make_logger(("tensorboard",), tmp_path / "tb") as logger:
+        logger.log(1, {"critic/score/mean": 0.5})
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == ["tensorboard"]
+    assert tensorboard_scalars(tmp_path / "tb" / "tensorboard")["critic/score/mean"][0][:2] == (1, 0.5)
+    # The default sinks are the offline three, as trainer.logger's default.
+    assert sinks.MetricsLogger(tmp_path, enabled=False).sinks == sinks.DEFAULT_SINKS == (
+        "console", "jsonl", "tensorboard")
+
+
+def test_make_logger_rejects_unknown_and_repeated_sinks(tmp_path):
+    with pytest.raises(ValueError, match=r"'swanlab'.*'console', 'jsonl', 'tensorboard', 'wandb'"):
+        sinks.make_logger(["console", "swanlab"], tmp_path)
+    with pytest.raises(ValueError, match="twice"):
+        sinks.make_logger(["jsonl", "jsonl"], tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_wandb_sink_needs_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(ImportError, match="pip install wandb"):
+        sinks.make_logger(["jsonl", "wandb"], tmp_path / "run")
+    assert not (tmp_path / "run" / sinks.WANDB_RUN_ID_FILE).exists()
+    # Only process 0 builds sinks: the others never import wandb.
+    sinks.make_logger(["wandb"], tmp_path / "other", enabled=False).log(1, {"x": 1.0})
+    assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorBoard (tensorboardX), read by TensorBoard's EventAccumulator.
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float, float]]]:
+    """{tag: [(step, value, wall_time)]} as TensorBoard loads the event files of log_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    accumulator.Reload()
+    return {tag: [(e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars(tmp_path, capsys):
+    steps = {1: {"critic/score/mean": 0.25, "actor/grad_norm": 1.5},
+             2: {"critic/score/mean": 0.5, "actor/grad_norm": float("nan"), "val-core/AIME24/acc/mean@16": 0.1},
+             300: {"critic/score/mean": 0.75, "perf/huge": 1e39, "perf/count": np.int64(7)}}  # 1e39: float32 inf
+    with sinks.MetricsLogger(tmp_path, total_steps=300) as logger:
+        for step, values in steps.items():
+            logger.log(step, values)
+    files = list((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for step, values in steps.items():
+        for tag, value in values.items():
+            expected.setdefault(tag, []).append((step, math.inf if value > 3.5e38 else float(np.float32(value))))
+    assert scalars.keys() == expected.keys()
+    for tag, events in scalars.items():
+        assert [step for step, _, _ in events] == [step for step, _ in expected[tag]], tag
+        for (_, got, wall_time), (_, value) in zip(events, expected[tag]):
+            assert (math.isnan(got) and math.isnan(value)) or got == value, tag
+            assert wall_time > 1.6e9  # seconds since the epoch
+    # A resumed run writes a second file in the same directory; TensorBoard reads both as one run.
+    with sinks.MetricsLogger(tmp_path, total_steps=301) as again:
+        again.log(301, {"critic/score/mean": 1.0})
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2
+    assert [(s, v) for s, v, _ in tensorboard_scalars(tmp_path / "tensorboard")["critic/score/mean"]] == [
+        (1, 0.25), (2, 0.5), (300, 0.75), (301, 1.0)]
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights & Biases, offline: W&B's transaction log read back with W&B's own protobuf messages.
+
+
+def wandb_records(path) -> list:
+    """The `Record` messages of a W&B transaction log (run-<id>.wandb): a 7-byte ':W&B' header, then
+    LevelDB's log framing (32 KiB blocks of chunks with a 7-byte header: crc, length, type)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = Path(path).read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, offset, pending = [], 7, b""
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
             continue
-        for x in range(3 * width):
-            a = out[x - 3] if x >= 3 else 0
-            b, c = previous[x], previous[x - 3] if x >= 3 else 0
-            if kind == 0:
-                predictor = 0
-            elif kind == 1:
-                predictor = a
-            elif kind == 2:
-                predictor = b
-            elif kind == 3:
-                predictor = (a + b) // 2
-            else:
-                p = a + b - c
-                predictor = min((abs(p - a), 0, a), (abs(p - b), 1, b), (abs(p - c), 2, c))[2]
-            out[x] = (row[x] + predictor) & 0xFF
-    return pixels.reshape(height, width, 3).astype(np.uint8), text
+        length, kind = int.from_bytes(data[offset + 4:offset + 6], "little"), data[offset + 6]
+        if offset + 7 + length > len(data):  # a chunk still being written
+            break
+        pending += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def wandb_history(run_dir, run_id, n_runs) -> tuple[list, dict[int, dict]]:
+    """(run records, {step: {key: value}}) of run_id's n_runs offline run directories under run_dir/wandb
+    (offline-run-<time>-<id>, with a -1, -2... suffix when a second one starts within the same second).
+
+    `run.finish()` returns before wandb-core has written the log out, so this waits (10 s at most) for
+    each log's `exit` record.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        paths = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb")))
+        logs = [wandb_records(path) for path in paths]
+        finished = [bool(log) and log[-1].WhichOneof("record_type") == "exit" for log in logs]
+        if (len(logs) == n_runs and all(finished)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    runs, history = [], {}
+    for record in (record for log in logs for record in log):
+        if record.WhichOneof("record_type") == "run":
+            runs.append(record.run)
+        elif record.WhichOneof("record_type") == "history":
+            row = history.setdefault(record.history.step.num, {})
+            for item in record.history.item:  # a key, or the path of a nested one (a table's fields)
+                *parents, name = [item.key] if item.key else item.nested_key
+                node = row
+                for parent in parents:
+                    node = node.setdefault(parent, {})
+                node[name] = json.loads(item.value_json)
+    return runs, history
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb_dir",
+                        "WANDB_CONFIG_DIR": tmp_path / "wandb_config", "WANDB_CACHE_DIR": tmp_path / "wandb_cache",
+                        "WANDB_DATA_DIR": tmp_path / "wandb_data"}.items():
+        monkeypatch.setenv(name, str(value))
+    run_dir = tmp_path / "run"
+    config = {"trainer": {"logger": ["console", "wandb"], "project_name": "OnPolicyDistillation"}}
+    names = dict(project_name="OnPolicyDistillation", experiment_name="grpo_test", config=config)
+    with sinks.make_logger(["console", "wandb"], run_dir, total_steps=3, **names) as logger:
+        logger.log(1, {"critic/score/mean": 0.25, "actor/grad_norm": float("nan")},
+                   samples=[{"prompt": "1+1?", "response": "\\boxed{2}", "score": np.float32(1.0)}])
+        logger.log(2, {"critic/score/mean": 0.5, "actor/grad_norm": 1.5})
+    assert "step 2/3 | critic/score/mean 0.5 | actor/grad_norm 1.5" in capsys.readouterr().out
+    run_id = (run_dir / sinks.WANDB_RUN_ID_FILE).read_text().strip()
+    runs, history = wandb_history(run_dir, run_id, 1)
+    assert [(run.run_id, run.project, run.display_name) for run in runs] == [
+        (run_id, "OnPolicyDistillation", "grpo_test")]
+    assert json.loads({item.key: item.value_json for item in runs[0].config.update}["trainer"]) == config["trainer"]
+    assert history[2]["critic/score/mean"] == 0.5 and history[2]["actor/grad_norm"] == 1.5
+    assert history[1]["critic/score/mean"] == 0.25 and math.isnan(history[1]["actor/grad_norm"])
+    # The samples table: a file of the offline run, referenced from step 1's history row.
+    table_path = history[1]["samples"]["path"]
+    [table_file] = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / table_path))
+    table = json.loads(Path(table_file).read_text())
+    assert table["columns"] == ["step", "prompt", "response", "score"]
+    assert table["data"] == [[1, "1+1?", "\\boxed{2}", 1.0]]
+    # A resumed training run (same run_dir) continues the same W&B run id.
+    with sinks.make_logger(["wandb"], run_dir, **names) as again:
+        again.log(3, {"critic/score/mean": 0.75})
+    assert (run_dir / sinks.WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    runs, history = wandb_history(run_dir, run_id, 2)
+    assert [run.run_id for run in runs] == [run_id, run_id] and history[3]["critic/score/mean"] == 0.75
+
+
+# ---------------------------------------------------------------------------------------------------
+# PNG curves (matplotlib), read back by Pillow.
+
+
+def read_png(path) -> tuple[np.ndarray, dict[str, str]]:
+    """→ (RGB array [H, W, 3], the PNG's text chunks); Pillow checks the chunk CRCs as it decodes."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        return np.asarray(image.convert("RGB")), dict(image.text)
+
+
+def bluish(image: np.ndarray) -> np.ndarray:
+    """Pixels of the curves' blue (#1f77b4, antialiased into white): blue well above red. The axes, grid,
+    ticks and labels are black or grey (red ≈ blue)."""
+    rgb = image.astype(np.int32)
+    return rgb[..., 2] - rgb[..., 0] > 50
 
 
 def test_plot_curves_png(tmp_path):
@@ -466,43 +466,57 @@ def test_plot_curves_png(tmp_path):
     rows.append({"step": 20, "critic/score/mean": 0.9})  # a resumed run re-logs step 20: the last row wins
     path = tmp_path / "curves.png"
     panels = plots.plot_curves(rows, path)
-    image, text = decode_png(path)
+    image, text = read_png(path)
     keys = ["critic/score/mean", "response_length/mean", "actor/entropy", "val-core/AIME24/acc/mean@16"]
     assert [panel["key"] for panel in panels] == keys  # grad_norm absent; best@16 is not a mean@ curve
-    assert panels[0]["y_range"][1] < 1.0  # the re-logged step 20 (0.9) replaced the first one (1.0)
-    assert text["Comment"].split("\n") == keys
-    assert image.shape == (2 * plots.PANEL_HEIGHT, 2 * plots.PANEL_WIDTH, 3)
-    line = np.all(image == plots.LINE_COLOR, axis=-1)
-    background = np.all(image == plots.BACKGROUND, axis=-1)
+    assert text["Comment"].split("\n") == keys and text["Software"].startswith("Matplotlib")
+    assert image.shape == (2 * plots.PANEL_HEIGHT, 2 * plots.PANEL_WIDTH, 3)  # 2 x 2 panels
+    assert not (tmp_path / "curves.png.tmp").exists()
+    line = bluish(image)
     inside = np.zeros_like(line)
     for panel in panels:
-        left, top, right, bottom = panel["box"]
+        left, top, right, bottom = (round(v) for v in panel["box"])
         inside[top:bottom + 1, left:right + 1] = True
         (first, last), (low, high) = panel["x_range"], panel["y_range"]
         data = {row["step"]: row[panel["key"]] for row in rows if row.get(panel["key"]) is not None}
-        assert low < min(data.values()) and high > max(data.values())
-        for step, value in data.items():
+        assert first < min(data) and last > max(data) and low < min(data.values()) and high > max(data.values())
+        for step, value in data.items():  # the curve passes through every logged point
             x = round(left + (step - first) / (last - first) * (right - left))
             y = round(bottom - (value - low) / (high - low) * (bottom - top))
-            assert line[y, x], (panel["key"], step)
-            # No segment is steeper than 45°, so the column through a point holds only that point's pixel.
-            column = np.flatnonzero(line[top:bottom + 1, x]) + top
-            assert column.min() >= y - 1 and column.max() <= y + 1, (panel["key"], step)
-    # The score rises from bottom-left to top-right: the box's top-left and bottom-right corners stay empty.
-    left, top, right, bottom = panels[0]["box"]
-    assert background[top:top + 40, left:left + 80].all() and background[bottom - 40:bottom, right - 80:right].all()
-    # Entropy has a gap at step 7: nothing drawn strictly between steps 6 and 8.
-    left, top, right, bottom = panels[2]["box"]
-    (first, last) = panels[2]["x_range"]
+            assert line[y - 2:y + 3, x - 2:x + 3].any(), (panel["key"], step)
+    assert panels[0]["y_range"][1] < 1.0  # the re-logged step 20 (0.9) replaced the first one (1.0)
+    assert line.sum() > 4 * 300 and not (line & ~inside).any()  # the curves, inside their axes
+    # The score rises from bottom-left to top-right: the axes' top-left and bottom-right corners stay empty.
+    left, top, right, bottom = (round(v) for v in panels[0]["box"])
+    assert not line[top:top + 60, left:left + 120].any() and not line[bottom - 60:bottom, right - 120:right].any()
+    # Entropy has a gap at step 7: nothing drawn strictly between steps 6 and 8 (a margin for the line's ends).
+    left, top, right, bottom = (round(v) for v in panels[2]["box"])
+    first, last = panels[2]["x_range"]
     x6, x8 = (round(left + (s - first) / (last - first) * (right - left)) for s in (6, 8))
-    assert not line[top:bottom + 1, x6 + 1:x8].any()
-    assert not (line & ~inside).any()  # the curves stay inside their boxes
-    # The title starts at (4, 5) of the first panel with a "C" in the 5x7 font.
-    letter_c = [".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."]
-    drawn = np.all(image[5:12, 4:9] == plots.AXES_COLOR, axis=-1)
-    assert ["".join("#" if bit else "." for bit in row) for row in drawn] == letter_c
+    assert line[top:bottom, x6 - 4].any() and line[top:bottom, x8 + 4].any()
+    assert not line[top:bottom + 1, x6 + 3:x8 - 2].any()
+
+
+def test_plot_curves_one_panel_and_lone_points(tmp_path):
+    rows = [{"step": 1, "x": 2.0}, {"step": 2, "x": None}, {"step": 3, "x": 4.0}, {"step": 4, "x": float("inf")}]
+    [panel] = plots.plot_curves(rows, tmp_path / "one.png", keys=["x"])
+    image, _ = read_png(tmp_path / "one.png")
+    assert image.shape == (plots.PANEL_HEIGHT, plots.PANEL_WIDTH, 3)
+    # Steps 1 and 3 have no finite neighbour: each is a dot, and nothing joins them.
+    left, top, right, bottom = (round(v) for v in panel["box"])
+    (first, last), (low, high) = panel["x_range"], panel["y_range"]
+    line = bluish(image)
+    for step, value in ((1, 2.0), (3, 4.0)):
+        x = round(left + (step - first) / (last - first) * (right - left))
+        y = round(bottom - (value - low) / (high - low) * (bottom - top))
+        assert line[y - 1:y + 2, x - 1:x + 2].all(), step
+    x1, x3 = (round(left + (s - first) / (last - first) * (right - left)) for s in (1, 3))
+    assert not line[top:bottom, x1 + 6:x3 - 5].any()
 
 
 def test_plot_curves_without_data(tmp_path):
     with pytest.raises(ValueError, match="no finite values"):
         plots.plot_curves([{"step": 1, "other": 1.0}], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="no finite values"):
+        plots.plot_curves([{"step": 1, "critic/score/mean": None}], tmp_path / "empty.png")
+    assert not any(tmp_path.iterdir())

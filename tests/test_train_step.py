@@ -27,9 +27,10 @@ def random_sequences(seed, count=8, vocab=97):
     return prompts, responses, advantages, rollout
 
 
-def grads_of(params, batch, algo=GRPOConfig(), fused=True, model=TINY):
+def grads_of(params, batch, algo=GRPOConfig(), fused=True, model=TINY, temperature=1.0, horizon=None):
     loss, grads, sums, old, entropy = jax.jit(
-        lambda p, b: train_step_lib.accumulate_gradients(p, b, model=model, algo=algo, fused=fused))(params, batch)
+        lambda p, b: train_step_lib.accumulate_gradients(p, b, model=model, algo=algo, temperature=temperature,
+                                                         horizon=horizon, fused=fused))(params, batch)
     return loss, grads, old
 
 
@@ -50,10 +51,10 @@ def test_grpo_gradient_matches_pytorch(tiny_hf_dir):
     path = tiny_hf_dir(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     config, params = hf.load(path, compute_dtype="float32")
     prompts, responses, advantages, rollout = random_sequences(0, vocab=config.vocab_size)
-    algo = GRPOConfig(temperature=0.8)
+    algo = GRPOConfig()
     batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
     assert int(batch.num_micro_batches) > 1
-    loss, grads, _ = grads_of(params, batch, algo, model=config)
+    loss, grads, _ = grads_of(params, batch, algo, model=config, temperature=0.8)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     total_tokens = sum(len(r) for r in responses)
@@ -110,11 +111,11 @@ def test_full_remat_accumulates_layer_gradients_in_place_and_equals_no_remat():
 def test_sequence_aggregations_are_split_invariant(mode):
     params = init_params(TINY, jax.random.key(1))
     prompts, responses, advantages, rollout = random_sequences(2)
-    algo = GRPOConfig(loss_agg_mode=mode, max_response_length=12)
+    algo = GRPOConfig(loss_agg_mode=mode)
     one, _ = packing.pack(prompts, responses, advantages, num_rows=1, row_length=128, rollout_logprobs=rollout)
     many, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout)
-    loss_one, grads_one, _ = grads_of(params, one, algo)
-    loss_many, grads_many, _ = grads_of(params, many, algo)
+    loss_one, grads_one, _ = grads_of(params, one, algo, horizon=12)
+    loss_many, grads_many, _ = grads_of(params, many, algo, horizon=12)
     np.testing.assert_allclose(loss_many, loss_one, atol=2e-7)
     assert_trees_close(grads_many, grads_one, 1e-6)
 
@@ -249,11 +250,11 @@ def test_packed_step_loss_and_gradient_equal_policy_loss_on_rows(mode, level):
     prompts, responses, advantages, rollout = random_sequences(4)
     rng = np.random.default_rng(7)
     old = [rng.normal(-4.6, 1.0, len(r)) for r in responses]
-    algo = GRPOConfig(loss_agg_mode=mode, importance_level=level, max_response_length=12, temperature=0.9)
+    algo = GRPOConfig(loss_agg_mode=mode, importance_level=level)
     batch, _ = packing.pack(prompts, responses, advantages, num_rows=2, row_length=16, rollout_logprobs=rollout,
                             old_logprobs=old)
     assert int(batch.num_micro_batches) > 1 and int(np.asarray(batch.segment_ids).max()) > 1
-    loss, grads, _ = grads_of(params, batch, algo, fused=False)
+    loss, grads, _ = grads_of(params, batch, algo, fused=False, temperature=0.9, horizon=12)
 
     width = max(len(r) for r in responses)
     mask = np.zeros((len(responses), width), np.float32)
@@ -272,13 +273,12 @@ def test_packed_step_loss_and_gradient_equal_policy_loss_on_rows(mode, level):
     def reference(params):
         positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
         every, _ = rl_logprobs.token_logprobs(TINY, params, jnp.asarray(tokens), positions, jnp.asarray(segments),
-                                       temperature=algo.temperature)
+                                              temperature=0.9)
         logprobs = jnp.take_along_axis(every, jnp.asarray(where), axis=1) * mask
         weights, _ = rollout_correction.rollout_is_weights(jnp.asarray(pad(old)), jnp.asarray(pad(rollout)), mask,
-                                             threshold=algo.rollout_is_threshold)
+                                                           threshold=algo.rollout_is_threshold)
         value, _ = losses.policy_loss(logprobs, jnp.asarray(pad(old)), jnp.asarray(advantages, jnp.float32)[:, None],
-                                    mask, is_weights=weights, agg=mode, importance_level=level,
-                                    horizon=algo.max_response_length)
+                                      mask, is_weights=weights, agg=mode, importance_level=level, horizon=12)
         return value
 
     expected, expected_grads = jax.jit(jax.value_and_grad(reference))(params)

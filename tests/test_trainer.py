@@ -38,7 +38,7 @@ def overrides(task, output_dir, steps=6):
     # entropy_coeff > 0: a random policy earns no reward, so without it every advantage is 0 and the
     # params would not move — the resume test would compare constants.
     return [f"model.path={model}", f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
-            "data.train_batch_size=4", "rollout.n=4", "grpo.group_size=4", "rollout.val_n=2",
+            "data.train_batch_size=4", "rollout.n=4", "rollout.val_n=2",
             "grpo.entropy_coeff=0.05", "optim.lr=1e-2", f"trainer.total_steps={steps}", "trainer.save_freq=2",
             "trainer.test_freq=3", "trainer.val_before_train=false", f"trainer.output_dir={output_dir}"]
 

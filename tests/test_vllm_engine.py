@@ -420,7 +420,7 @@ def _trainer_logprobs(config, params, prompts, batch, temperature):
     packed, placements = packing.pack([np.asarray(prompts[r // n]) for r in range(len(batch))],
                                       [np.asarray(batch.response(r)) for r in range(len(batch))],
                                       np.zeros(len(batch), np.float32), num_rows=1, row_length=2048)
-    logprobs, _ = step.make_logprob_fn(config, GRPOConfig(temperature=temperature))(params, packed)
+    logprobs, _ = step.make_logprob_fn(config, GRPOConfig(), temperature=temperature)(params, packed)
     return packing.unpack_responses(np.asarray(logprobs), placements)
 
 

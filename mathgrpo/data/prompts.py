@@ -1,10 +1,10 @@
 """Prompts from verl-schema parquet: chat template, length filter, deterministic resumable batches.
 
-The schema is verl's RL parquet (recipe_spec §4): `prompt` is a list of `{role, content}` chat messages
+The schema is verl's RL parquet (docs/recipe.md §4): `prompt` is a list of `{role, content}` chat messages
 (`DataConfig.prompt_key`), `reward_model.ground_truth` is the answer the reward grades against,
 `data_source` names the set (the reward and the `val-core/<data_source>/...` metrics key on it) and
 `extra_info` is passed through untouched. A plain-string `prompt` is accepted too and becomes one user
-message. Each row is rendered as verl's `RLHFDataset` does it (recipe_spec §1.3):
+message. Each row is rendered as verl's `RLHFDataset` does it (docs/recipe.md §1.3):
 
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          enable_thinking=False)           # the recipe's kwargs

@@ -2,7 +2,7 @@
 
 Reproduces verl `verl/trainer/ppo/metric_utils.py` (`bootstrap_metric`, `calc_maj_val`,
 `process_validation_metrics`) and the naming loop of `RayPPOTrainer._validate` in
-`verl/trainer/ppo/ray_trainer.py` (recipe_spec §2.9). For each data source, prompt (uid) and
+`verl/trainer/ppo/ray_trainer.py` (docs/recipe.md §2.9). For each data source, prompt (uid) and
 variable with n samples:
 
     mean@n, std@n                      over the n samples (np.std: population, ddof=0)

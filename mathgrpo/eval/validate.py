@@ -1,6 +1,6 @@
 """Validation and the `eval` command: sample n responses per prompt, grade them, report verl's metrics.
 
-`validate` is what verl's `RayPPOTrainer._validate` does (recipe_spec §2.9), on any `Rollout` engine:
+`validate` is what verl's `RayPPOTrainer._validate` does (docs/recipe.md §2.9), on any `Rollout` engine:
 
     for each prompt: n samples (prompt-major; `SamplingParams.n`, the recipe's val_kwargs.n = 16)
     response text  = tokenizer.decode(response ids, skip_special_tokens=True)   # NaiveRewardManager
@@ -37,7 +37,7 @@ from mathgrpo.reward import graders
 from mathgrpo.reward import pool as reward_pool_lib
 from mathgrpo.rollout.base import FINISH_REASONS, Rollout, SamplingParams
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the recipe's offline eval stops on both (recipe_spec §2.9)
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the recipe's offline eval stops on both (docs/recipe.md §2.9)
 LOG_SEED = 42  # verl's `_maybe_log_val_generations` shuffles with RandomState(42)
 
 
@@ -233,7 +233,7 @@ def format_table(metrics: dict[str, float], generations: Sequence[dict]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from mathgrpo.config import ATTENTION_IMPLEMENTATIONS
+    from mathgrpo.config import ATTENTION_IMPLEMENTATIONS, ENGINES
 
     parser.add_argument("--model", required=True,
                         help="a HF model directory (config.json + safetensors) or an Orbax params checkpoint")
@@ -252,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-slots", type=int, default=None,
                         help="JAX engine: continuous batching over a pool of this many rows (default: one static "
                              "batch of every row)")
-    parser.add_argument("--engine", default="jax", choices=["jax", "vllm"],
+    parser.add_argument("--engine", default="jax", choices=list(ENGINES),
                         help="jax: the JAX sampler; vllm: vLLM (its CPU build on a CPU)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="vLLM: no CUDA graphs or torch.compile (a faster start, slower decoding)")
@@ -269,20 +269,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(path: str, tokenizer_dir: str | None, dtype: str, attention: str, compute_dtype: str = "bfloat16"):
-    """(ModelConfig, params, tokenizer dir) from a HF directory or an Orbax params checkpoint."""
-    from mathgrpo.weights import orbax
-
-    try:
-        config, params, tokenizer_dir, _ = orbax.load_model(path, dtype=dtype, tokenizer_dir=tokenizer_dir,
-                                                                 attention=attention, compute_dtype=compute_dtype)
-    except FileNotFoundError as error:
-        raise SystemExit(f"--model {error}") from None
-    if not tokenizer_dir:
-        raise SystemExit(f"{path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
-    return config, params, tokenizer_dir
-
-
 def main(args: argparse.Namespace) -> int:
     from mathgrpo.config import DataConfig, RolloutConfig
     from mathgrpo.data.prompts import load_tokenizer, read_prompts
@@ -297,8 +283,13 @@ def main(args: argparse.Namespace) -> int:
     from mathgrpo.parallel import mesh
 
     mesh.initialize_distributed()  # under launch.py: each process evaluates its share of the prompts
-    config, params, tokenizer_dir = load_model(args.model, args.tokenizer, args.dtype, args.attention,
-                                               args.compute_dtype)
+    from mathgrpo.weights.policy import load_policy
+
+    try:
+        config, params, tokenizer_dir, _ = load_policy(args.model, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                                                       attention=args.attention, compute_dtype=args.compute_dtype)
+    except FileNotFoundError as error:
+        raise SystemExit(f"eval: --model {error}") from None
     tokenizer = load_tokenizer(tokenizer_dir)
     records, summary = read_prompts(args.data, tokenizer, DataConfig(max_prompt_length=args.max_prompt_length,
                                                                      enable_thinking=False))

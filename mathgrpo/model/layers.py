@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mathgrpo.config import FULL_REMAT
+from mathgrpo.config import DTYPES, FULL_REMAT
 
 # Large negative instead of -inf: a fully masked query row (padding) stays finite, so no NaN reaches
 # the gradients; its output is garbage that the loss masks out.
@@ -32,7 +32,6 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dtype_name(dtype) -> str:
@@ -42,8 +41,8 @@ def dtype_name(dtype) -> str:
         name = jnp.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {FLOAT_DTYPES} (a name, numpy or JAX dtype)")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES} (a name, numpy or JAX dtype)")
     return name
 
 

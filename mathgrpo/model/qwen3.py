@@ -1,13 +1,13 @@
 """The Qwen3 dense decoder in Flax linen, used purely functionally, and its explicit KV cache.
 
-Follows HF `modeling_qwen3.py` (recipe_spec §5.2): pre-norm blocks; grouped-query attention whose
+Follows HF `modeling_qwen3.py` (docs/recipe.md §5.2): pre-norm blocks; grouped-query attention whose
 per-head q/k RMSNorm comes *before* RoPE; rotate-half RoPE; SwiGLU MLP; no biases; tied or untied
 LM head. Parameter names follow HF (`q_proj`, `k_norm`, `input_layernorm`), so `weights/hf.py`'s table is
 identity plus reshapes. Legend in `layers.py`.
 
 Departures from HF, each deliberate:
 - Kernels are stored einsum-ready ([D, N, H] for q_proj, [N, H, D] for o_proj) instead of HF's
-  [out, in] matrices; `hf_io` converts.
+  [out, in] matrices; `weights/hf.py` converts.
 - Layers are stacked on a leading L axis (`nn.scan`), whether or not the forward scans
   (`scan_layers=False` unrolls the same scan), so the parameter layout never depends on a flag.
 - Matmuls accumulate in fp32 (`preferred_element_type`) and the logits come out in fp32.
@@ -182,7 +182,7 @@ class MLP(nn.Module):
         def swiglu(x):  # [B, c, D] -> [B, c, D]
             # On [B·c, D] rows, not [B, c, D]: with the 3-D einsums XLA:CPU wrote the backward's silu′
             # as a transposed [F, B, c] copy for the weight gradients (fwd + bwd at B 2, c 1024, D 512,
-            # F 1536: 0.334 -> 0.246 s; BENCHMARKS.md session 6).
+            # F 1536: 0.334 -> 0.246 s; BENCHMARKS.md).
             rows = x.reshape(-1, x.shape[-1])
             hidden = nn.silu(gate_kernel(rows, "ND,DF->NF")) * up_kernel(rows, "ND,DF->NF")
             return down_kernel(hidden, "NF,FD->ND").reshape(x.shape)
@@ -233,7 +233,7 @@ def full_remat_layers(config: ModelConfig, layer_params: Params, x: jax.Array, i
     remat): each layer's input is copied to the host as the forward scan produces it and back as the
     backward scan reaches it — the device keeps none of the [L, B, T, D] stack (2.81 GiB per device
     for the 4B recipe at 16,384 tokens), for one host round trip of B·T·D per layer, which XLA:GPU's
-    host-offload scheduling can overlap with the layer's compute (not measured: no GPU yet).
+    host-offload scheduling can overlap with the layer's compute.
 
     With `grad_sink` (an accumulator shaped like `layer_params`), the gradient of the layers is
     added into it in place, layer by layer, during the backward scan, and handed back as the

@@ -1,6 +1,6 @@
 """The recipe's math reward, bounded in time, and verl's math_dapo `Answer:` grader.
 
-What the recipe trained on (recipe_spec §1.2) is thunlp/OPD
+What the recipe trained on (docs/recipe.md §1.2) is thunlp/OPD
 `verl/utils/reward_score/ttrl_math/__init__.py::reward_func` with its `math_utils.py` (a copy of
 verl `recipe/entropy/reward_score/entropy_math/__init__.py`, called with fast=False):
 

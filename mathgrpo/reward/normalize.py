@@ -1,5 +1,8 @@
 """String-level pieces of the math graders: answer extraction and answer normalisation.
 
+Over ~500 lines on purpose: each function follows its reference (Hendrycks MATH, PRM800K, Minerva) line
+by line so that it can be checked against the source, and they belong together.
+
 Everything here is cheap, pure Python (`re` and `pylatexenc`, no sympy) and runs in the process
 that scores a batch; `graders.py` composes these pieces and sends only the sympy / math-verify
 work to worker processes.

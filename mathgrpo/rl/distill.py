@@ -62,15 +62,18 @@ and dual clip, `policy_token_losses`, at every (t, k), then summed over k):
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 
+from mathgrpo.config import DistillEstimator, RewardWeightMode, SampledKL, TopKStrategy
 from mathgrpo.rl.losses import aggregate, kl_penalty, masked_mean, policy_token_losses
 
-STRATEGIES = ("only_stu", "only_tch", "intersection", "union", "union-intersection")
-WEIGHT_MODES = ("student_p", "teacher_p", "none")
-SAMPLED_KL_KINDS = ("k1", "k3")
-ADV_ESTIMATORS = ("token_reward_direct", "token_reward_direct_plus_grpo")
+STRATEGIES = typing.get_args(TopKStrategy)
+WEIGHT_MODES = typing.get_args(RewardWeightMode)
+SAMPLED_KL_KINDS = typing.get_args(SampledKL)
+ADV_ESTIMATORS = typing.get_args(DistillEstimator)
 
 
 def _check(name: str, value: str, accepted: tuple[str, ...]) -> None:
@@ -183,11 +186,16 @@ def sampled_token_rewards(student_logprobs, teacher_logprobs, kind: str = "k1"):
     return jax.lax.stop_gradient(-kl_penalty(student, teacher, "low_var_kl"))
 
 
+def topk_overlap_mask(student_topk_ids, teacher_topk_ids):
+    """[B, T, K] bool: whether each of the student's top-k ids is among the teacher's (the fork's `overlap_mask`)."""
+    return _member(jnp.asarray(student_topk_ids), jnp.asarray(teacher_topk_ids))
+
+
 def topk_overlap_ratio(student_topk_ids, teacher_topk_ids, mask):
     """Share of the student's top-k ids that are in the teacher's top-k, over the response tokens (the fork's
     `val-topk/overlap_ratio` = Σ overlap_mask·m / (K Σ m)); 0 when there are no tokens (the fork logs none)."""
     student = jnp.asarray(student_topk_ids)
-    overlap = _member(student, jnp.asarray(teacher_topk_ids)).astype(jnp.float32)
+    overlap = topk_overlap_mask(student, teacher_topk_ids).astype(jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)[..., None]
     return masked_mean(overlap, mask) / student.shape[-1]
 
@@ -208,7 +216,8 @@ def token_reward_direct(token_rewards, mask):
 
 def token_reward_direct_plus_grpo(token_rewards, mask, grpo_advantages, *, weight: float = 1.0, valid=None):
     """`compute_token_reward_direct_plus_grpo_advantage`: A = r·m + weight·(Â·m), Â [B] the GRPO outcome
-    advantages of the sequences' true rewards (group_advantages), broadcast over the tokens.
+    advantages of the sequences' true rewards (group_advantages), broadcast over the tokens; or Â [B, T]
+    already per token (a packed batch's `advantages`, each sequence's Â on its response tokens).
 
     For [B, T, K] rewards the outcome term is broadcast over k too, and with `valid` [B, T, K] it is kept
     to the ids that count, so an id duplicated in a union set does not get it twice. (The fork adds the
@@ -216,7 +225,8 @@ def token_reward_direct_plus_grpo(token_rewards, mask, grpo_advantages, *, weigh
     No gradient."""
     direct = token_reward_direct(token_rewards, mask)
     mask = jnp.asarray(mask, jnp.float32)
-    outcome = jnp.asarray(grpo_advantages, jnp.float32)[:, None] * mask  # [B, T]
+    outcome = jnp.asarray(grpo_advantages, jnp.float32)
+    outcome = (outcome if outcome.ndim == mask.ndim else outcome[:, None]) * mask  # [B, T]
     if direct.ndim == 3:
         outcome = outcome[..., None]
         if valid is not None:
@@ -228,11 +238,34 @@ def token_reward_direct_plus_grpo(token_rewards, mask, grpo_advantages, *, weigh
 # Policy loss over the candidate ids.
 
 
+def topk_token_losses(logprobs, old_logprobs, advantages, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                      clip_c: float = 3.0, valid=None, is_weights=None):
+    """The per-token pieces of the 3-D loss (module docstring): `policy_token_losses` at every candidate id,
+    summed over k. The train step aggregates these (`aggregate`, or verl's legacy weighting) as GRPO's.
+
+    logprobs, old_logprobs, advantages: [B, T, K]; `valid` [B, T, K] zeroes the advantages of the ids that
+    do not count; is_weights [B, T] multiply the per-token sums (rollout correction).
+    Returns (per_token [B, T], log_ratio [B, T, K] (clamped, detached), clipped [B, T, K] bool).
+    """
+    logprobs = jnp.asarray(logprobs, jnp.float32)
+    if logprobs.ndim != 3:
+        raise ValueError(f"the top-k policy loss takes [B, T, K] log-probs, got shape {logprobs.shape}")
+    advantages = jnp.asarray(advantages, jnp.float32)
+    if valid is not None:
+        advantages = jnp.where(jnp.asarray(valid, bool), advantages, 0.0)
+    pg_losses, log_ratio, clipped, _ = policy_token_losses(logprobs, old_logprobs, advantages, clip_low=clip_low,
+                                                           clip_high=clip_high, clip_c=clip_c)
+    per_token = jnp.sum(pg_losses, axis=-1)  # [B, T]
+    if is_weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(is_weights)
+    return per_token, jax.lax.stop_gradient(log_ratio), clipped
+
+
 def topk_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
                      clip_c: float = 3.0, agg: str = "token-mean", valid=None, is_weights=None, token_count=None,
                      sequence_count=None, horizon: int | None = None):
-    """The 3-D branch of verl's vanilla PPO loss (module docstring): `policy_token_losses` at every candidate
-    id, summed over k, then aggregated over the [B, T] response `mask` like `policy_loss`.
+    """The 3-D branch of verl's vanilla PPO loss (module docstring): `topk_token_losses` (`policy_token_losses`
+    at every candidate id, summed over k), then aggregated over the [B, T] response `mask` like `policy_loss`.
 
     logprobs, old_logprobs, advantages: [B, T, K] (log-probs of the candidate ids now / at the rollout);
     ids that do not count are passed with advantage 0, as the fork does (or with `valid` [B, T, K], which
@@ -241,21 +274,12 @@ def topk_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: floa
 
     Returns: (loss, metrics) with `pg_loss`, `pg_clipfrac`, `ppo_kl`, `pg_clipfrac_lower` as the fork's.
     """
-    logprobs = jnp.asarray(logprobs, jnp.float32)
-    if logprobs.ndim != 3:
-        raise ValueError(f"topk_policy_loss takes [B, T, K] log-probs, got shape {logprobs.shape}")
-    advantages = jnp.asarray(advantages, jnp.float32)
-    if valid is not None:
-        advantages = jnp.where(jnp.asarray(valid, bool), advantages, 0.0)
     mask = jnp.asarray(mask, jnp.float32)
-    pg_losses, log_ratio, clipped, _ = policy_token_losses(logprobs, old_logprobs, advantages, clip_low=clip_low,
-                                                           clip_high=clip_high, clip_c=clip_c)
-    per_token = jnp.sum(pg_losses, axis=-1)  # [B, T]
-    if is_weights is not None:
-        per_token = per_token * jax.lax.stop_gradient(is_weights)
+    per_token, log_ratio, clipped = topk_token_losses(logprobs, old_logprobs, advantages, clip_low=clip_low,
+                                                      clip_high=clip_high, clip_c=clip_c, valid=valid,
+                                                      is_weights=is_weights)
     loss = aggregate(per_token, mask, agg, token_count=token_count, sequence_count=sequence_count,
                      horizon=horizon)
-    log_ratio = jax.lax.stop_gradient(log_ratio)
     metrics = {
         "pg_loss": jax.lax.stop_gradient(loss),
         "pg_clipfrac": masked_mean(clipped.astype(jnp.float32), mask[..., None]),

@@ -1,7 +1,7 @@
 """The GRPO objective as verl computes it: the clipped policy loss, its one aggregation, the KL penalty.
 
-The objective of one training step (recipe_spec §0, §2). For a prompt q with G responses o_1..o_G
-(config `algorithm.group_size`, verl `rollout.n`) and binary scores r_i:
+The objective of one training step (docs/recipe.md §0, §2). For a prompt q with G responses o_1..o_G
+(config and verl: `rollout.n`) and binary scores r_i:
 
     A_i   = (r_i - mean(r)) / (std(r) + eps)                       advantages.py
             std unbiased (/(G-1)); G = 1 → mean 0, std 1; eps = 1e-6 (`adv_eps`);
@@ -16,12 +16,12 @@ The objective of one training step (recipe_spec §0, §2). For a prompt q with G
 Log-probs are of temperature-scaled logits (logits / T, T = rollout temperature), as verl's
 actor. In the recipe (one mini-batch, one epoch) π_old = π_θ at the step, so ρ ≡ 1, clipping is
 inert, pg_clipfrac = ppo_kl = 0 and the gradient is −A·w·∇log π_θ: the train step therefore takes
-π_old as the detached current log-probs of the same forward pass (no second pass; DESIGN.md).
+π_old as the detached current log-probs of the same forward pass (no second pass; docs/design.md, "On-policy fusion").
 
 Where we depart from verl, on purpose:
 - `token-mean` is by default the true token mean over the whole mini-batch (all micro-batches and
   devices), like upstream verl's new engine (`batch_num_tokens`). The recipe's legacy dp_actor
-  weighted each micro-batch's token mean by its share of sequences (§2.4); `loss_scaling:
+  weighted each micro-batch's token mean by its share of sequences (docs/recipe.md §2.4); `loss_scaling:
   verl_legacy` in the train step reproduces that.
 - The seq-mean modes divide by the number of non-empty sequences in the mini-batch, and
   `seq-mean-token-sum-norm` also by a fixed horizon (the max response length), as upstream's
@@ -34,9 +34,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mathgrpo.config import KL_TYPES, LOSS_AGG_MODES
+
 LOG_RATIO_BOUND = 20.0  # verl's clamp on log-ratios before exp
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_TYPES = ("low_var_kl", "kl", "mse")
+AGGREGATIONS = LOSS_AGG_MODES
 
 
 def masked_mean(values, mask, axis=None):

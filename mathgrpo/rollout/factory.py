@@ -13,10 +13,8 @@ from typing import Any, Sequence
 
 import jax
 
-from mathgrpo.config import ModelConfig, RolloutConfig
+from mathgrpo.config import ENGINES, ModelConfig, RolloutConfig
 from mathgrpo.rollout.base import Rollout, SamplingParams
-
-ENGINES = ("jax", "vllm")
 
 
 class EngineUnavailable(RuntimeError):

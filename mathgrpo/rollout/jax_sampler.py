@@ -1,6 +1,9 @@
 """The JAX rollout engine: jitted prefill and decode over an explicit state, as a static batch or as
 continuous batching over a pool of KV slots.
 
+Over ~500 lines on purpose: the host scheduler (queue, admission, tail shrink) and the device functions
+it drives share their buffer layout; docs/sampler.md describes both.
+
 **Static batch** (`max_slots=None`): every row of a call in one batch, decoded until the longest ends.
 1. Repeats each prompt n times (prompt-major: rows i*n .. i*n+n-1 answer prompt i) and LEFT-pads them
    into a [B, P] batch, so every row's last prompt token sits in column P-1 and the KV cache writes

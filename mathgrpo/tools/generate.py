@@ -19,6 +19,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mathgrpo.config import ENGINES
+
     parser.add_argument("--model", required=True, help="HF model directory or Orbax params checkpoint")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
@@ -31,25 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slots", type=int, default=None,
                         help="JAX engine: continuous batching over a pool of this many rows (default: one static "
                              "batch of every row)")
-    parser.add_argument("--engine", default="jax", choices=["jax", "vllm"])
+    parser.add_argument("--engine", default="jax", choices=list(ENGINES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the loaded params (JAX sampler)")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="matmul dtype of either engine (model.compute_dtype)")
-
-
-def load_policy(path: str, tokenizer_dir: str | None, dtype: str, compute_dtype: str = "bfloat16"):
-    """(ModelConfig, params, tokenizer dir, generation config or None) from a HF dir or an Orbax checkpoint."""
-    from mathgrpo.weights import orbax
-
-    try:
-        config, params, tokenizer_dir, generation_config = orbax.load_model(
-            path, dtype=dtype, compute_dtype=compute_dtype, tokenizer_dir=tokenizer_dir)
-    except FileNotFoundError as error:
-        raise SystemExit(f"--model {error}") from None
-    if not tokenizer_dir:
-        raise SystemExit(f"--model {path}: the checkpoint records no tokenizer directory; pass --tokenizer DIR")
-    return config, params, tokenizer_dir, generation_config
 
 
 def chat_prompt_ids(tokenizer, message: str) -> list[int]:
@@ -79,9 +67,13 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mathgrpo.data.prompts import load_tokenizer
+    from mathgrpo.weights.policy import load_policy
 
-    config, weights, tokenizer_dir, generation_config = load_policy(args.model, args.tokenizer, args.dtype,
-                                                                    args.compute_dtype)
+    try:
+        config, weights, tokenizer_dir, generation_config = load_policy(
+            args.model, dtype=args.dtype, tokenizer_dir=args.tokenizer, compute_dtype=args.compute_dtype)
+    except FileNotFoundError as error:
+        raise SystemExit(f"generate: --model {error}") from None
     tokenizer = load_tokenizer(tokenizer_dir)
     from mathgrpo.eval.validate import default_stop_token_ids
 

@@ -170,9 +170,10 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         legacy_weight=jax.ShapeDtypeStruct((micro_batches, rows), jnp.float32),
         num_micro_batches=scalar_i, token_count=scalar_f, sequence_count=scalar_f), batch_shardings)
 
-    step = train_step_lib.make_train_step(model, algo, inputs.optim, mesh=mesh, rules=rules)
+    step = train_step_lib.make_train_step(model, algo, inputs.optim, mesh=mesh, rules=rules,
+                                          temperature=inputs.temperature, horizon=inputs.max_response_length)
     compiled_step = step.lower(state, batch).compile()
-    logprob_fn = train_step_lib.make_logprob_fn(model, algo, mesh=mesh, rules=rules)
+    logprob_fn = train_step_lib.make_logprob_fn(model, algo, mesh=mesh, rules=rules, temperature=inputs.temperature)
     compiled_logprob = logprob_fn.lower(state.params, batch).compile()
 
 
@@ -350,7 +351,9 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
     default: JAX's backend), cuDNN attention is planned as the blockwise one (same memory order).
     `naive`: the step without any memory work — reference O(T²) attention, no remat, no token
     chunks, full-length fp32 logits."""
-    model = config.model.resolve()
+    from mathgrpo.weights.policy import resolve_model_config
+
+    model = resolve_model_config(config.model)
     platform = platform or jax.default_backend()
     if model.attention == "cudnn" and platform == "cpu":
         model = model.replace(attention="blockwise")

@@ -1,6 +1,6 @@
-"""Training metrics with verl's names and formulas, and where they go: JSONL, TensorBoard, stdout, PNG.
+"""Training metrics with verl's names and formulas, and where they go: JSONL, TensorBoard, W&B, stdout, PNG.
 
-Computations (pure numpy; recipe_spec §2.8), each reproducing a verl function:
+Computations (pure numpy; docs/recipe.md §2.8), each reproducing a verl function:
 - `data_metrics`       `verl/trainer/ppo/metric_utils.py::compute_data_metrics`: critic/score|rewards|
                        advantages|returns/{mean,max,min}, response_length[_non_aborted]/{mean,max,min,
                        clip_ratio}, response/aborted_ratio, prompt_length/{mean,max,min,clip_ratio}.
@@ -11,8 +11,9 @@ Computations (pure numpy; recipe_spec §2.8), each reproducing a verl function:
 - `memory_metrics`     perf/max_memory_{allocated,reserved}_gb, perf/cpu_memory_used_gb (GiB, as verl).
 - `reduce_metrics`     `verl/utils/metric`: max if "max" is in the key, else min if "min", else mean.
 
-Sinks: `MetricsLogger` (metrics.jsonl, samples.jsonl, a TensorBoard event file written by hand, a
-one-line progress display), `read_metrics_jsonl`, `plot_curves` (a PNG rasterized with numpy).
+Sinks (`sinks.make_logger`, chosen by name as verl's trainer.logger): console (a one-line progress
+display), jsonl (metrics.jsonl, samples.jsonl), tensorboard (tensorboardX), wandb; `read_metrics_jsonl`;
+`plots.plot_curves` (curves.png, drawn by matplotlib).
 
 Departures from verl:
 - Inputs are per-response arrays, not padded token tensors. A response's advantage is broadcast

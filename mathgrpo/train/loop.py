@@ -1,6 +1,6 @@
-"""`python -m mathgrpo train`: the GRPO loop of DESIGN.md, and the small `sft` warm start.
+"""`python -m mathgrpo train`: the GRPO loop (docs/design.md), as setup, one RL step and its metrics.
 
-One step (verl's ray_trainer.fit, recipe_spec §2.7):
+One step (verl's ray_trainer.fit, docs/recipe.md §2.7):
     prompts (data/prompts.py, 64) → rollout ×n (JAX sampler or vLLM) → reward (process pool) → group
     advantages → pack into micro-batches → jitted train step (fused π_old, TIS, token-mean, AdamW)
     → weight sync to the rollout engine → validation every `test_freq` steps and at the end →
@@ -17,17 +17,18 @@ Only process 0 logs; every process runs the same program (JAX multi-controller).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 import yaml
 
-from mathgrpo.config import ExperimentConfig, ModelConfig, RolloutConfig, to_dict
+from mathgrpo.config import ExperimentConfig, ModelConfig, ModelSource, RolloutConfig, to_dict
 from mathgrpo.data.prompts import IteratorState, PromptBatches, load_tokenizer, read_prompts
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
@@ -40,6 +41,7 @@ from mathgrpo.train import state as train_state
 from mathgrpo.train import step as train_step_lib
 from mathgrpo.utils.process import fetch, is_main_process, log
 from mathgrpo.weights import hf, orbax
+from mathgrpo.weights.policy import Policy, load_policy
 
 STEP_SEED_STRIDE = 1_000_003
 # Fault injection for the resume tests: "step:N" or "save:N" SIGKILLs this process in the middle of
@@ -68,20 +70,27 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * STEP_SEED_STRIDE + step) % (2**31 - 1)
 
 
-def load_policy(config: ExperimentConfig, mesh) -> tuple[ModelConfig, Any, str]:
-    """(model config, params in the mesh's shardings, tokenizer directory) from model.path."""
-    source = config.model
-    rules = parallel_mesh.logical_rules(config.mesh)
-
-    def shardings(model_config):
-        return parallel_shardings.param_shardings(model_config, mesh, rules)
-
+def load_source(config: ExperimentConfig, mesh, source: ModelSource | None = None,
+                tokenizer_dir: str | None = None) -> Policy:
+    """The model of `source` (default: the policy, `model`) from its HF directory or Orbax checkpoint, in
+    its `param_dtype` (the policy: fp32 master weights), placed in the mesh's shardings."""
+    source, rules = source or config.model, parallel_mesh.logical_rules(config.mesh)
     runtime = {k: v for k, v in source.runtime().items() if k != "param_dtype"}
-    model_config, params, tokenizer, _ = orbax.load_model(
-        source.path, dtype=source.param_dtype, tokenizer_dir=source.tokenizer, shardings=shardings, **runtime)
-    if tokenizer is None:
-        raise FileNotFoundError("no tokenizer: set model.tokenizer (the checkpoint records none)")
-    return model_config, params, tokenizer
+    return load_policy(source.path, dtype=source.param_dtype, tokenizer_dir=source.tokenizer or tokenizer_dir,
+                       shardings=lambda c: parallel_shardings.param_shardings(c, mesh, rules), **runtime)
+
+
+def load_teacher(config: ExperimentConfig, mesh, student: ModelConfig, tokenizer_dir: str) -> Policy:
+    """The frozen OPD teacher (`distill.teacher`) on the student's mesh, by the same sharding rules; it
+    must share the student's vocabulary (its log-probs are read at the student's token ids)."""
+    teacher = load_source(config, mesh, config.distill.teacher, tokenizer_dir)
+    if teacher.config.vocab_size != student.vocab_size:
+        raise ValueError(f"distill.teacher {config.distill.teacher.path} has vocab_size {teacher.config.vocab_size}, "
+                         f"the student {config.model.path} {student.vocab_size}: the teacher scores the "
+                         "student's token ids, so both need the same vocabulary")
+    log(f"teacher: {config.distill.teacher.path} ({teacher.config.num_hidden_layers} layers, hidden "
+        f"{teacher.config.hidden_size}, {teacher.config.param_dtype})")
+    return teacher
 
 
 def make_engine(config: ExperimentConfig, model_config: ModelConfig, params: Any, mesh):
@@ -163,22 +172,72 @@ def run_validation(config: ExperimentConfig, engine, records, tokenizer, step: i
     return metrics
 
 
-def train(config: ExperimentConfig) -> dict:
-    """Runs (or resumes) the GRPO loop; returns the last step's metrics."""
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from one step to the next (built by `setup`)."""
+
+    config: ExperimentConfig
+    run_dir: str
+    mesh: Any
+    model_config: ModelConfig
+    tokenizer_dir: str
+    tokenizer: Any
+    batches: PromptBatches
+    val_records: Sequence
+    total_steps: int
+    state: Any
+    data_state: IteratorState
+    start_step: int
+    checkpointer: Any
+    step_fn: Any
+    batch_shardings: Any
+    engine: Any
+    logger: Any
+    pool: Any
+    teacher_params: Any = None  # algorithm: opd
+    score_fn: Any = None  # algorithm: opd: the teacher's scoring pass (train/distill.py)
+
+    def checkpoint_extra(self, step: int) -> dict:
+        return {"step": step, "data_state": self.data_state.to_dict(), "config": to_dict(self.config),
+                "model": self.model_config.architecture(), "param_dtype": self.model_config.param_dtype,
+                "tokenizer_dir": os.path.abspath(self.tokenizer_dir)}
+
+    def close(self) -> None:
+        for part in (self.checkpointer, self.logger, self.pool):
+            part.close()
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One RL step's rollout, rewards and update, for its metrics and logged samples."""
+
+    prompt_ids: list[np.ndarray]
+    responses: list[np.ndarray]
+    truths: list[str]
+    response_lengths: np.ndarray
+    scores: np.ndarray
+    advantages: np.ndarray
+    reward_timeouts: int
+    metrics: dict  # actor/* from the train step and rollout_corr/*
+
+
+def setup(config: ExperimentConfig) -> Run:
+    """Starts a run or resumes the latest checkpoint: mesh, policy, data, train state, rollout engine,
+    logger and reward pool."""
     from mathgrpo.reward import pool as reward_pool
-    from mathgrpo.tracking import flops, plots, sinks, verl_metrics
+    from mathgrpo.tracking import sinks
 
     factory.prepare(config.rollout.engine, config.rollout)  # before JAX starts; stops if vLLM is missing
     parallel_mesh.initialize_distributed()
     if config.data.train_batch_size < jax.process_count():
         raise ValueError(f"data.train_batch_size={config.data.train_batch_size} prompts cannot be shared by "
                          f"{jax.process_count()} processes: each generates at least one prompt's group")
-    trainer_cfg = config.trainer
-    run_dir = os.path.abspath(trainer_cfg.output_dir)
+    trainer = config.trainer
+    run_dir = os.path.abspath(trainer.output_dir)
     os.makedirs(run_dir, exist_ok=True)
     mesh = parallel_mesh.make_mesh(config.mesh)
     rules = parallel_mesh.logical_rules(config.mesh)
-    model_config, params, tokenizer_dir = load_policy(config, mesh)
+    model_config, params, tokenizer_dir, _ = load_source(config, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
     records, summary = read_prompts(config.data.train_files, tokenizer, config.data)
     log(f"train data: {summary}")
@@ -187,12 +246,12 @@ def train(config: ExperimentConfig) -> dict:
         val_records, val_summary = read_prompts(config.data.val_files, tokenizer, config.data)
         log(f"validation data: {val_summary}")
     batches = PromptBatches.from_config(records, config.data)
-    total_steps = trainer_cfg.total_steps or batches.steps_per_epoch * trainer_cfg.total_epochs
+    total_steps = trainer.total_steps or batches.steps_per_epoch * trainer.total_epochs
 
     optimizer = train_state.make_optimizer(config.optim)
     state_shardings = train_state.train_state_shardings(model_config, optimizer, mesh, rules)
     init = jax.jit(lambda p: train_state.init_train_state(p, config.optim), out_shardings=state_shardings)
-    checkpointer = orbax.TrainCheckpointer(os.path.join(run_dir, "checkpoints"), keep=trainer_cfg.keep_checkpoints)
+    checkpointer = orbax.TrainCheckpointer(os.path.join(run_dir, "checkpoints"), keep=trainer.keep_checkpoints)
     data_state, start_step = IteratorState(), 0
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -211,121 +270,174 @@ def train(config: ExperimentConfig) -> dict:
     del params
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    teacher_params = score_fn = None
+    if config.algorithm == "opd":
+        from mathgrpo.train import distill as distill_step
 
-    step_fn = train_step_lib.make_train_step(model_config, config.grpo, config.optim, mesh=mesh, rules=rules)
-    batch_shardings = train_packing.batch_shardings(mesh)
-    engine = make_engine(config, model_config, state.params, mesh)
-    logger = sinks.MetricsLogger(run_dir, enabled=is_main_process(), total_steps=total_steps)
-    pool = reward_pool.RewardPool()  # workers start on the first answer that needs sympy / math-verify
-    train_sampling = sampling_params(config.rollout, config.data.max_response_length)
-    n, rows = config.rollout.n, parallel_mesh.data_parallel_size(mesh)
-    step_metrics: dict = {}
+        teacher = load_teacher(config, mesh, model_config, tokenizer_dir)
+        teacher_params = teacher.params
+        score_fn = distill_step.make_score_fn(model_config, teacher.config, config.distill, config.grpo,
+                                              temperature=config.rollout.temperature, mesh=mesh, rules=rules)
+    return Run(
+        config=config, run_dir=run_dir, mesh=mesh, model_config=model_config, tokenizer_dir=tokenizer_dir,
+        tokenizer=tokenizer, batches=batches, val_records=val_records, total_steps=total_steps, state=state,
+        data_state=data_state, start_step=start_step, checkpointer=checkpointer,
+        step_fn=train_step_lib.make_train_step(model_config, config.grpo, config.optim, mesh=mesh, rules=rules,
+                                               temperature=config.rollout.temperature,
+                                               horizon=config.data.max_response_length),
+        batch_shardings=train_packing.batch_shardings(mesh),
+        engine=make_engine(config, model_config, state.params, mesh),
+        logger=sinks.make_logger(trainer.logger, run_dir, enabled=is_main_process(), total_steps=total_steps,
+                                 project_name=trainer.project_name, experiment_name=trainer.experiment_name,
+                                 config=to_dict(config)),
+        pool=reward_pool.RewardPool(),  # workers start on the first answer that needs sympy / math-verify
+        teacher_params=teacher_params, score_fn=score_fn)
 
-    def extra_for(step):
-        return {"step": step, "data_state": data_state.to_dict(), "config": to_dict(config),
-                "model": model_config.architecture(), "param_dtype": model_config.param_dtype,
-                "tokenizer_dir": os.path.abspath(tokenizer_dir)}
 
+def rl_step(run: Run, step: int, prompts_batch: Sequence, timer: Timer) -> StepResult:
+    """One GRPO step: each process samples its share of the prompts' groups, grades them and gathers the
+    whole batch; group advantages; the train step on the packed batch; the new weights to the engine."""
+    from mathgrpo.reward import pool as reward_pool
+
+    config, n = run.config, run.config.rollout.n
+    share = shares.process_share(len(prompts_batch))  # whole groups: this process's prompts
+    sampling = sampling_params(config.rollout, config.data.max_response_length)
+    with timer("gen"):
+        local = run.engine.generate([prompts_batch[i].prompt_ids for i in share],
+                                    sampling.replace(seed=step_seed(config.trainer.seed, step)),
+                                    first_prompt=share.start)
+    run.engine.sleep()  # vLLM frees its KV cache and weights for the update; the sync wakes it
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}/{jax.process_count()}: step {step}: generated prompts "
+              f"{share.start}..{share.stop - 1} of {len(prompts_batch)} ({len(local)} responses)", flush=True)
+    with timer("reward"):
+        local_records = [prompts_batch[share.start + i // n] for i in range(len(local))]
+        local_texts = run.tokenizer.batch_decode([local.response(i) for i in range(len(local))],
+                                                 skip_special_tokens=True)
+        local_scores, reward_info = reward_pool.score_batch(
+            local_texts, [r.ground_truth for r in local_records], [r.data_source for r in local_records],
+            pool=run.pool)
+        rollout, scores, timeouts = shares.gather(local, np.asarray(local_scores, np.float32),
+                                                  reward_info["timeouts"])
+        _maybe_perturb_scores(scores)
+        shares.check_same(step, rollout.token_ids, rollout.logprobs, rollout.lengths, scores)
+    responses = [np.asarray(rollout.response(i)) for i in range(len(rollout))]
+    rollout_logprobs = [rollout.response_logprobs(i) for i in range(len(rollout))]
+    with timer("adv"):  # OPD: the outcome term of token_reward_direct_plus_grpo; the token rewards come later
+        advantages = np.asarray(rl_advantages.group_advantages(scores, n, config.grpo.adv_eps,
+                                                               config.grpo.norm_adv_by_std))
+        if config.algorithm == "opd" and config.distill.estimator == "token_reward_direct":
+            advantages = np.zeros_like(advantages)
+    with timer("update_actor"):
+        prompt_ids = [np.asarray(prompts_batch[i // n].prompt_ids) for i in range(len(rollout))]
+        packed, placements = train_packing.pack(
+            prompt_ids, responses, advantages, num_rows=parallel_mesh.data_parallel_size(run.mesh),
+            row_length=config.grpo.micro_batch_tokens, max_sequences_per_row=train_packing.sequence_cap(
+                run.model_config), rollout_logprobs=rollout_logprobs)
+        batch = parallel_shardings.put_global(packed, run.batch_shardings)
+    distill_metrics = {}
+    if run.score_fn is not None:  # OPD: the teacher scores the student's top-k tokens; token-level advantages
+        with timer("rm"):
+            batch, scored = run.score_fn(run.state.params, run.teacher_params, batch)
+            distill_metrics = {k: float(v) for k, v in fetch(scored).items()}
+    with timer("update_actor"):
+        run.state, outputs = run.step_fn(run.state, batch)
+        actor = {k: float(v) for k, v in fetch(outputs["metrics"]).items()}
+        _maybe_kill("step", step)
+        old_logprobs = train_packing.unpack_responses(fetch(outputs["old_logprobs"]), placements)
+    with timer("update_weights"):
+        run.engine.update_weights(run.state.params)
+    width = max(len(r) for r in responses)
+    old, mask = padded(old_logprobs, width)
+    rollout_lp, _ = padded(rollout_logprobs, width)
+    correction = rollout_correction.rollout_correction_metrics(old, rollout_lp, mask,
+                                                               threshold=config.grpo.rollout_is_threshold)
+    return StepResult(prompt_ids=prompt_ids, responses=responses,
+                      truths=[prompts_batch[i // n].ground_truth for i in range(len(rollout))],
+                      response_lengths=rollout.lengths.astype(np.int64), scores=scores, advantages=advantages,
+                      reward_timeouts=int(timeouts),
+                      metrics={**actor, **distill_metrics, **{k: float(v) for k, v in correction.items()}})
+
+
+def step_metrics(run: Run, step: int, result: StepResult, timer: Timer) -> dict:
+    """verl's data, timing, throughput, MFU and memory metrics of a finished step."""
+    from mathgrpo.tracking import flops, verl_metrics
+
+    config, devices = run.config, run.mesh.devices.size
+    prompt_lengths = np.array([len(p) for p in result.prompt_ids])
+    response_tokens = int(result.response_lengths.sum())
+    total_tokens = response_tokens + int(prompt_lengths.sum())
+    metrics = verl_metrics.data_metrics(
+        scores=result.scores, advantages=result.advantages, response_lengths=result.response_lengths,
+        prompt_lengths=prompt_lengths, max_response_length=config.data.max_response_length,
+        max_prompt_length=config.data.max_prompt_length)
+    metrics.update(verl_metrics.timing_metrics(timer.seconds, response_tokens=response_tokens,
+                                               total_tokens=total_tokens))
+    metrics.update(verl_metrics.throughput_metrics(total_tokens=total_tokens, step_time=timer.seconds["step"],
+                                                   n_devices=devices))
+    metrics["perf/mfu/actor"] = flops.mfu(run.model_config, sequence_lengths=result.response_lengths + prompt_lengths,
+                                          seconds=timer.seconds["update_actor"], n_devices=devices,
+                                          peak_flops=config.hardware.peak_flops)
+    if config.algorithm == "opd":  # the math reward is only logged (verl: critic/true_reward/*)
+        metrics = {k.replace("critic/score/", "critic/true_reward/"): v for k, v in metrics.items()
+                   if not k.startswith("critic/rewards/")}
+    metrics.update(verl_metrics.memory_metrics())
+    metrics["training/global_step"] = step
+    metrics["training/epoch"] = run.data_state.epoch
+    metrics["reward/timeouts"] = float(result.reward_timeouts)
+    return metrics
+
+
+def logged_samples(run: Run, result: StepResult) -> list[dict]:
+    """The first `trainer.log_generations` responses of the step, decoded (samples.jsonl)."""
+    decode = run.tokenizer.decode
+    return [{"prompt": decode(result.prompt_ids[i]), "response": decode(result.responses[i], skip_special_tokens=True),
+             "ground_truth": result.truths[i], "score": float(result.scores[i])}
+            for i in range(min(run.config.trainer.log_generations, len(result.responses)))]
+
+
+def train(config: ExperimentConfig) -> dict:
+    """Runs (or resumes) the GRPO loop; returns the last step's metrics."""
+    from mathgrpo.tracking import plots, sinks
+
+    run = setup(config)
+    trainer, metrics = config.trainer, {}
     try:
-        if trainer_cfg.val_before_train and start_step == 0 and val_records:
-            logger.log(0, run_validation(config, engine, val_records, tokenizer, 0, run_dir, pool))
-        for step in range(start_step + 1, total_steps + 1):
+        if trainer.val_before_train and run.start_step == 0 and run.val_records:
+            run.logger.log(0, run_validation(config, run.engine, run.val_records, run.tokenizer, 0, run.run_dir,
+                                             run.pool))
+        for step in range(run.start_step + 1, run.total_steps + 1):
             timer, step_start = Timer(), time.perf_counter()
-            prompts_batch, data_state = batches.next(data_state)
-            share = shares.process_share(len(prompts_batch))  # whole groups: this process's prompts
-            with timer("gen"):
-                local = engine.generate([prompts_batch[i].prompt_ids for i in share],
-                                        train_sampling.replace(seed=step_seed(trainer_cfg.seed, step)),
-                                        first_prompt=share.start)
-            engine.sleep()  # vLLM frees its KV cache and weights for the update; the sync wakes it
-            if jax.process_count() > 1:
-                print(f"process {jax.process_index()}/{jax.process_count()}: step {step}: generated prompts "
-                      f"{share.start}..{share.stop - 1} of {len(prompts_batch)} ({len(local)} responses)", flush=True)
-            with timer("reward"):
-                local_truths = [prompts_batch[share.start + i // n].ground_truth for i in range(len(local))]
-                local_sources = [prompts_batch[share.start + i // n].data_source for i in range(len(local))]
-                local_texts = tokenizer.batch_decode([local.response(i) for i in range(len(local))],
-                                                     skip_special_tokens=True)
-                local_scores, reward_info = reward_pool.score_batch(local_texts, local_truths, local_sources, pool=pool)
-                rollout, scores, timeouts = shares.gather(local, np.asarray(local_scores, np.float32),
-                                                          reward_info["timeouts"])
-                _maybe_perturb_scores(scores)
-                shares.check_same(step, rollout.token_ids, rollout.logprobs, rollout.lengths, scores)
-            responses = [rollout.response(i) for i in range(len(rollout))]
-            truths = [prompts_batch[i // n].ground_truth for i in range(len(rollout))]
-            with timer("adv"):
-                advantages = np.asarray(rl_advantages.group_advantages(scores, n, config.grpo.adv_eps,
-                                                              config.grpo.norm_adv_by_std))
-            with timer("update_actor"):
-                prompt_ids = [np.asarray(prompts_batch[i // n].prompt_ids) for i in range(len(rollout))]
-                batch, placements = train_packing.pack(
-                    prompt_ids, [np.asarray(r) for r in responses], advantages, num_rows=rows,
-                    row_length=config.grpo.micro_batch_tokens,
-                    max_sequences_per_row=train_packing.sequence_cap(model_config),
-                    rollout_logprobs=[rollout.response_logprobs(i) for i in range(len(rollout))])
-                state, outputs = step_fn(state, parallel_shardings.put_global(batch, batch_shardings))
-                actor = {k: float(v) for k, v in fetch(outputs["metrics"]).items()}
-                _maybe_kill("step", step)
-                old_logprobs = train_packing.unpack_responses(fetch(outputs["old_logprobs"]), placements)
-            with timer("update_weights"):
-                engine.update_weights(state.params)
-            width = max(len(r) for r in responses)
-            old, mask = padded(old_logprobs, width)
-            rollout_lp, _ = padded([rollout.response_logprobs(i) for i in range(len(rollout))], width)
-            corr = {k: float(v) for k, v in rollout_correction.rollout_correction_metrics(
-                old, rollout_lp, mask, threshold=config.grpo.rollout_is_threshold).items()}
-            step_metrics = {**actor, **corr}
-            last = step == total_steps
-            if val_records and (step % trainer_cfg.test_freq == 0 or last):
+            prompts_batch, run.data_state = run.batches.next(run.data_state)
+            result = rl_step(run, step, prompts_batch, timer)
+            metrics = dict(result.metrics)
+            last = step == run.total_steps
+            if run.val_records and (step % trainer.test_freq == 0 or last):
                 with timer("testing"):
-                    step_metrics.update(run_validation(config, engine, val_records, tokenizer, step, run_dir, pool))
-            if step % trainer_cfg.save_freq == 0 or last:
+                    metrics.update(run_validation(config, run.engine, run.val_records, run.tokenizer, step,
+                                                  run.run_dir, run.pool))
+            if step % trainer.save_freq == 0 or last:
                 with timer("save_checkpoint"):
-                    save_checkpoint(checkpointer, step, state, extra_for(step))
+                    save_checkpoint(run.checkpointer, step, run.state, run.checkpoint_extra(step))
                 _maybe_kill("save", step)
             timer.seconds["step"] = time.perf_counter() - step_start
-            response_lengths = rollout.lengths.astype(np.int64)
-            prompt_lengths = np.array([len(p) for p in prompt_ids])
-            total_tokens = int(response_lengths.sum() + prompt_lengths.sum())
-            step_metrics.update(verl_metrics.data_metrics(
-                scores=scores, advantages=advantages, response_lengths=response_lengths,
-                prompt_lengths=prompt_lengths, max_response_length=config.data.max_response_length,
-                max_prompt_length=config.data.max_prompt_length))
-            step_metrics.update(verl_metrics.timing_metrics(timer.seconds, response_tokens=int(response_lengths.sum()),
-                                                            total_tokens=total_tokens))
-            step_metrics.update(verl_metrics.throughput_metrics(total_tokens=total_tokens,
-                                                                step_time=timer.seconds["step"],
-                                                                n_devices=mesh.devices.size))
-            step_metrics["perf/mfu/actor"] = flops.mfu(
-                model_config, sequence_lengths=response_lengths + prompt_lengths,
-                seconds=timer.seconds["update_actor"], n_devices=mesh.devices.size,
-                peak_flops=config.hardware.peak_flops)
-            step_metrics.update(verl_metrics.memory_metrics())
-            step_metrics["training/global_step"] = step
-            step_metrics["training/epoch"] = data_state.epoch
-            step_metrics["reward/timeouts"] = float(timeouts)
-            samples = [{"prompt": tokenizer.decode(prompts_batch[i // n].prompt_ids),
-                        "response": tokenizer.decode(responses[i], skip_special_tokens=True),
-                        "ground_truth": truths[i], "score": float(scores[i])}
-                       for i in range(min(trainer_cfg.log_generations, len(responses)))]
-            logger.log(step, step_metrics, samples)
-        wait_for_checkpoint(checkpointer)
-        if trainer_cfg.export_hf:
-            export_dir = os.path.join(run_dir, "hf")
-            hf.save(model_config, state.params, export_dir, dtype=trainer_cfg.export_dtype,
-                       tokenizer_dir=tokenizer_dir)
+            metrics.update(step_metrics(run, step, result, timer))
+            run.logger.log(step, metrics, logged_samples(run, result))
+        wait_for_checkpoint(run.checkpointer)
+        if trainer.export_hf:
+            export_dir = os.path.join(run.run_dir, "hf")
+            hf.save(run.model_config, run.state.params, export_dir, dtype=trainer.export_dtype,
+                    tokenizer_dir=run.tokenizer_dir)
             log(f"exported the final policy to {export_dir}")
     finally:
-        checkpointer.close()
-        logger.close()
-        pool.close()
-    metrics_file = os.path.join(run_dir, "metrics.jsonl")
+        run.close()
+    metrics_file = os.path.join(run.run_dir, "metrics.jsonl")
     if is_main_process() and os.path.exists(metrics_file):
         try:
-            plots.plot_curves(sinks.read_metrics_jsonl(metrics_file), os.path.join(run_dir, "curves.png"))
+            plots.plot_curves(sinks.read_metrics_jsonl(metrics_file), os.path.join(run.run_dir, "curves.png"))
         except ValueError as error:  # nothing finite to draw yet
             log(f"no curves plotted: {error}")
-    return step_metrics
+    return metrics
 
 
 def main(args) -> int:

@@ -10,6 +10,9 @@ Assignment, as verl: sequences are first balanced across rows (equal counts per 
 token totals, like `balance_batch`), then each row's sequences go into micro-batches by first-fit
 decreasing under the budget. M is rounded up to a power of two so the jitted step recompiles only
 when the number of micro-batches crosses a power of two; the step loops over the real count only.
+
+On-policy distillation with top-k adds [M, R, L, K] fields (`topk_ids`, `topk_advantages`,
+`topk_old_logprobs`) that the scoring pass fills on device in this layout; `pack` leaves them None.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ class PackedBatch:
     num_micro_batches: jax.Array  # [] int32, real micro-batches (≤ M)
     token_count: jax.Array  # [] f32, response tokens in the mini-batch
     sequence_count: jax.Array  # [] f32, sequences with at least one response token
+    # On-policy distillation with top-k (K = distill.top_k, or 2K for the union strategies): the candidate ids
+    # of each response position and their token-level advantages, written on device by the scoring pass
+    # (train/distill.py) in this same packed layout. None for GRPO and sampled-token OPD (top_k = 0), so
+    # their pytrees, and compiled steps, have no such leaves.
+    topk_ids: jax.Array | None = None  # [M, R, L, K] int32, 0 off the response tokens
+    topk_advantages: jax.Array | None = None  # [M, R, L, K] f32, A_{t,k}; 0 on ids that do not count
+    topk_old_logprobs: jax.Array | None = None  # [M, R, L, K] f32, the student's log-probs at the ids when
+    # scored (π_old of an unfused step; the fused step recomputes them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +189,18 @@ def unpack_responses(values: np.ndarray, placements: list[Placement]) -> list[np
     return out
 
 
-def batch_shardings(mesh: Mesh) -> Any:
-    """Shardings of a PackedBatch: rows over (data, fsdp); everything else replicated."""
+def batch_shardings(mesh: Mesh, *, topk: bool = False) -> Any:
+    """Shardings of a PackedBatch: rows over (data, fsdp); everything else replicated.
+
+    The top-k fields are None unless `topk` (a host batch from `pack` has none, and `put_global` needs the
+    same structure). As a jit in/out sharding the `topk=True` tree fits a batch with or without them: a
+    sharding at a None field covers no array."""
     rows = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
+    candidates = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, None)) if topk else None
     return PackedBatch(
         tokens=rows, positions=rows, segment_ids=rows, loss_mask=rows, advantages=rows,
         rollout_logprobs=rows, old_logprobs=rows, ref_logprobs=rows, sequence_index=rows,
         sequence_slots=replicated(mesh), legacy_weight=NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)),
         num_micro_batches=replicated(mesh), token_count=replicated(mesh), sequence_count=replicated(mesh),
+        topk_ids=candidates, topk_advantages=candidates, topk_old_logprobs=candidates,
     )

@@ -26,7 +26,7 @@ from mathgrpo.parallel import shardings
 from mathgrpo.train import packing as train_packing
 from mathgrpo.train import state as train_state
 from mathgrpo.train import step as train_step_lib
-from mathgrpo.train.loop import load_policy
+from mathgrpo.train.loop import load_source
 from mathgrpo.utils.process import is_main_process, log
 from mathgrpo.weights import hf, orbax
 
@@ -58,12 +58,12 @@ def sft(config: ExperimentConfig, data_path: str, *, steps: int, batch_size: int
     """Trains `steps` steps of `batch_size` random examples; writes out/params (Orbax) and out/hf."""
     mesh = parallel_mesh.make_mesh(config.mesh)
     rules = parallel_mesh.logical_rules(config.mesh)
-    model_config, params, tokenizer_dir = load_policy(config, mesh)
+    model_config, params, tokenizer_dir, _ = load_source(config, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
     prompts, responses = read_examples(data_path, tokenizer, config.rollout.stop_token_ids[0],
                                        config.data.enable_thinking)
     algo = dataclasses.replace(config.grpo, rollout_is=None, use_kl_loss=False, entropy_coeff=0.0,
-                               temperature=1.0, loss_agg_mode="token-mean", loss_scaling="global",
+                               loss_agg_mode="token-mean", loss_scaling="global",
                                importance_level="token")
     optim = dataclasses.replace(config.optim, lr=lr)
     optimizer = train_state.make_optimizer(optim)

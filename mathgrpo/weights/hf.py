@@ -29,7 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from mathgrpo.config import ModelConfig
+from mathgrpo.config import ConfigError, ModelConfig
 from mathgrpo.model import abstract_params
 from mathgrpo.model.layers import dtype_name
 
@@ -49,6 +49,103 @@ TOKENIZER_FILES = (
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig.
+
+QWEN3_REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads",
+)
+
+
+def model_config_from_hf(hf: dict | str | os.PathLike, **runtime) -> ModelConfig:
+    """Reads a HF Qwen3 `config.json` (a dict, the file, or its directory).
+
+    Accepts both the classic layout (`rope_theta` at the top) and transformers 5's
+    `rope_parameters`. Anything that is not a dense Qwen3 stops here with the reason.
+    """
+    if not isinstance(hf, dict):
+        path = os.fspath(hf)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        with open(path) as f:
+            hf = json.load(f)
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type != "qwen3" and "Qwen3ForCausalLM" not in architectures:
+        raise ConfigError(
+            f"not a dense Qwen3 config: model_type={model_type!r}, architectures={architectures}; "
+            "expected model_type 'qwen3' (Qwen3ForCausalLM)"
+        )
+    missing = [k for k in QWEN3_REQUIRED_HF_KEYS if k not in hf]
+    if missing:
+        raise ConfigError(f"Qwen3 config.json lacks {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={hf['hidden_act']!r}; Qwen3 uses 'silu'")
+    if hf.get("attention_bias", False):
+        raise ConfigError("attention_bias=true is not Qwen3 (its projections have no bias)")
+    if hf.get("use_sliding_window", False):
+        raise ConfigError("use_sliding_window=true is not supported (dense Qwen3 uses full attention)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise ConfigError(f"rope scaling {scaling or rope} is not supported; expected default RoPE")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_key_value_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        **runtime,
+    )
+
+
+def model_config_to_hf(config: ModelConfig, dtype: str = "bfloat16") -> dict:
+    """A HF `config.json` dict for `Qwen3ForCausalLM` (classic layout, read by transformers 4 and 5)."""
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": config.initializer_range,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
 
 
 class HFFormatError(ValueError):
@@ -244,6 +341,16 @@ def stored_dtype(path: str | os.PathLike) -> str:
     return names.pop()
 
 
+def placement(shardings: Any | Callable[[ModelConfig], Any] | None, config: ModelConfig, abstract: Any) -> Any:
+    """The params' shardings: given, computed from the config, or (None) this process's first device."""
+    if callable(shardings):
+        shardings = shardings(config)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    return shardings
+
+
 def load(path: str | os.PathLike, dtype: str = "float32",
          shardings: Any | Callable[[ModelConfig], Any] | None = None,
          **runtime) -> tuple[ModelConfig, Any]:
@@ -258,16 +365,12 @@ def load(path: str | os.PathLike, dtype: str = "float32",
       runtime: other ModelConfig runtime fields (compute_dtype, attention, ...).
     """
     dtype = dtype_name(dtype)
-    config = ModelConfig.from_hf(path, param_dtype=dtype, **runtime)
+    config = model_config_from_hf(path, param_dtype=dtype, **runtime)
     source = SafetensorsDir(path)
     expected = expected_tensors(config)
     _check_tensors(source, config, expected)
     abstract = abstract_params(config)
-    if callable(shardings):
-        shardings = shardings(config)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+    shardings = placement(shardings, config, abstract)
     target = np.dtype(dtype)
     params: dict = {}
     for rule in rules_for(config):
@@ -389,7 +492,7 @@ def save(config: ModelConfig, params: Any, path: str | os.PathLike, *, dtype: st
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(dtype), f, indent=2)
+        json.dump(model_config_to_hf(config, dtype), f, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump(generation_config or default_generation_config(config), f, indent=2)
     if tokenizer_dir is not None:

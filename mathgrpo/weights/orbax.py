@@ -69,16 +69,12 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def restore_params(path: str | os.PathLike, shardings: Any | Callable[[ModelConfig], Any] | None = None,
                    **runtime) -> tuple[ModelConfig, Any, dict]:
-    """Restores (config, params, meta). `shardings` as in `hf_io.load` (None: the first device)."""
+    """Restores (config, params, meta). `shardings` as in `hf.load` (None: the first device)."""
     path = os.path.abspath(os.fspath(path))
     meta = read_meta(path)
     config = model_config_from_meta(meta, **runtime)
     abstract = abstract_params(config)
-    if callable(shardings):
-        shardings = shardings(config)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+    shardings = hf.placement(shardings, config, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     params = checkpointer.restore(path, ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
@@ -191,25 +187,3 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", tokenizer_dir: str | None = None,
-               shardings: Any | Callable[[ModelConfig], Any] | None = None, **runtime
-               ) -> tuple[ModelConfig, Any, str | None, dict | None]:
-    """A policy from a HF directory (config.json) or an Orbax params checkpoint (meta/).
-
-    Returns (config, params in `dtype`, tokenizer directory — `tokenizer_dir`, else the HF directory or
-    the one the checkpoint records —, generation config or None).
-    """
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config, params = hf.load(path, dtype=dtype, shardings=shardings, **runtime)
-        return config, params, tokenizer_dir or path, hf.read_generation_config(path)
-    if os.path.isdir(os.path.join(path, "meta")):
-        config, params, meta = restore_params(path, shardings=shardings, **runtime)
-        if config.param_dtype != dtype:
-            params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
-            config = config.replace(param_dtype=dtype)
-        return config, params, tokenizer_dir or meta.get("tokenizer_dir"), meta.get("generation_config")
-    raise FileNotFoundError(f"{path}: neither a HF model directory (no config.json) nor an Orbax params "
-                            "checkpoint (no meta/)")
