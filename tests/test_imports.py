@@ -21,7 +21,7 @@ LAYERS = {
     "mathgrpo.config": 1,
     "mathgrpo.model": 2, "mathgrpo.data": 2, "mathgrpo.reward": 2, "mathgrpo.tracking": 2,
     "mathgrpo.weights": 3, "mathgrpo.parallel": 3,
-    "mathgrpo.rl": 4, "mathgrpo.rollout": 4, "mathgrpo.testing": 4,
+    "mathgrpo.rl": 4, "mathgrpo.distill": 5, "mathgrpo.rollout": 4, "mathgrpo.testing": 4,
     "mathgrpo.eval": 5,
     "mathgrpo.train": 6,
     "mathgrpo.tools": 7,
