@@ -19,6 +19,7 @@ from mathgrpo.weights import orbax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+DEMO_OPD = os.path.join(ROOT, "configs", "demo_cpu_opd.yaml")
 SHARE_LINE = "process {p}/2: step {s}: generated prompts {first}..{last} of 8 (16 responses)"
 
 
@@ -50,16 +51,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(args, processes=2, env_extra=None, timeout=600):
+def launch(args, processes=2, env_extra=None, timeout=600, config=DEMO):
     """`launch.py --cpu --processes N -- train ...` (N = 1: the plain single-process command)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(env_extra or {})
     if processes == 1:
-        command = [sys.executable, "-m", "mathgrpo", "train", "--config", DEMO, *args]
+        command = [sys.executable, "-m", "mathgrpo", "train", "--config", config, *args]
         env["JAX_PLATFORMS"] = "cpu"
     else:
         command = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--cpu", "--processes", str(processes),
-                   "--coordinator", f"127.0.0.1:{free_port()}", "--", "train", "--config", DEMO, *args]
+                   "--coordinator", f"127.0.0.1:{free_port()}", "--", "train", "--config", config, *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return result.returncode, result.stdout + result.stderr
 
@@ -77,10 +78,10 @@ def assert_same_params(a, b, tolerance=1e-5):
         assert error <= tolerance, (name, error)
 
 
-def assert_same_batches(a, b):
+def assert_same_batches(a, b, score="critic/score/mean"):
     """Data order, rollouts, rewards and advantages: the per-step statistics of them agree exactly."""
     for x, y in zip(rows(a), rows(b), strict=True):
-        for key in ("critic/score/mean", "critic/advantages/max", "critic/advantages/min", "response_length/mean",
+        for key in (score, "critic/advantages/max", "critic/advantages/min", "response_length/mean",
                     "response_length/max", "prompt_length/mean"):
             assert x[key] == y[key], (x["step"], key)
 
@@ -105,6 +106,27 @@ def test_two_processes_train_like_one(task, tmp_path, sampler):
     assert [(g["response"], g["score"]) for g in validation] == \
         [(g["response"], g["score"]) for g in map(json.loads, open(one / "validation" / "step_000003.jsonl"))]
     assert rows(two)[-1]["val-core/arith/acc/mean@2"] == rows(one)[-1]["val-core/arith/acc/mean@2"]
+
+
+def test_two_processes_distill_like_one(task, tmp_path):
+    """algorithm: opd: each process samples and grades its share; the teacher's scoring pass and the OPD
+    step run on the mesh over both processes' devices, as on one process."""
+    paths, _ = task
+    teacher = tmp_path / "teacher"
+    demo_task.build_model(teacher, paths["tokenizer"], seed=3, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = (f"distill.teacher.path={teacher}", "distill.top_k=4")
+    code, log = launch(overrides(task, one, *extra), processes=1, config=DEMO_OPD)
+    assert code == 0, log[-3000:]
+    code, log = launch(overrides(task, two, *extra), config=DEMO_OPD)
+    assert code == 0, log[-3000:]
+    assert SHARE_LINE.format(p=1, s=1, first=4, last=7) in log
+    assert_same_batches(one, two, score="critic/true_reward/mean")
+    for x, y in zip(rows(one), rows(two), strict=True):
+        for key in ("distill/teacher_logprob", "distill/token_reward/mean", "distill/overlap_ratio"):
+            np.testing.assert_allclose(y[key], x[key], rtol=1e-5, err_msg=key)
+    assert_same_params(one, two)
 
 
 def test_a_diverging_process_stops_the_run_with_the_named_error(task, tmp_path):
