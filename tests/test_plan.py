@@ -1,5 +1,6 @@
 """`plan`: ahead-of-time compiles of the 4B recipe on 8 (fake) devices; nothing allocated."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from mathgrpo.tools import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "qwen3_4b_base_grpo.yaml")
+OPD_RECIPE = os.path.join(ROOT, "configs", "qwen3_1p7b_base_opd.yaml")
 GIB = 2**30
 
 
@@ -55,8 +57,6 @@ def test_plan_cli_on_the_recipe():
 def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slots():
     """On one CPU device with a tiny model: a budget that holds the pool at 5 rows (and the train state)
     gets 5 rows chosen; a configured max_slots is compiled as given and reported as over the budget."""
-    import dataclasses
-
     import jax
 
     from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
@@ -84,6 +84,95 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
     given = plan.plan_sampler(dataclasses.replace(inputs, max_slots=9), mesh, rules, params, resident=resident,
                               budget=budget)
     assert not given["chosen"] and given["max_slots"] == 9 and not given["validation"]["fits"]
+
+
+def test_opd_config_plans_with_its_teacher():
+    """`inputs_from_config` of the OPD recipe carries the 4B teacher (bf16, its cuDNN attention planned as
+    blockwise on CPU devices) and the distill section; a GRPO config has neither."""
+    inputs = plan.inputs_from_config(load_config(OPD_RECIPE), platform="cpu")
+    assert inputs.teacher.num_hidden_layers == 36 and inputs.teacher.hidden_size == 2560
+    assert inputs.teacher.param_dtype == "bfloat16" and inputs.teacher.attention == "blockwise"
+    assert inputs.model.num_hidden_layers == 28 and inputs.model.param_dtype == "float32"
+    assert inputs.distill.top_k == 16 and inputs.distill.top_k_strategy == "only_stu" and inputs.n == 4
+    grpo = plan.inputs_from_config(load_config(RECIPE), platform="cpu")
+    assert grpo.teacher is None and grpo.distill is None
+
+
+def _tiny_opd_inputs(**overrides):
+    """A tiny fp32 student (AdamW) and a bigger bf16 teacher on fsdp=2, top-16 only_stu: PlanInputs."""
+    from mathgrpo.config import DistillConfig, GRPOConfig, MeshConfig, ModelConfig, ModelSource, OptimConfig
+
+    shapes = dict(vocab_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=32, compute_dtype="float32")
+    student = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, param_dtype="float32", **shapes)
+    teacher = ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, param_dtype="bfloat16",
+                          remat_policy="none", **shapes)
+    distill = DistillConfig(teacher=ModelSource(path="unused"), top_k=16, top_k_strategy="only_stu")
+    inputs = plan.PlanInputs(model=student, mesh=MeshConfig(data=1, fsdp=2, tensor=1),
+                             grpo=GRPOConfig(micro_batch_tokens=256, logprob_chunk_size=64, logprob_vocab_block=128),
+                             optim=OptimConfig(), max_prompt_length=32, max_response_length=96, sequences_per_step=8,
+                             n=2, val_n=4, val_max_tokens=224, max_slots=2, device_memory_gib=1.0,
+                             vllm_memory_utilization=0.5, teacher=teacher, distill=distill)
+    return dataclasses.replace(inputs, **overrides)
+
+
+def test_opd_plan_holds_the_teacher_in_every_phase():
+    """OPD on 2 fake CPU devices: the report has the teacher, the scoring pass and the OPD step (on a batch
+    with [M, R, L, K'] top-k fields); the teacher's resident bytes are its params' bf16 bytes over the 2
+    shards; each phase's total is its program's peak plus what stays resident beside it, and `fits` is
+    their comparison with the JAX budget: a budget that holds the step alone (GRPO's check) but not the
+    step with the teacher beside it does not fit."""
+    import jax
+
+    from mathgrpo.model import abstract_params, count_params
+
+    inputs = _tiny_opd_inputs()
+    devices = jax.devices("cpu")[:2]
+    report = plan.plan(inputs, devices)
+    assert report["algorithm"] == "opd" and report["candidate_width"] == 16
+    # bf16 over fsdp=2; the per-layer q/k norms ([layers, head_dim]) are replicated, so whole on each device
+    teacher_params = count_params(abstract_params(inputs.teacher))
+    replicated = 2 * 3 * 32  # q_norm and k_norm, 3 layers, head_dim 32
+    assert report["teacher"]["params"] == teacher_params
+    assert report["teacher_param_bytes_per_device"] == (teacher_params - replicated) * 2 // 2 + replicated * 2
+    student = count_params(abstract_params(inputs.model))
+    assert report["teacher"]["param_dtype"] == "bfloat16" and report["params"] == student
+    # the scoring pass's arguments hold both models' params and the packed batch; its outputs the top-k fields
+    scoring = report["scoring_pass"]
+    assert scoring["argument_bytes"] > report["param_bytes_per_device"] + report["teacher_param_bytes_per_device"]
+    micro_batches, length = report["micro_batches_in_buffer"], 256
+    topk_bytes = 3 * micro_batches * length * 16 * 4  # ids, advantages, old log-probs: one row per device
+    assert scoring["output_bytes"] >= topk_bytes
+    assert report["train_step"]["argument_bytes"] >= topk_bytes + report["param_bytes_per_device"]
+    phases = report["phases"]
+    state = report["param_bytes_per_device"] + report["optimizer_bytes_per_device"]
+    teacher = report["teacher_param_bytes_per_device"]
+    assert phases["train"]["resident_bytes"] == teacher
+    assert phases["scoring"]["resident_bytes"] == report["optimizer_bytes_per_device"]
+    assert phases["rollout"]["resident_bytes"] == report["sampler"]["resident_bytes"] == state + teacher
+    assert report["sampler"]["resident_teacher_bytes"] == teacher
+    for name in ("train", "validation"):
+        pool = report["sampler"][name]
+        assert pool["rollout_peak_bytes"] == state + teacher + pool["peak_bytes"]
+    assert phases["train"]["peak_bytes"] == report["train_step"]["peak_bytes"]
+    assert phases["scoring"]["peak_bytes"] == scoring["peak_bytes"]
+    budget = report["jax_memory_budget_bytes"]
+    for phase in phases.values():
+        assert phase["total_bytes"] == phase["peak_bytes"] + phase["resident_bytes"]
+        assert phase["fits"] == (phase["total_bytes"] <= budget)
+    assert report["fits"] is True
+    assert report["per_device_peak_bytes"] == max(phases["train"]["total_bytes"], phases["scoring"]["total_bytes"])
+    text = plan.format_report(report)
+    for words in ("teacher (bfloat16)", "train_step (OPD, K'=16)", "scoring_pass", "OPD phases",
+                  "rollout", "scoring", "the teacher's params (the student's train state is the step's argument)"):
+        assert words in text
+
+    # a budget one byte under the step with the teacher beside it: the step alone fits (GRPO's check), OPD not
+    tight = phases["train"]["total_bytes"] - 1
+    over = plan.plan(_tiny_opd_inputs(device_memory_gib=2 * tight / GIB), devices)
+    assert over["jax_memory_budget_bytes"] == tight
+    assert over["train_step"]["peak_bytes"] == report["train_step"]["peak_bytes"] <= tight
+    assert over["phases"]["train"]["fits"] is False and over["fits"] is False
+    assert all(phase["fits"] == (phase["total_bytes"] <= tight) for phase in over["phases"].values())
 
 
 @pytest.mark.slow

@@ -12,6 +12,13 @@ shardings, and `jit(...).lower(...).compile()` yields XLA's own memory analysis 
   val_max_tokens). While the sampler runs the train state stays resident beside it, so its peak counts
   with the params and optimizer state. With `rollout.max_slots: null` the plan chooses the most rows
   per device that fit both (the cost of a row measured from two compiles, the choice compiled again).
+With `algorithm: opd` (train/distill.py) the plan covers the three phases of an OPD step, each beside what
+stays resident during it: the rollout (the sampler's pool beside the student's train state and the frozen
+teacher's params), the scoring pass (`make_score_fn`: student and teacher forward over the packed batch,
+writing the [M, R, L, K'] top-k fields; its arguments hold both models' params, the student's optimizer
+state stays resident beside it) and the OPD train step (the loss at the K' candidate ids, on the batch
+with the top-k fields; the teacher's params stay resident beside it). The teacher is sharded by the
+student's rules in its own `param_dtype`; it has no optimizer state.
 When the mesh needs more devices than exist: on a machine with a GPU, XLA:GPU compiles for a described
 topology of that many GPUs of the local kind (`jax.experimental.topologies`, deviceless AOT), so the
 analysis is the GPU compiler's own; elsewhere fake CPU devices stand in (set before JAX starts, see
@@ -28,10 +35,11 @@ described devices the plan adds it, `CUDNN_VARLEN_BWD_BYTES` per element, measur
 difference between a real-device and a described-device compile of the same single-GPU 4B step.
 Before Hopper (an A100/A800: sm 8.0) cuDNN has no packed layout and the model takes the masked cuDNN
 path (`attention` in the report); its workspace is not estimated.
-`fits` compares the train step's peak with the device memory left to JAX next to vLLM: JAX gets
-(1 − u) of the device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16
-weights plus KV cache room; the JAX sampler's pools are sized within the same JAX share (where vLLM
-cannot run, raising `gpu_memory_utilization` is moot and the JAX share is what this plan checks).
+`fits` compares the train step's peak (OPD: each phase's peak plus what is resident beside it, the
+sampler's pools included) with the device memory left to JAX next to vLLM: JAX gets (1 − u) of the
+device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16 weights plus KV
+cache room; the JAX sampler's pools are sized within the same JAX share (where vLLM cannot run, raising
+`gpu_memory_utilization` is moot and the JAX share is what this plan checks).
 """
 
 from __future__ import annotations
@@ -45,13 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
+from mathgrpo.config import DistillConfig, GRPOConfig, MeshConfig, ModelConfig, OptimConfig
 from mathgrpo.model import abstract_params, count_params
 from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
 from mathgrpo.rollout.base import SamplingParams
 from mathgrpo.tracking.flops import flops_per_step
+from mathgrpo.train import distill as distill_step
 from mathgrpo.train import packing
 from mathgrpo.train import state as train_state
 from mathgrpo.train import step as train_step_lib
@@ -62,6 +71,7 @@ GIB = 2**30
 # 32 heads of 128: temp 38.59 GiB compiled for the real device vs 34.90 GiB for a described one,
 # 3,961,005,056 bytes = 7.378 bytes per (segment × token × head × head-dim) element.
 CUDNN_VARLEN_BWD_BYTES = 7.38
+SAMPLER_CALLS = ("train", "validation")  # the sampler's calls: the training rollout and validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,8 @@ class PlanInputs:
     val_top_p: float = 0.95
     val_top_k: int = -1
     max_slots: int | None = None  # JAX sampler pool rows per device; None: chosen here
+    teacher: ModelConfig | None = None  # algorithm: opd: the frozen teacher (distill.teacher)
+    distill: DistillConfig | None = None  # algorithm: opd: top_k and its strategy give K'
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -159,31 +171,42 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     abstract_state = jax.eval_shape(
         lambda p: train_state.init_train_state(p, inputs.optim), params)
     state = _abstract(abstract_state, state_shardings)
-    batch_shardings = packing.batch_shardings(mesh)
+    opd = inputs.distill is not None
+    if opd and inputs.teacher is None:
+        raise ValueError("an OPD plan (PlanInputs.distill set) needs the teacher's ModelConfig (PlanInputs.teacher)")
+    width = distill_step.candidate_width(inputs.distill) if opd else 0  # K'; 0: no top-k fields
     shape = (micro_batches, rows, row_length)
     ints, floats = jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.float32)
     scalar_i, scalar_f = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    batch = _abstract(PackedBatch(
+    packed = PackedBatch(
         tokens=ints, positions=ints, segment_ids=ints, loss_mask=floats, advantages=floats,
         rollout_logprobs=floats, old_logprobs=floats, ref_logprobs=floats, sequence_index=ints,
         sequence_slots=jax.ShapeDtypeStruct((inputs.sequences_per_step,), jnp.int32),
         legacy_weight=jax.ShapeDtypeStruct((micro_batches, rows), jnp.float32),
-        num_micro_batches=scalar_i, token_count=scalar_f, sequence_count=scalar_f), batch_shardings)
+        num_micro_batches=scalar_i, token_count=scalar_f, sequence_count=scalar_f)
+    batch = _abstract(packed, packing.batch_shardings(mesh))  # as `pack` gives it
+    if width:  # the batch the scoring pass returns: the OPD step's input
+        candidates = (*shape, width)
+        step_batch = _abstract(packed.replace(
+            topk_ids=jax.ShapeDtypeStruct(candidates, jnp.int32),
+            topk_advantages=jax.ShapeDtypeStruct(candidates, jnp.float32),
+            topk_old_logprobs=jax.ShapeDtypeStruct(candidates, jnp.float32)), packing.batch_shardings(mesh, topk=True))
+    else:  # GRPO, and sampled-token OPD (top_k = 0: the advantages carry the token rewards)
+        step_batch = batch
 
     step = train_step_lib.make_train_step(model, algo, inputs.optim, mesh=mesh, rules=rules,
                                           temperature=inputs.temperature, horizon=inputs.max_response_length)
-    compiled_step = step.lower(state, batch).compile()
+    compiled_step = step.lower(state, step_batch).compile()
     logprob_fn = train_step_lib.make_logprob_fn(model, algo, mesh=mesh, rules=rules, temperature=inputs.temperature)
     compiled_logprob = logprob_fn.lower(state.params, batch).compile()
-
 
     def per_device(tree, shardings_tree) -> int:
         return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
                        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
 
     workspace = 0
-    packed = model.attention == "cudnn" and cudnn_packed_supported()  # sm >= 9.0; else the masked path
-    if is_described(mesh.devices.flat[0]) and packed:
+    packed_attention = model.attention == "cudnn" and cudnn_packed_supported()  # sm >= 9.0; else the masked path
+    if is_described(mesh.devices.flat[0]) and packed_attention:
         heads = model.num_attention_heads // mesh.shape["tensor"]
         workspace = int(CUDNN_VARLEN_BWD_BYTES * model.attention_max_segments * row_length * heads * model.head_dim)
     params_bytes = per_device(abstract_state.params, state_shardings.params)
@@ -193,16 +216,32 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
     jax_budget = device_bytes * (1.0 - inputs.vllm_memory_utilization)
-    sampler = plan_sampler(inputs, mesh, rules, state.params, resident=params_bytes + opt_bytes, budget=jax_budget)
+    teacher_report = scoring_memory = None
+    teacher_bytes = 0
+    if opd:
+        teacher = inputs.teacher
+        teacher_shardings = parallel_shardings.param_shardings(teacher, mesh, rules)
+        teacher_abstract = abstract_params(teacher)
+        teacher_bytes = per_device(teacher_abstract, teacher_shardings)
+        score_fn = distill_step.make_score_fn(model, teacher, inputs.distill, algo, temperature=inputs.temperature,
+                                              mesh=mesh, rules=rules)
+        scoring_memory = compiled_memory(score_fn.lower(
+            state.params, _abstract(teacher_abstract, teacher_shardings), batch).compile())
+        teacher_report = {"params": count_params(teacher_abstract), "param_dtype": teacher.param_dtype,
+                          "compute_dtype": teacher.compute_dtype, "num_hidden_layers": teacher.num_hidden_layers,
+                          "hidden_size": teacher.hidden_size, "param_bytes_per_device": teacher_bytes}
+    sampler = plan_sampler(inputs, mesh, rules, state.params, resident=params_bytes + opt_bytes, budget=jax_budget,
+                           teacher=teacher_bytes)
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
     vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
     kv_bytes_per_token = model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2 * 2
     report = {
+        "algorithm": "opd" if opd else "grpo",
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
         "device_kind": mesh.devices.flat[0].device_kind,
         "attention": model.attention if model.attention != "cudnn" else
-                     "cudnn packed (varlen)" if packed else "cudnn masked",
+                     "cudnn packed (varlen)" if packed_attention else "cudnn masked",
         "micro_batch_tokens_per_device": row_length,
         "micro_batches_in_buffer": micro_batches,
         "params": count_params(params),
@@ -219,6 +258,26 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "vllm_kv_cache_tokens": int(max(vllm_room, 0) // kv_bytes_per_token),
         "fits": bool(train_memory["peak_bytes"] <= jax_budget and vllm_room > 0),
     }
+    if opd:
+        phases = {
+            "rollout": {"peak_bytes": max(sampler[call]["peak_bytes"] for call in SAMPLER_CALLS),
+                        "resident_bytes": sampler["resident_bytes"],
+                        "resident": "the student's train state (params, optimizer state) and the teacher's params"},
+            "scoring": {"peak_bytes": scoring_memory["peak_bytes"], "resident_bytes": opt_bytes,
+                        "resident": "the student's optimizer state (both models' params are the pass's arguments)"},
+            "train": {"peak_bytes": train_memory["peak_bytes"], "resident_bytes": teacher_bytes,
+                      "resident": "the teacher's params (the student's train state is the step's argument)"},
+        }
+        for phase in phases.values():
+            phase["total_bytes"] = phase["peak_bytes"] + phase["resident_bytes"]
+            phase["fits"] = bool(phase["total_bytes"] <= jax_budget)
+        report.update({
+            "teacher": teacher_report, "teacher_param_bytes_per_device": teacher_bytes, "candidate_width": width,
+            "scoring_pass": scoring_memory, "phases": phases,
+            # the trainer's peak outside the rollout (the rollout's is the sampler's, as for GRPO)
+            "per_device_peak_bytes": max(phases["train"]["total_bytes"], phases["scoring"]["total_bytes"]),
+            "fits": bool(all(phase["fits"] for phase in phases.values()) and vllm_room > 0),
+        })
     return report
 
 
@@ -259,13 +318,14 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
             "peak_bytes": max(burst_memory["peak_bytes"], admit_memory["peak_bytes"])}
 
 
-def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budget: float) -> dict:
+def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budget: float, teacher: int = 0) -> dict:
     """The JAX sampler's pool for the training rollout and for validation within `budget` bytes per
-    device, with `resident` bytes (the train state) held beside it. One `max_slots` serves both (the
-    engine's pool rows; each call sizes its rows' KV to its own max length): the configured one, checked,
-    or the most rows per device that fit both calls (at least enough rows for a prompt's n samples):
-    estimated from the cost of a row (two compiles per call), then confirmed by compiling that many rows
-    and one more."""
+    device, with `resident` bytes (the train state) and `teacher` bytes (OPD: the frozen teacher's
+    params) held beside it. One `max_slots` serves both (the engine's pool rows; each call sizes its
+    rows' KV to its own max length): the configured one, checked, or the most rows per device that fit
+    both calls (at least enough rows for a prompt's n samples): estimated from the cost of a row (two
+    compiles per call), then confirmed by compiling that many rows and one more."""
+    train_state_bytes, resident = resident, resident + teacher
     shards = parallel_mesh.data_parallel_size(mesh)
     calls = {
         "train": SamplingParams(n=inputs.n, temperature=inputs.temperature, top_p=inputs.top_p, top_k=inputs.top_k,
@@ -301,7 +361,8 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budg
         pool["rollout_peak_bytes"] = resident + pool["peak_bytes"]
         pool["fits"] = bool(pool["rollout_peak_bytes"] <= budget)
     return {"max_slots": slots, "chosen": chosen, "most_slots_per_call": most, "least_slots": least,
-            "resident_train_state_bytes": resident, "budget_bytes": budget, **pools,
+            "resident_train_state_bytes": train_state_bytes, "resident_teacher_bytes": teacher,
+            "resident_bytes": resident, "budget_bytes": budget, **pools,
             "fits": all(pool["fits"] for pool in pools.values())}
 
 
@@ -309,28 +370,47 @@ def format_report(report: dict) -> str:
     def gib(x):
         return f"{x / GIB:8.2f} GiB"
 
-    lines = [f"plan: {report['params'] / 1e9:.3f}B params on {report['devices']} devices {report['mesh']} "
+    opd = report.get("algorithm") == "opd"
+    whose = " (the student; OPD with a frozen teacher)" if opd else ""
+    lines = [f"plan: {report['params'] / 1e9:.3f}B params{whose} on {report['devices']} devices {report['mesh']} "
              f"({report['device_kind']}, attention {report['attention']}); micro-batch "
              f"{report['micro_batch_tokens_per_device']} tokens/device, "
              f"{report['micro_batches_in_buffer']} in the buffer",
              f"  params (fp32)          {gib(report['param_bytes_per_device'])} / device",
              f"  optimizer state        {gib(report['optimizer_bytes_per_device'])} / device",
              f"  gradients (fp32)       {gib(report['gradient_bytes_per_device'])} / device (within temporaries)"]
-    for name in ("train_step", "logprob_pass"):
+    if opd:
+        teacher = report["teacher"]
+        label = f"teacher ({teacher['param_dtype']})"
+        lines.append(f"  {label:<22} {gib(report['teacher_param_bytes_per_device'])} / device: "
+                     f"{teacher['params'] / 1e9:.3f}B params, {teacher['num_hidden_layers']} layers, frozen (no "
+                     "optimizer state), resident in every phase")
+    programs = ("train_step", "logprob_pass", "scoring_pass") if opd else ("train_step", "logprob_pass")
+    labels = {"train_step": f"train_step (OPD, K'={report['candidate_width']})" if opd else "train_step"}
+    for name in programs:
         m = report[name]
-        lines.append(f"  {name:<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
+        lines.append(f"  {labels.get(name, name):<22} peak {gib(m['peak_bytes'])}  (args {gib(m['argument_bytes'])}, "
                      f"temp {gib(m['temp_bytes'])}, out {gib(m['output_bytes'])}, aliased {gib(m['alias_bytes'])})")
     sampler = report["sampler"]
     how = "chosen for the device memory" if sampler["chosen"] else "rollout.max_slots, checked"
-    lines.append(f"  JAX sampler: max_slots {sampler['max_slots']} rows/device ({how}); beside the train state "
-                 f"{gib(sampler['resident_train_state_bytes'])}")
-    for name in ("train", "validation"):
+    beside = f"the train state {gib(sampler['resident_train_state_bytes'])}"
+    if sampler.get("resident_teacher_bytes"):
+        beside += f" and the teacher {gib(sampler['resident_teacher_bytes'])}"
+    lines.append(f"  JAX sampler: max_slots {sampler['max_slots']} rows/device ({how}); beside {beside}")
+    with_what = "the train state and teacher" if sampler.get("resident_teacher_bytes") else "the train state"
+    for name in SAMPLER_CALLS:
         pool = sampler[name]
         room = f"; up to {sampler['most_slots_per_call'][name]} rows alone" if sampler["chosen"] else ""
         lines.append(f"    {name:<10} n={pool['n']}, {pool['pool_rows']} rows x {pool['cache_length']} slots: "
                      f"KV {gib(pool['pool_kv_bytes_per_device'])}, burst peak {gib(pool['burst']['peak_bytes'])}, "
-                     f"admit peak {gib(pool['admit']['peak_bytes'])}; with the train state "
+                     f"admit peak {gib(pool['admit']['peak_bytes'])}; with {with_what} "
                      f"{gib(pool['rollout_peak_bytes'])}: fits {pool['fits']}{room}")
+    if opd:
+        lines.append(f"  OPD phases, per device (program peak + what stays resident beside it, against the JAX "
+                     f"budget {gib(report['jax_memory_budget_bytes']).strip()}):")
+        for name, phase in report["phases"].items():
+            lines.append(f"    {name:<8} {gib(phase['peak_bytes'])} + {gib(phase['resident_bytes'])} = "
+                         f"{gib(phase['total_bytes'])}: fits {phase['fits']}  (resident: {phase['resident']})")
     if report["train_step"]["host_temp_bytes"]:
         lines.append(f"  + pinned host memory for offloaded activations {gib(report['train_step']['host_temp_bytes'])} "
                      "/ device (not in the device peak)")
@@ -347,8 +427,9 @@ def format_report(report: dict) -> str:
 
 
 def inputs_from_config(config, naive: bool = False, platform: str | None = None) -> PlanInputs:
-    """PlanInputs of an ExperimentConfig. When the devices planned for are not GPUs (`platform`,
-    default: JAX's backend), cuDNN attention is planned as the blockwise one (same memory order).
+    """PlanInputs of an ExperimentConfig (with `algorithm: opd`, the teacher's ModelConfig and the distill
+    section too). When the devices planned for are not GPUs (`platform`, default: JAX's backend), cuDNN
+    attention is planned as the blockwise one (same memory order), the teacher's as well.
     `naive`: the step without any memory work — reference O(T²) attention, no remat, no token
     chunks, full-length fp32 logits."""
     from mathgrpo.weights.policy import resolve_model_config
@@ -357,9 +438,14 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
     platform = platform or jax.default_backend()
     if model.attention == "cudnn" and platform == "cpu":
         model = model.replace(attention="blockwise")
+    teacher = resolve_model_config(config.distill.teacher) if config.algorithm == "opd" else None
+    if teacher is not None and teacher.attention == "cudnn" and platform == "cpu":
+        teacher = teacher.replace(attention="blockwise")
     algo = config.grpo
     if naive:
         model = model.replace(attention="reference", remat_policy="none", token_chunk_size=0)
+        if teacher is not None:
+            teacher = teacher.replace(attention="reference", remat_policy="none", token_chunk_size=0)
         algo = dataclasses.replace(algo, logprob_chunk_size=algo.micro_batch_tokens)
     return PlanInputs(
         model=model, mesh=config.mesh, grpo=algo, optim=config.optim,
@@ -370,7 +456,8 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
         n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
         top_k=config.rollout.top_k, val_n=config.rollout.val_n, val_max_tokens=config.rollout.val_max_tokens,
         val_temperature=config.rollout.val_temperature, val_top_p=config.rollout.val_top_p,
-        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots)
+        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots, teacher=teacher,
+        distill=config.distill if config.algorithm == "opd" else None)
 
 
 def is_described(device) -> bool:
