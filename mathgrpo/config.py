@@ -147,6 +147,17 @@ def check_choices(config: Any, section: str) -> None:
             raise ConfigError(f"{section}.{name}={value!r}; expected {allowed_text}")
 
 
+def check_loggers(names: Any, key: str = "trainer.logger") -> tuple[str, ...]:
+    """The metrics sinks as a tuple (one name is a list of one); an unknown or repeated name raises."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"{key}: {name!r} is not one of {list(LOGGERS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: {list(names)} names a logger twice")
+    return names
+
+
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Builds dataclass `cls` from `data`; unknown or missing keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
@@ -537,11 +548,7 @@ class TrainerConfig:
             raise ConfigError("trainer.total_epochs and trainer.total_steps must be >= 1")
         if self.save_freq < 1 or self.test_freq < 1 or self.keep_checkpoints < 1:
             raise ConfigError("trainer.save_freq, trainer.test_freq and trainer.keep_checkpoints must be >= 1")
-        for name in self.logger:
-            if name not in LOGGERS:
-                raise ConfigError(f"trainer.logger: {name!r} is not one of {list(LOGGERS)}")
-        if len(set(self.logger)) != len(self.logger):
-            raise ConfigError(f"trainer.logger: {list(self.logger)} names a logger twice")
+        check_loggers(self.logger)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mathgrpo.config import DEFAULT_LOGGERS, LOGGERS
+from mathgrpo.config import DEFAULT_LOGGERS, LOGGERS, check_loggers
 
 SINKS, DEFAULT_SINKS = LOGGERS, DEFAULT_LOGGERS
 PROGRESS_KEYS = ("critic/score/mean", "response_length/mean", "actor/entropy", "actor/grad_norm")
@@ -53,17 +53,6 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def check_sinks(kinds: Iterable[str]) -> tuple[str, ...]:
-    """The sink names as a tuple; an unknown or repeated name raises ValueError."""
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    for kind in kinds:
-        if kind not in SINKS:
-            raise ValueError(f"unknown logger {kind!r}: expected some of {list(SINKS)}")
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"logger {list(kinds)} names a sink twice")
-    return kinds
 
 
 class _JsonlSink:
@@ -176,7 +165,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, total_steps: int | None = None,
                  sinks: Iterable[str] = DEFAULT_SINKS, project_name: str = "mathgrpo",
                  experiment_name: str = "qwen3_4b_base_grpo", config: Mapping[str, Any] | None = None):
-        self.sinks = check_sinks(sinks)
+        self.sinks = check_loggers(sinks, "logger")
         self.enabled, self.total_steps = enabled, total_steps
         self._step_times: list[float] = []
         self._last_log = time.time()
