@@ -51,6 +51,8 @@ def test_plan_cli_on_the_recipe():
         assert pool["burst"]["argument_bytes"] > pool["pool_kv_bytes_per_device"] + report["param_bytes_per_device"]
         assert pool["rollout_peak_bytes"] == sampler["resident_train_state_bytes"] + pool["peak_bytes"]
         assert pool["rollout_peak_bytes"] <= report["jax_memory_budget_bytes"]
+    # The admission updates the pool in place: no second copy of it in its temporaries.
+    assert sampler["validation"]["admit"]["temp_bytes"] < sampler["validation"]["pool_kv_bytes_per_device"]
     assert "JAX sampler: max_slots" in result.stdout and "chosen for the device memory" in result.stdout
 
 
@@ -277,6 +279,10 @@ def test_plan_compiles_for_described_h100s_without_a_gpu():
     expected = int(plan.CUDNN_VARLEN_BWD_BYTES * segments * 8192 * heads * head_dim)
     assert report["train_step"]["cudnn_workspace_bytes"] == expected
     assert report["train_step"]["temp_bytes"] > 0 and report["fits"] is True
+    # The admission writes the prompts' KV into the pool in place: its temporaries hold no second copy
+    # of the pool (a loop of per-row writes made XLA:GPU copy it whole; model.qwen3.write_prompts).
+    pool = report["sampler"]["validation"]
+    assert pool["admit"]["temp_bytes"] < pool["pool_kv_bytes_per_device"]
 
 
 @pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")

@@ -99,6 +99,42 @@ def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Arra
     return jax.lax.fori_loop(0, k.shape[0], row, (cache_k, cache_v))
 
 
+def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array,
+                  n: int) -> tuple[jax.Array, jax.Array]:
+    """Copies prompt a's keys and values ([L, A, K, T, H]) into slots 0..T-1 of rows rows[a·n .. a·n+n-1]
+    of the [L, B, K, S, H] caches, in place (the continuous sampler's admission: a prompt's n samples
+    share its prefill); a row index >= B writes nothing.
+
+    The form is chosen per platform, as in `write_rows`, because each compiler keeps a different one in
+    place (measured with `plan`). XLA:GPU: one `dynamic_update_slice` at offset 0 of every row's first T
+    slots, an admitted row taking its prompt's KV and the others keeping theirs (a [L, B, K, T, H]
+    temporary); a loop of per-row writes made it lay the loop's cache out rows-first and copy it whole.
+    XLA:CPU: that loop, one row at a time, which it updates in place; it copies the cache for the
+    single write (its update reads the operand)."""
+    B, A, T = cache_k.shape[1], k.shape[1], k.shape[3]
+    if target_platform() != "cpu":
+        source = jnp.full((B,), A * n, jnp.int32).at[rows].set(jnp.arange(A * n, dtype=jnp.int32), mode="drop")
+        admitted = (source < A * n)[None, :, None, None, None]  # [1, B, 1, 1, 1]
+        prompt_of = jnp.minimum(source, A * n - 1) // n  # [B]
+
+        def write(cache: jax.Array, new: jax.Array) -> jax.Array:
+            head = jax.lax.slice_in_dim(cache, 0, T, axis=3)  # [L, B, K, T, H]
+            head = jnp.where(admitted, jnp.take(new, prompt_of, axis=1).astype(cache.dtype), head)
+            return jax.lax.dynamic_update_slice(cache, head, (0, 0, 0, 0, 0))
+
+        return write(cache_k, k), write(cache_v, v)
+
+    def copy(i, caches):  # prompt i // n into row rows[i]
+        def write(caches):
+            return tuple(jax.lax.dynamic_update_slice(
+                cache, jax.lax.dynamic_slice_in_dim(new, i // n, 1, axis=1).astype(cache.dtype), (0, rows[i], 0, 0, 0))
+                for cache, new in zip(caches, (k, v)))
+
+        return jax.lax.cond(rows[i] < B, write, lambda caches: caches, caches)
+
+    return jax.lax.fori_loop(0, rows.shape[0], copy, (cache_k, cache_v))
+
+
 def _proj(config: ModelConfig, equation, shape, axes, name):
     return Proj(equation, shape, axes, config.param_dtype, config.compute_dtype,
                 config.initializer_range, name=name)

@@ -70,7 +70,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import ModelConfig
-from mathgrpo.model import KVCache, abstract_params, forward, init_cache, output_kernel, positions_from_segments
+from mathgrpo.model import (
+    KVCache,
+    abstract_params,
+    forward,
+    init_cache,
+    output_kernel,
+    positions_from_segments,
+    write_prompts,
+)
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
 from mathgrpo.parallel.mesh import MeshJit
@@ -250,7 +258,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
     """
     A, T = prompt_tokens.shape
     n = slots.shape[1]
-    B, S = state.done.shape[0], state.cache.max_length
+    S = state.cache.max_length
     with jax.named_scope("admit"):
         segments = (jnp.arange(T)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)  # [A, P]
         positions = jnp.where(segments != 0, jnp.arange(T, dtype=jnp.int32), 0)
@@ -261,16 +269,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
         token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
     rows = slots.reshape(A * n)
-
-    def copy(i, caches):  # prompt i // n's keys and values into pool row rows[i], in place
-        def write(caches):
-            return tuple(jax.lax.dynamic_update_slice(
-                pool, jax.lax.dynamic_slice_in_dim(new, i // n, 1, axis=1).astype(pool.dtype), (0, rows[i], 0, 0, 0))
-                for pool, new in zip(caches, (prompt_cache.k, prompt_cache.v)))
-
-        return jax.lax.cond(rows[i] < B, write, lambda caches: caches, caches)
-
-    pool_k, pool_v = jax.lax.fori_loop(0, A * n, copy, (state.cache.k, state.cache.v))
+    pool_k, pool_v = write_prompts(state.cache.k, state.cache.v, prompt_cache.k, prompt_cache.v, rows, n)
     segment_rows = jnp.pad(jnp.repeat(segments, n, axis=0), ((0, 0), (0, S - T)))  # clears a previous request's
     lengths = jnp.repeat(prompt_lengths, n)
     limit = jnp.repeat(limits, n)
