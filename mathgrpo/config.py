@@ -231,7 +231,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 # ModelConfig's fields that are ours, not HF's: set per run (ModelSource), never read from config.json.
 RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention", "attention_block_size", "attention_max_segments",
-                  "token_chunk_size", "scan_layers", "remat_policy")
+                  "decode_block_size", "token_chunk_size", "scan_layers", "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -260,6 +260,9 @@ class ModelConfig:
     # cudnn: sequences per packed row described to the varlen kernel (packing never puts more in a
     # row). cuDNN's backward workspace grows with this × row length (recipe: 8).
     attention_max_segments: int = 16
+    # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
+    # platform's default (128 on CPU, 512 elsewhere).
+    decode_block_size: int = 0
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
     remat_policy: RematPolicy = "none"
@@ -273,6 +276,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.token_chunk_size < 0:
             raise ConfigError(f"model.token_chunk_size must be >= 0 (0: off), got {self.token_chunk_size}")
+        if self.decode_block_size < 0:
+            raise ConfigError(f"model.decode_block_size must be >= 0 (0: the platform's default), got "
+                              f"{self.decode_block_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -467,6 +473,9 @@ class ModelSource:
     attention: Attention = "blockwise"  # "cudnn" on GPU
     attention_block_size: int = 512
     attention_max_segments: int = 16
+    # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
+    # platform's default (128 on CPU, 512 elsewhere).
+    decode_block_size: int = 0
     token_chunk_size: int = 0
     scan_layers: bool = True
     remat_policy: RematPolicy = "full"  # actor.model.enable_gradient_checkpointing=True

@@ -14,6 +14,7 @@ from mathgrpo.model.layers import (
     cached_attention,
     cudnn_attention,
     cudnn_packed_attention,
+    decode_attention,
     project,
     reference_attention,
     segment_layout,
@@ -109,6 +110,52 @@ def test_cached_attention_matches_numpy_over_a_cache(T):
                                               kv_segment, q_index, np.arange(S))))
     expected = numpy_attention(q, k, v, q_segment, kv_segment, q_index, np.arange(S))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def _stacked(x, layers=3, layer=1):
+    """x [B, S, K, H] as layer `layer` of an [L, B, K, S, H] cache whose other layers are noise."""
+    cache = np.random.default_rng(9).normal(size=(layers,) + x.transpose(0, 2, 1, 3).shape).astype(np.float32)
+    cache[layer] = x.transpose(0, 2, 1, 3)
+    return jnp.asarray(cache), jnp.asarray(layer)
+
+
+@pytest.mark.parametrize("block", [8, 16, 37, None])
+def test_decode_attention_matches_numpy(block):
+    """One query per row, each row at its own slot of a 37-slot cache, in blocks of 8 or 16 (the last
+    one partial), one block of all slots, or the default (more than 37: `cached_attention`); row 1
+    is left-padded, row 3 sits in the partial last block, row 2 at slot 0."""
+    rng = np.random.default_rng(5)
+    B, S, N, K, H = 4, 37, 8, 2, 16
+    q, k, v = random_qkv(rng, B, 1, S, N, K, H)
+    position = np.array([20, 11, 0, 35])
+    kv_segment = (np.arange(S)[None, :] <= position[:, None]).astype(np.int32)
+    kv_segment[1, :4] = 0  # left padding
+    q_segment = np.ones((B, 1), np.int32)
+    (cache_k, layer), (cache_v, _) = _stacked(k), _stacked(v)
+    got = np.asarray(decode_attention(jnp.asarray(q), cache_k, cache_v, layer, *map(
+        jnp.asarray, (q_segment, kv_segment, position[:, None], np.arange(S))), block_size=block))
+    for b in range(B):
+        expected = numpy_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_segment[b:b + 1], kv_segment[b:b + 1],
+                                   position[b:b + 1], np.arange(S))
+        np.testing.assert_allclose(got[b:b + 1], expected, atol=1e-5)
+
+
+def test_decode_attention_row_does_not_depend_on_the_other_rows():
+    """The block loop runs to the furthest row's slot; the blocks past a row's own slot leave it
+    bit-identical (so the continuous sampler's samples do not depend on the pool's other rows)."""
+    rng = np.random.default_rng(6)
+    B, S, N, K, H = 3, 64, 4, 2, 16
+    q, k, v = random_qkv(rng, B, 1, S, N, K, H)
+    (cache_k, layer), (cache_v, _) = _stacked(k), _stacked(v)
+    attend_blocks = jax.jit(functools.partial(decode_attention, block_size=8))
+    outputs = []
+    for furthest in (9, 30, 63):  # rows 1 and 2 reach 1, 4 and 8 blocks of 8
+        position = jnp.array([9, furthest, furthest])
+        segment = (jnp.arange(S)[None, :] <= position[:, None]).astype(jnp.int32)
+        outputs.append(np.asarray(attend_blocks(jnp.asarray(q), cache_k, cache_v, layer, jnp.ones((B, 1), jnp.int32),
+                                                segment, position[:, None], jnp.arange(S)))[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
 @pytest.mark.parametrize("T, block", [(37, 8), (64, 16), (16, 32)])

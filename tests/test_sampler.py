@@ -21,8 +21,8 @@ from mathgrpo.weights import hf
 
 TINY = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10_000.0,
-                   param_dtype="float32", compute_dtype="float32")
-MAX_LENGTH = 48
+                   param_dtype="float32", compute_dtype="float32", decode_block_size=8)
+MAX_LENGTH = 48  # caches of 16 + max_tokens slots and more: the decode steps read them in blocks of 8
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,7 @@ def test_greedy_equals_transformers_generate(tiny_hf_dir, max_slots):
 
     path = tiny_hf_dir(dtype="float32")
     config, params = hf.load(path, dtype="float32", compute_dtype="float32")
+    config = config.replace(decode_block_size=8)  # 24 slots: the decode steps' attention loop runs
     model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # never stop early: compare all max_tokens tokens
     model.generation_config.pad_token_id = 0

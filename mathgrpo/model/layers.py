@@ -227,6 +227,68 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
+def decode_block_size() -> int:
+    """Slots per block of `decode_attention`'s loop: 128 on CPU (measured fastest of 32 to 512), 512
+    elsewhere (fewer loop iterations, each a few kernels on a GPU; not measured on one yet)."""
+    return 128 if target_platform() == "cpu" else 512
+
+
+def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
+                     block_size: int | None = None):
+    """One query per row over layer `layer` of a KV cache's [L, B, K, S, H] slots: `cached_attention`
+    for T = 1 that reads only the slots some row can see.
+
+    The slots are read in blocks of `block_size` with an online softmax, up to the block holding the
+    furthest row's slot, each block sliced straight out of the stacked cache: a decode step costs what
+    the rows' contexts need, not the cache's length (the recipe's 8,192 and 32,768 slots; on CPU at 64
+    rows the whole step went 206 -> 99 ms at 1,024 slots and position 192; BENCHMARKS.md, session 13).
+    A block past a row's own slot is an exact no-op for it (every score masked: nothing added, nothing
+    rescaled), and each row's products are its own, so a row's output does not depend on the other
+    rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
+    most one block is `cached_attention` over the layer.
+
+    Args: q [B, 1, N, H]; cache_k, cache_v [L, B, K, S, H]; layer: [] int; q_segment [B, 1];
+      kv_segment [B, S]; q_index [1] or [B, 1] (each row's slot); kv_index [S] must be the slot
+      numbers 0..S-1 (the loop stops after the block holding max(q_index)).
+    Returns: [B, 1, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    _, _, K, S, _ = cache_k.shape
+    if T != 1:
+        raise ValueError(f"decode_attention takes one query per row, got {T}")
+    block = min(block_size or decode_block_size(), S)
+    if block == S:
+        k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False).astype(q.dtype) for x in (cache_k, cache_v))
+        return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+    G = N // K
+    q_index = jnp.broadcast_to(q_index.reshape(-1, 1) if q_index.ndim == 2 else q_index[None], (B, 1))[:, 0]  # [B]
+    query = q.reshape(B, K, G, H)
+    blocks = jnp.max(q_index) // block + 1  # through the block of the furthest row's slot
+
+    def one_block(carry):
+        i, top, total, acc = carry
+        # The last block may be partial: read the final `block` slots and mask those already counted.
+        start = jnp.minimum(i * block, S - block)
+        index = jax.lax.dynamic_slice_in_dim(kv_index, start, block)  # [s]
+        segment = jax.lax.dynamic_slice_in_dim(kv_segment, start, block, 1)  # [B, s]
+        allowed = ((segment == q_segment) & (segment != 0) & (index[None, :] <= q_index[:, None])
+                   & (index[None, :] >= i * block))
+        keys, values = (jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, B, K, block, H))[0].astype(q.dtype)
+                        for x in (cache_k, cache_v))  # [B, K, s, H]
+        scores = jnp.einsum("BKGH,BKSH->BKGS", query, keys, preferred_element_type=jnp.float32) * H**-0.5
+        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))  # [B, K, G]
+        scale, probs = jnp.exp(top - new_top), jnp.exp(scores - new_top[..., None])
+        acc = acc * scale[..., None] + jnp.einsum("BKGS,BKSH->BKGH", probs.astype(values.dtype), values,
+                                                  preferred_element_type=jnp.float32)
+        return i + 1, new_top, total * scale + jnp.sum(probs, axis=-1), acc
+
+    init = (jnp.zeros((), jnp.int32), jnp.full((B, K, G), NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
+            jnp.zeros((B, K, G, H), jnp.float32))
+    _, _, total, acc = jax.lax.while_loop(lambda carry: carry[0] < blocks, one_block, init)
+    return (acc / total[..., None]).reshape(B, 1, N, H).astype(q.dtype)
+
+
 def _attention_probs(q, k, mask):
     """softmax(q·kᵀ / √H) over the allowed keys: q [B, K, G, T, H], k [B, K, S, H] → fp32 [B, K, G, T, S]."""
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
@@ -440,6 +502,7 @@ def remat_policy(name: str):
 
 __all__ = [
     "NEG_INF", "Proj", "RMSNorm", "apply_rope", "attention_mask", "reference_attention", "cached_attention",
+    "decode_attention",
     "blockwise_attention", "cudnn_attention", "cudnn_packed_supported", "attend", "remat_policy",
     "checkpoint_name", "token_chunked", "cast_sharded", "scale_by_weight",
 ]

@@ -30,12 +30,12 @@ from mathgrpo.model.layers import (
     RMSNorm,
     apply_rope,
     attend,
-    cached_attention,
     cast_sharded,
     checkpoint_name,
     cudnn_attention,
     cudnn_packed_attention,
     cudnn_packed_supported,
+    decode_attention,
     dtype_of,
     remat_policy,
     target_platform,
@@ -185,11 +185,12 @@ class Attention(nn.Module):
             else:  # one token per row, each at its own slot
                 cache_k, cache_v = write_rows(cache_k, cache_v, k[:, 0], v[:, 0], layer_index, cache_index)
             cache_kv = (cache_k, cache_v)
-            k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B, K, S, H]
-            v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)
-            if x.shape[1] == 1:  # the decode step: plain attention over the cache's slots
-                out = cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+            if x.shape[1] == 1:  # the decode step: over the slots up to the furthest row's position
+                out = decode_attention(q, cache_k, cache_v, layer_index, q_segment, kv_segment, q_index, kv_index,
+                                       block_size=c.decode_block_size or None)
             else:  # a prefill: the configured implementation over the slots, in [B, S, K, H]
+                k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B,K,S,H]
+                v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)
                 out = attend(c.attention, c.attention_block_size)(
                     q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
         elif c.attention == "cudnn" and cudnn_packed_supported():  # Hopper on: the varlen kernel, no mask
