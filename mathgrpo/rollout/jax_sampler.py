@@ -366,6 +366,13 @@ def admission(pool_rows: int, n: int, batch_shards: int = 1) -> tuple[int, int]:
     return refill, round_up(max(refill // n, 1), batch_shards)
 
 
+def tail_widths(pool_rows: int, batch_shards: int = 1) -> list[int]:
+    """The smaller pools a call's tail moves to, largest first: halvings of the pool down to an eighth,
+    in whole batch shards."""
+    return sorted({max(round_up(pool_rows >> k, batch_shards), batch_shards) for k in (1, 2, 3)} - {pool_rows},
+                  reverse=True)
+
+
 class JaxSampler:
     """The `Rollout` protocol on JAX: holds the params and the compiled functions.
 
@@ -473,8 +480,7 @@ class JaxSampler:
         key = (sampling, rows, length)
         if key in self._tails:
             return self._tails[key]
-        widths = sorted({max(round_up(rows >> k, self.batch_shards), self.batch_shards) for k in (1, 2, 3)} - {rows},
-                        reverse=True)
+        widths = tail_widths(rows, self.batch_shards)
         one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
         shardings = None if self.mesh is None else state_shardings(self.mesh, per_row_index=True)
         config, mesh = self.config, self.mesh
