@@ -12,9 +12,9 @@ row. Weight bytes: every matmul weight in bf16, the LM head (tied in Qwen3-4B: t
 the embedding lookup reads a row per token, not counted. KV bytes read per step, on
 average over the call: rows × (prompt + (new tokens − 1) / 2) × 2 (k, v) × layers × kv heads × head dim ×
 2 bytes. Bandwidth: a copy of a 2 GiB array measured in the same run (bytes read + written / seconds),
-the achievable figure rather than the data sheet's. The sampler attends over all of a row's cache slots,
-not only the filled ones, so it reads more than the roofline counts: the fraction says what that and
-everything else costs.
+the achievable figure rather than the data sheet's. The sampler's decode attention reads the cache in
+blocks up to the furthest row's position (model/layers.decode_attention), so it reads at most a block
+per row more than the roofline counts; the fraction says what that and everything else costs.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ slots, serves the call's requests (prompt i, sample j) through a host-side queue
    Each row writes its own KV slot (KVCache's per-row index: a request's prompt starts at slot 0
    whatever row it sits in).
 3. Between bursts the host collects finished rows and admits waiting prompts. Once none wait, the live
-   rows move to a pool of half the rows (`gather_rows`) whenever they fit, down to an eighth: the
-   tail's decode steps cost what its live rows need. Shapes never change within a pool (N, P, S
-   fixed) and the smaller pools are compiled ahead: rows coming and going never recompile.
+   rows move to a smaller pool (`gather_rows`, `tail_widths`: 3/4, 1/2, ... down to an eighth of the
+   rows) whenever they fit: the tail's decode steps cost what its live rows need. Shapes never change
+   within a pool (N, P, S fixed) and the smaller pools are compiled ahead: rows coming and going
+   never recompile.
 
 Both paths: a row ends once it samples one of `stop_token_ids` (kept) or has its request's
 `max_tokens` tokens; nothing after that is written (tokens 0, log-probs 0) or counted (`lengths`).
@@ -367,10 +368,12 @@ def admission(pool_rows: int, n: int, batch_shards: int = 1) -> tuple[int, int]:
 
 
 def tail_widths(pool_rows: int, batch_shards: int = 1) -> list[int]:
-    """The smaller pools a call's tail moves to, largest first: halvings of the pool down to an eighth,
-    in whole batch shards."""
-    return sorted({max(round_up(pool_rows >> k, batch_shards), batch_shards) for k in (1, 2, 3)} - {pool_rows},
-                  reverse=True)
+    """The smaller pools a call's tail moves to, largest first: 3/4, 1/2, 3/8, 1/4, 3/16 and 1/8 of the
+    pool, in whole batch shards. Steps of a quarter rather than halvings: the long-tail bench's call
+    15.8 -> 15.2 s (BENCHMARKS.md, session 13); the live rows leave the full pool sooner."""
+    widths = {max(round_up(pool_rows * num // den, batch_shards), batch_shards)
+              for num, den in ((3, 4), (1, 2), (3, 8), (1, 4), (3, 16), (1, 8))}
+    return sorted(widths - {pool_rows}, reverse=True)
 
 
 class JaxSampler:
@@ -474,9 +477,9 @@ class JaxSampler:
         self.params = params
 
     def _prepare_tail(self, sampling: SamplingParams, rows: int, length: int) -> dict[int, tuple]:
-        """The smaller pools the tail of a call moves to (halvings of `rows` down to an eighth, in whole
-        batch shards): their row gather and burst, compiled ahead the first time these shapes are seen
-        and kept (which of them a call reaches depends on its samples, and none may compile later)."""
+        """The smaller pools the tail of a call moves to (`tail_widths`): their row gather and burst,
+        compiled ahead the first time these shapes are seen and kept (which of them a call reaches
+        depends on its samples, and none may compile later)."""
         key = (sampling, rows, length)
         if key in self._tails:
             return self._tails[key]
@@ -619,7 +622,7 @@ class JaxSampler:
                     results[int(owner[slot])] = (tokens[slot, :lengths[slot]], logprobs[slot, :lengths[slot]])
                 owner[finished] = -1
             live = np.flatnonzero(owner >= 0)
-            # The tail: the live rows move to a smaller pool, one halving at a time (each compiled ahead).
+            # The tail: the live rows move to a smaller pool, one width at a time (each compiled ahead).
             while not waiting and len(live) and (smaller := next((w for w in tail if w < len(owner)), 0)) >= len(live):
                 rows = np.concatenate([np.flatnonzero(owner >= 0), np.flatnonzero(owner < 0)])[:smaller]
                 state = tail[smaller][0](state, rows.astype(np.int32) if mesh is None else
