@@ -195,3 +195,34 @@ def test_cudnn_attention_takes_the_packed_kernel_from_hopper_on_and_the_masked_o
     expected, _ = forward(TINY.replace(attention="reference"), params, tokens, positions, segments)
     assert called and set(called) == {"packed" if packed else "masked"}
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_kv_cache_writes_equal_numpy_on_each_platforms_form(monkeypatch, platform):
+    """`write_rows` (a decode step's per-row write) and `write_prompts` (the continuous sampler's
+    admission) take a different form on CPU than elsewhere (qwen3.py says why); both forms, traced
+    for either platform and run here, write what numpy's indexing writes and nothing else."""
+    from mathgrpo.model import qwen3
+
+    monkeypatch.setattr(qwen3, "target_platform", lambda: platform)
+    rng = np.random.default_rng(11)
+    L, B, K, S, H, A, n, T = 2, 6, 2, 10, 4, 2, 2, 3
+    cache_k, cache_v = (rng.normal(size=(L, B, K, S, H)).astype(np.float32) for _ in range(2))
+
+    new_k, new_v = (rng.normal(size=(B, K, H)).astype(np.float32) for _ in range(2))
+    slots, layer = np.array([0, 3, 9, 12, 5, 1]), 1  # 12: past the end, lands on the last slot
+    got = jax.jit(qwen3.write_rows)(cache_k, cache_v, new_k, new_v, layer, slots)
+    for cache, new, out in zip((cache_k, cache_v), (new_k, new_v), got):
+        expected = cache.copy()
+        expected[layer, np.arange(B), :, np.minimum(slots, S - 1), :] = new
+        np.testing.assert_array_equal(np.asarray(out), expected)
+
+    prompt_k, prompt_v = (rng.normal(size=(L, A, K, T, H)).astype(np.float32) for _ in range(2))
+    rows = np.array([4, 1, B, 2])  # prompt 0 -> rows 4, 1; prompt 1 -> row 2 (and B: nothing)
+    got = jax.jit(qwen3.write_prompts, static_argnums=5)(cache_k, cache_v, prompt_k, prompt_v, rows, n)
+    for cache, prompt, out in zip((cache_k, cache_v), (prompt_k, prompt_v), got):
+        expected = cache.copy()
+        for i, row in enumerate(rows):
+            if row < B:
+                expected[:, row, :, :T] = prompt[:, i // n]
+        np.testing.assert_array_equal(np.asarray(out), expected)
