@@ -260,6 +260,11 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     if block == S:
         k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False).astype(q.dtype) for x in (cache_k, cache_v))
         return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+    if target_platform() == "cpu":
+        # XLA:CPU copies a loop's operand that stays live after it: the whole stacked cache (the 4B
+        # recipe's validation burst: +20 GB in `plan`). Its loop reads the layer's own [B, K, S, H] copy.
+        cache_k, cache_v = (jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in (cache_k, cache_v))
+        layer = jnp.zeros((), jnp.int32)
     G = N // K
     q_index = jnp.broadcast_to(q_index.reshape(-1, 1) if q_index.ndim == 2 else q_index[None], (B, 1))[:, 0]  # [B]
     query = q.reshape(B, K, G, H)
