@@ -227,10 +227,11 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def decode_block_size() -> int:
-    """Slots per block of `decode_attention`'s loop: 128 on CPU (measured fastest of 32 to 512), 512
-    elsewhere (fewer loop iterations, each a few kernels on a GPU; not measured on one yet)."""
-    return 128 if target_platform() == "cpu" else 512
+def decode_block_size(slots: int) -> int:
+    """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0: 512 on GPUs and
+    TPUs; on CPU the whole cache in one pass, which XLA:CPU runs as fast as blocks at the bench's 320
+    slots (61-62 ms per 64-row step) without copying the layer for a loop (BENCHMARKS.md, session 13)."""
+    return slots if target_platform() == "cpu" else 512
 
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
@@ -240,8 +241,8 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
 
     The slots are read in blocks of `block_size` with an online softmax, up to the block holding the
     furthest row's slot, each block sliced straight out of the stacked cache: a decode step costs what
-    the rows' contexts need, not the cache's length (the recipe's 8,192 and 32,768 slots; on CPU at 64
-    rows the whole step went 206 -> 99 ms at 1,024 slots and position 192; BENCHMARKS.md, session 13).
+    the rows' contexts need, not the cache's length (the recipe's 8,192 and 32,768 slots; a 64-row step
+    at 1,024 slots and position 192 went 206 -> 71 ms on CPU; BENCHMARKS.md, session 13).
     A block past a row's own slot is an exact no-op for it (every score masked: nothing added, nothing
     rescaled), and each row's products are its own, so a row's output does not depend on the other
     rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
@@ -256,13 +257,14 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     _, _, K, S, _ = cache_k.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
-    block = min(block_size or decode_block_size(), S)
+    block = min(block_size or decode_block_size(S), S)
     if block == S:
         k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False).astype(q.dtype) for x in (cache_k, cache_v))
         return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
     if target_platform() == "cpu":
         # XLA:CPU copies a loop's operand that stays live after it: the whole stacked cache (the 4B
-        # recipe's validation burst: +20 GB in `plan`). Its loop reads the layer's own [B, K, S, H] copy.
+        # recipe's validation burst: +20 GB in `plan`). With an explicit block size its loop reads the
+        # layer's own [B, K, S, H] copy.
         cache_k, cache_v = (jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in (cache_k, cache_v))
         layer = jnp.zeros((), jnp.int32)
     G = N // K
