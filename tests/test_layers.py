@@ -158,6 +158,21 @@ def test_decode_attention_row_does_not_depend_on_the_other_rows():
     np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_does_not_copy_the_stacked_cache(dtype):
+    """Compiled for this platform, the block loop's temporaries stay below one of the stacked [L, B, K,
+    S, H] caches (8 layers). On XLA:CPU a bf16 loop slicing the stacked cache made an fp32 copy of all of
+    it (twice its bytes, per cache): the 4B recipe's CPU plan no longer fit."""
+    L, B, K, S, H, N = 8, 4, 2, 1024, 32, 4
+    cache = jax.ShapeDtypeStruct((L, B, K, S, H), jnp.dtype(dtype))
+    attend = jax.jit(functools.partial(decode_attention, block_size=128))
+    compiled = attend.lower(jax.ShapeDtypeStruct((B, 1, N, H), jnp.dtype(dtype)), cache, cache,
+                            jnp.int32(3), jnp.ones((B, 1), jnp.int32), jnp.ones((B, S), jnp.int32),
+                            jnp.full((B, 1), 700, jnp.int32), jnp.arange(S)).compile()
+    cache_bytes = L * B * K * S * H * jnp.dtype(dtype).itemsize
+    assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes
+
+
 @pytest.mark.parametrize("T, block", [(37, 8), (64, 16), (16, 32)])
 def test_blockwise_equals_reference(T, block):
     rng = np.random.default_rng(3)

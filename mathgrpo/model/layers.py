@@ -227,11 +227,13 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def decode_block_size(slots: int) -> int:
+def decode_block_size(slots: int, dtype) -> int:
     """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0: 512 on GPUs and
-    TPUs; on CPU the whole cache in one pass, which XLA:CPU runs as fast as blocks at the bench's 320
-    slots (61-62 ms per 64-row step) without copying the layer for a loop (BENCHMARKS.md, session 13)."""
-    return slots if target_platform() == "cpu" else 512
+    TPUs (not yet measured there); on CPU 128 for an fp32 cache (the fastest of 32...512 for the bench's
+    64-row steps) and one pass over the whole cache for a 16-bit one (see `decode_attention`)."""
+    if target_platform() != "cpu":
+        return 512
+    return 128 if jnp.dtype(dtype).itemsize >= 4 else slots
 
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
@@ -242,11 +244,16 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     The slots are read in blocks of `block_size` with an online softmax, up to the block holding the
     furthest row's slot, each block sliced straight out of the stacked cache: a decode step costs what
     the rows' contexts need, not the cache's length (the recipe's 8,192 and 32,768 slots; a 64-row step
-    at 1,024 slots and position 192 went 206 -> 71 ms on CPU; BENCHMARKS.md, session 13).
+    at 1,024 slots and position 192 went 218 -> 74 ms on CPU; BENCHMARKS.md, "Decode attention").
     A block past a row's own slot is an exact no-op for it (every score masked: nothing added, nothing
     rescaled), and each row's products are its own, so a row's output does not depend on the other
     rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
     most one block is `cached_attention` over the layer.
+
+    XLA:CPU slices a bf16 array by converting the slice's whole operand to fp32, and hoists that
+    conversion of a loop-invariant operand out of the loop: sliced from the stacked cache, that is an
+    fp32 copy of the whole pool (the 4B recipe's CPU plan: validation burst 17.73 -> 30.10 GiB). So on
+    CPU a 16-bit cache's loop reads the layer's own [B, K, S, H] slice, and the default is one pass.
 
     Args: q [B, 1, N, H]; cache_k, cache_v [L, B, K, S, H]; layer: [] int; q_segment [B, 1];
       kv_segment [B, S]; q_index [1] or [B, 1] (each row's slot); kv_index [S] must be the slot
@@ -257,14 +264,11 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     _, _, K, S, _ = cache_k.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
-    block = min(block_size or decode_block_size(S), S)
+    block = min(block_size or decode_block_size(S, cache_k.dtype), S)
     if block == S:
         k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False).astype(q.dtype) for x in (cache_k, cache_v))
         return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
-    if target_platform() == "cpu":
-        # XLA:CPU copies a loop's operand that stays live after it: the whole stacked cache (the 4B
-        # recipe's validation burst: +20 GB in `plan`). With an explicit block size its loop reads the
-        # layer's own [B, K, S, H] copy.
+    if target_platform() == "cpu" and jnp.dtype(cache_k.dtype).itemsize < 4:
         cache_k, cache_v = (jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in (cache_k, cache_v))
         layer = jnp.zeros((), jnp.int32)
     G = N // K
@@ -278,8 +282,7 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
         start = jnp.minimum(i * block, S - block)
         index = jax.lax.dynamic_slice_in_dim(kv_index, start, block)  # [s]
         segment = jax.lax.dynamic_slice_in_dim(kv_segment, start, block, 1)  # [B, s]
-        allowed = ((segment == q_segment) & (segment != 0) & (index[None, :] <= q_index[:, None])
-                   & (index[None, :] >= i * block))
+        allowed = attention_mask(q_segment, segment, q_index[:, None], index)[:, 0] & (index >= i * block)  # [B, s]
         keys, values = (jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, B, K, block, H))[0].astype(q.dtype)
                         for x in (cache_k, cache_v))  # [B, K, s, H]
         scores = jnp.einsum("BKGH,BKSH->BKGS", query, keys, preferred_element_type=jnp.float32) * H**-0.5
