@@ -15,6 +15,7 @@ from mathgrpo.model import (
     logical_axes,
     logits,
     positions_from_segments,
+    unstack_layers,
 )
 from tests.test_config import CONFIGS
 
@@ -112,6 +113,34 @@ def test_scan_and_unrolled_layers_agree(params):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 8)))
     np.testing.assert_allclose(logits(TINY.replace(scan_layers=False), params, tokens),
                                logits(TINY, params, tokens), atol=1e-6)
+
+
+def test_per_layer_params_give_the_stacked_forward(params):
+    """The sampler's per-layer copy (`unstack_layers`, scan_layers=False) runs the same layers: bit for
+    bit the stacked forward's logits and KV cache, through a prefill and two decode steps."""
+    config = TINY.replace(scan_layers=False)
+    per_layer = unstack_layers(config, params)
+    assert isinstance(per_layer["layers"], tuple) and len(per_layer["layers"]) == TINY.num_hidden_layers
+    for index, layer in enumerate(per_layer["layers"]):
+        jax.tree.map(lambda got, stacked: np.testing.assert_array_equal(got, stacked[index]), layer, params["layers"])
+    assert unstack_layers(TINY, params) is params  # scan_layers=True: the stacked layout
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 9)))
+    run = jax.jit(lambda p, *args: forward(config, p, *args))
+    caches = []
+    for p in (params, per_layer):
+        cache = init_cache(config, batch=2, max_length=12)
+        segments = jnp.ones((2, 1), jnp.int32)
+        out, cache = run(p, tokens[:, :7], jnp.arange(7)[None].repeat(2, 0), jnp.ones((2, 7), jnp.int32), cache)
+        outs = [out]
+        for t in (7, 8):
+            out, cache = run(p, tokens[:, t:t + 1], jnp.full((2, 1), t), segments, cache)
+            outs.append(out)
+        caches.append((outs, cache))
+    (expected, expected_cache), (got, got_cache) = caches
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got_cache.k, expected_cache.k)
+    np.testing.assert_array_equal(got_cache.v, expected_cache.v)
 
 
 @pytest.mark.parametrize("policy", ["full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out"])

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import MeshConfig, ModelConfig
 from mathgrpo.model import forward, init_params
@@ -454,6 +455,28 @@ def test_continuous_on_a_mesh_matches_single_device(continuous, params):
     got, expected = sharded.generate(prompts, settings), continuous.generate(prompts, settings)
     np.testing.assert_array_equal(got.token_ids, expected.token_ids)
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+
+
+def test_per_layer_weights_sample_what_the_stacked_ones_do(continuous, params):
+    """Under scan_layers=False the sampler holds its own per-layer copy (`unstack_layers`); on one
+    device and on a mesh (each layer's shards as the stacked param's, less the layer axis) it samples
+    the stacked sampler's tokens."""
+    config = TINY.replace(scan_layers=False)
+    prompts = random_prompts([3, 6, 8, 5, 2, 7, 4, 9, 1, 3], seed=15)
+    settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=6, seed=4, stop_token_ids=[5])
+    expected = continuous.generate(prompts, settings)
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    for mesh in (None, mesh):
+        per_layer = JaxSampler(config, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8, max_slots=16)
+        assert len(per_layer.params["layers"]) == TINY.num_hidden_layers
+        if mesh is not None:
+            stacked = jax.tree.leaves(per_layer.param_shardings["layers"])
+            for layer in per_layer.params["layers"]:
+                for leaf, sharding in zip(jax.tree.leaves(layer), stacked):
+                    assert leaf.sharding.spec == P(*sharding.spec[1:])
+        got = per_layer.generate(prompts, settings)
+        np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+        np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_mesh_sharded_batch_matches_single_device(sampler, params):

@@ -12,10 +12,11 @@ from mathgrpo.model.qwen3 import (
     logits,
     output_kernel,
     positions_from_segments,
+    unstack_layers,
     write_prompts,
 )
 
 __all__ = [
     "KVCache", "Qwen3", "abstract_params", "count_params", "forward", "init_cache", "init_params",
-    "logical_axes", "logits", "output_kernel", "positions_from_segments", "write_prompts",
+    "logical_axes", "logits", "output_kernel", "positions_from_segments", "unstack_layers", "write_prompts",
 ]

@@ -10,6 +10,9 @@ Departures from HF, each deliberate:
   [out, in] matrices; `weights/hf.py` converts.
 - Layers are stacked on a leading L axis (`nn.scan`), whether or not the forward scans
   (`scan_layers=False` unrolls the same scan), so the parameter layout never depends on a flag.
+  The one exception is the sampler's own copy under `scan_layers=False` (`unstack_layers`): a tuple
+  of per-layer trees, which the forward applies one by one, so a decode loop never slices its
+  layers' weights out of the stack.
 - Matmuls accumulate in fp32 (`preferred_element_type`) and the logits come out in fp32.
 - Attention masking is by segment ids (several sequences packed in one row), not an [B, T, S] mask.
 """
@@ -406,7 +409,13 @@ class Qwen3(nn.Module):
         if grad_sink is not None and (cache is not None or self.config.remat_policy not in FULL_REMAT):
             raise ValueError(f"grad_sink needs the training forward (no cache) under remat_policy in {FULL_REMAT}, got "
                              f"remat_policy={self.config.remat_policy!r}, cache={cache is not None}")
-        if cache is None and self.config.remat_policy in FULL_REMAT and not self.is_initializing():
+        per_layer = None if self.is_initializing() else self.variables["params"]["layers"]
+        if isinstance(per_layer, tuple):  # `unstack_layers`: one tree per layer, applied in order
+            layer = DecoderLayer(self.config, parent=None)  # unbound: applied to explicit params
+            for index, layer_params in enumerate(per_layer):
+                (x, cache_kv), _ = layer.apply({"params": layer_params}, (x, cache_kv), positions, segment_ids,
+                                               kv_segment, q_index, kv_index, cache_index, jnp.int32(index))
+        elif cache is None and self.config.remat_policy in FULL_REMAT and not self.is_initializing():
             x = full_remat_layers(self.config, self.variables["params"]["layers"], x,
                                   (positions, segment_ids, kv_segment, q_index, kv_index), grad_sink)
         else:
@@ -465,6 +474,27 @@ def abstract_params(config: ModelConfig) -> Params:
 def logical_axes(config: ModelConfig) -> Params:
     """PartitionSpecs of logical axis names, one per parameter (mapped to the mesh in parallel/mesh.py)."""
     return nn.get_partition_spec(_boxed_abstract(config))
+
+
+def unstack_layers(config: ModelConfig, tree: Any) -> Any:
+    """The sampler's layout of a params-shaped tree (arrays, ShapeDtypeStructs or NamedShardings):
+    under `scan_layers=False` the stacked `layers` become a tuple of one tree per layer, which
+    `forward` applies in order (XLA:CPU copied every layer's weights out of the stack at each decode
+    step; BENCHMARKS.md, "Per-layer weights"); under `scan_layers=True`, the tree as it is."""
+    if config.scan_layers:
+        return tree
+
+    def layer(leaf, index):
+        if isinstance(leaf, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*leaf.spec[1:]))
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            sharding = layer(leaf.sharding, index) if isinstance(leaf.sharding, jax.sharding.NamedSharding) else None
+            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+        return leaf[index]
+
+    per_layer = tuple(jax.tree.map(functools.partial(layer, index=i), tree["layers"])
+                      for i in range(config.num_hidden_layers))
+    return {**tree, "layers": per_layer}
 
 
 def forward(config: ModelConfig, params: Params, tokens, positions, segment_ids,

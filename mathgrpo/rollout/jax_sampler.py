@@ -78,6 +78,7 @@ from mathgrpo.model import (
     init_cache,
     output_kernel,
     positions_from_segments,
+    unstack_layers,
     write_prompts,
 )
 from mathgrpo.parallel import mesh as parallel_mesh
@@ -423,10 +424,14 @@ class JaxSampler:
         self.burst_steps = burst_steps
         # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
         self.param_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
+        # The params as the sampler holds them (`unstack_layers`): its own per-layer copy under
+        # scan_layers=False (the slices are new buffers, in the per-layer shardings on a mesh).
+        self._unstack = jax.jit(functools.partial(unstack_layers, config), **(
+            {} if mesh is None else {"out_shardings": unstack_layers(config, self.param_shardings)}))
         self.trace_counts: collections.Counter = collections.Counter()
         self.prompt_sharding = (None if mesh is None  # [B, P]
                                 else NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)))
-        shardings = jit_shardings(mesh, self.param_shardings)
+        shardings = jit_shardings(mesh, None if mesh is None else unstack_layers(config, self.param_shardings))
         jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
         self._prefill, self._decode = jitted["prefill"], jitted["decode"]
         self._empty_pool, self._admit, self._burst = jitted["empty_pool"], jitted["admit"], jitted["burst"]
@@ -474,7 +479,7 @@ class JaxSampler:
             # Params already in these shardings (training's) are copied shard by shard on the devices;
             # others are resharded (JAX may then alias a source shard that already sits in place).
             params = jax.device_put(params, self.param_shardings, may_alias=False)
-        self.params = params
+        self.params = self._unstack(params) if not self.config.scan_layers else params
 
     def _prepare_tail(self, sampling: SamplingParams, rows: int, length: int) -> dict[int, tuple]:
         """The smaller pools the tail of a call moves to (`tail_widths`): their row gather and burst,

@@ -286,12 +286,14 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     device, for calls of `sampling` (max_tokens) on prompts of max_prompt_length tokens."""
     from jax.sharding import Mesh
 
+    from mathgrpo.model import unstack_layers
     from mathgrpo.rollout import jax_sampler
 
     model = inputs.model
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes (JaxSampler)
     shards = parallel_mesh.data_parallel_size(mesh)
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
+    params = unstack_layers(model, params)  # the sampler's own layout of its copy
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
     state = _abstract(jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length)),
                       jax_sampler.state_shardings(mesh, per_row_index=True))
