@@ -73,7 +73,7 @@ class BenchSize:
     sampler_new_tokens: int
     reward_responses: int
     repeats: int  # timed repeats of train step / logprob
-    sampler_repeats: int
+    sampler_repeats: int  # timed calls of our sampler and vLLM's (median); HF generate and the static one: one
     matmul_size: int
     long_tail_requests: int  # the long-tail workload: this many prompts (n = 1), each with its own max_tokens
     long_tail_slots: int  # the continuous sampler's pool and vLLM's max_num_seqs there
@@ -86,7 +86,7 @@ SIZES = {
                       # and log-prob pass after 2 warm-up calls (~10 min on 2 cores).
                       sequence_lengths=(1024, 512), prompt_length=128, row_length=1024,
                       sampler_prompts=8, sampler_n=8, sampler_prompt_length=64, sampler_new_tokens=256,
-                      reward_responses=500, repeats=3, sampler_repeats=1, matmul_size=2048,
+                      reward_responses=500, repeats=3, sampler_repeats=3, matmul_size=2048,
                       long_tail_requests=192, long_tail_slots=64, vllm_eager=False),
     "quick": BenchSize(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=32_000,
                        sequence_lengths=(128, 128, 96, 64), prompt_length=32, row_length=128,
@@ -162,19 +162,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decode.add_argument("--decode-hidden", type=int, default=0, help="a smaller hidden size (CPU tests); 0: the 4B's")
 
 
-def interleaved(sides: dict, repeats: int, warmup: int = WARMUP_CALLS, extra: int = EXTRA_CALLS) -> dict[str, dict]:
+def interleaved(sides: dict, repeats: int | dict[str, int], warmup: int = WARMUP_CALLS,
+                extra: int = EXTRA_CALLS) -> dict[str, dict]:
     """Each side's callable (returning seconds and page faults) run alternately after `warmup` calls
-    each, until each side has `repeats` timed calls that did not grow its heap (HEAP_GROWTH_FAULTS),
-    with at most `extra` more calls per side to get there. Per side: the median seconds of those calls,
-    their seconds and page faults, and the calls that grew the heap (seconds, page faults)."""
+    each, until each side has `repeats` (one count for all, or per side) timed calls that did not grow
+    its heap (HEAP_GROWTH_FAULTS), with at most `extra` more calls per side to get there. Per side: the
+    median seconds of those calls, their seconds and page faults, and the calls that grew the heap
+    (seconds, page faults)."""
+    wanted = repeats if isinstance(repeats, dict) else dict.fromkeys(sides, repeats)
     for _ in range(warmup):
         for run in sides.values():
             run()
     steady: dict[str, list] = {name: [] for name in sides}
     growth: dict[str, list] = {name: [] for name in sides}
     while True:
-        pending = [name for name in sides
-                   if len(steady[name]) < repeats and len(steady[name]) + len(growth[name]) < repeats + extra]
+        pending = [name for name in sides if len(steady[name]) < wanted[name]
+                   and len(steady[name]) + len(growth[name]) < wanted[name] + extra]
         if not pending:
             break
         for name in pending:
@@ -386,7 +389,10 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
                 assert int(out.lengths.min()) == M, "a row stopped early: both sides must make M tokens"
 
             sides["vllm"] = measured(vllm_sample)
-        timing = interleaved(sides, size.sampler_repeats, warmup=1, extra=0)
+        # The slow reference (HF generate, ~65 s a call at full size) once; ours and vLLM's the median
+        # of sampler_repeats calls (one call each swung by ±8 % between runs of the same code).
+        timing = interleaved(sides, {"ours": size.sampler_repeats, "hf": 1, "vllm": size.sampler_repeats},
+                             warmup=1, extra=0)
         long_tail = bench_long_tail(config, params, size, seed, sampler, vllm)
         if vllm is not None:
             vllm.close()
@@ -450,7 +456,8 @@ def bench_long_tail(config, params, size: BenchSize, seed: int, static, vllm) ->
         run(engine, [1] * len(limits))
     traces = sum(continuous.trace_counts.values())
     sides = {name: measured(lambda engine=engine: run(engine, limits)) for name, engine in engines.items()}
-    timing = interleaved(sides, size.sampler_repeats, warmup=0, extra=0)
+    timing = interleaved(sides, {"continuous": size.sampler_repeats, "static": 1, "vllm": size.sampler_repeats},
+                         warmup=0, extra=0)
     tokens = sum(limits)
     per_s = {name: tokens / timing[name]["median"] for name in engines}
     return {

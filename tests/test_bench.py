@@ -198,6 +198,13 @@ def test_calls_that_grow_the_heap_are_replaced_and_kept_in_the_record():
     assert result["ours"]["heap_growth_calls"] == [[7.0, big]]
     assert result["theirs"]["heap_growth_calls"] == []
 
+    # Per-side counts (the slow reference once): each side stops at its own count, calls alternating.
+    order = []
+    sides = {name: (lambda name=name: order.append(name) or (float(len(order)), 0)) for name in ("ours", "hf")}
+    result = interleaved(sides, repeats={"ours": 3, "hf": 1}, warmup=1, extra=0)
+    assert order == ["ours", "hf", "ours", "hf", "ours", "ours"]
+    assert result["ours"]["seconds"] == [3.0, 5.0, 6.0] and result["hf"]["seconds"] == [4.0]
+
 
 def test_decode_roofline_at_small_shapes(tmp_path):
     """`bench --decode` on CPU at a small model of the 4B's layout: every request makes its tokens, and the
