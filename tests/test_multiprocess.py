@@ -86,9 +86,11 @@ def assert_same_batches(a, b, score="critic/score/mean"):
             assert x[key] == y[key], (x["step"], key)
 
 
-@pytest.mark.parametrize("sampler", [(), ("rollout.max_slots=4",)], ids=["static", "continuous"])
+@pytest.mark.parametrize("sampler", [(), ("rollout.max_slots=4",), ("rollout.max_slots=4", "model.scan_layers=false")],
+                         ids=["static", "continuous", "continuous-per-layer"])
 def test_two_processes_train_like_one(task, tmp_path, sampler):
-    """Continuous: each process's JAX sampler serves its share through a pool of 4 rows (refilled)."""
+    """Continuous: each process's JAX sampler serves its share through a pool of 4 rows (refilled);
+    per-layer: unrolled layers, so the sampler holds its own per-layer copy of the weights."""
     one, two = tmp_path / "one", tmp_path / "two"
     code, log = launch(overrides(task, one, *sampler), processes=1)
     assert code == 0, log[-3000:]
