@@ -261,7 +261,7 @@ class ModelConfig:
     # row). cuDNN's backward workspace grows with this × row length (recipe: 8).
     attention_max_segments: int = 16
     # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
-    # platform's default (512 on GPUs and TPUs; on CPU 128 for an fp32 cache, one pass for a 16-bit one).
+    # platform's default (512 on GPUs and TPUs, 128 on CPU).
     decode_block_size: int = 0
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
@@ -474,7 +474,7 @@ class ModelSource:
     attention_block_size: int = 512
     attention_max_segments: int = 16
     # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
-    # platform's default (512 on GPUs and TPUs; on CPU 128 for an fp32 cache, one pass for a 16-bit one).
+    # platform's default (512 on GPUs and TPUs, 128 on CPU).
     decode_block_size: int = 0
     token_chunk_size: int = 0
     scan_layers: bool = True

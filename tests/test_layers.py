@@ -15,6 +15,7 @@ from mathgrpo.model.layers import (
     cudnn_attention,
     cudnn_packed_attention,
     decode_attention,
+    kv_storage_dtype,
     project,
     reference_attention,
     segment_layout,
@@ -158,13 +159,14 @@ def test_decode_attention_row_does_not_depend_on_the_other_rows():
     np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_decode_attention_does_not_copy_the_stacked_cache(dtype):
     """Compiled for this platform, the block loop's temporaries stay below one of the stacked [L, B, K,
-    S, H] caches (8 layers). On XLA:CPU a bf16 loop slicing the stacked cache made an fp32 copy of all of
-    it (twice its bytes, per cache): the 4B recipe's CPU plan no longer fit."""
+    S, H] caches (8 layers), stored as `kv_storage_dtype` says. On XLA:CPU a loop slicing a stacked bf16
+    cache made an fp32 copy of all of it (twice its bytes, per cache): the 4B recipe's CPU plan no
+    longer fit."""
     L, B, K, S, H, N = 8, 4, 2, 1024, 32, 4
-    cache = jax.ShapeDtypeStruct((L, B, K, S, H), jnp.dtype(dtype))
+    cache = jax.ShapeDtypeStruct((L, B, K, S, H), kv_storage_dtype(dtype))
     attend = jax.jit(functools.partial(decode_attention, block_size=128))
     compiled = attend.lower(jax.ShapeDtypeStruct((B, 1, N, H), jnp.dtype(dtype)), cache, cache,
                             jnp.int32(3), jnp.ones((B, 1), jnp.int32), jnp.ones((B, S), jnp.int32),

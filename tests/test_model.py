@@ -12,9 +12,11 @@ from mathgrpo.model import (
     forward,
     init_cache,
     init_params,
+    layers,
     logical_axes,
     logits,
     positions_from_segments,
+    qwen3,
     unstack_layers,
 )
 from tests.test_config import CONFIGS
@@ -141,6 +143,40 @@ def test_per_layer_params_give_the_stacked_forward(params):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(got_cache.k, expected_cache.k)
     np.testing.assert_array_equal(got_cache.v, expected_cache.v)
+
+
+def test_bf16_cache_stores_the_bits_a_bf16_cache_would(params, monkeypatch):
+    """A bf16 cache is stored as `kv_storage_dtype` says (uint16 bits on CPU): a prefill, then decode
+    steps at one slot per row (the continuous sampler's writes and its blocked attention), give bit for
+    bit the logits and keys/values of a cache held as bf16; and no step converts the whole cache to
+    fp32, which XLA:CPU does for a bf16 cache's per-row writes (BENCHMARKS.md, session 15)."""
+    config = TINY.replace(compute_dtype="bfloat16", scan_layers=False, decode_block_size=4)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, TINY.vocab_size, (2, 9)))
+    run = jax.jit(lambda p, *args: forward(config, p, *args))
+
+    def sample(storage):
+        monkeypatch.setattr(qwen3, "kv_storage_dtype", storage)
+        cache = init_cache(config, batch=2, max_length=12)
+        out, cache = run(params, tokens[:, :7], jnp.arange(7)[None].repeat(2, 0), jnp.ones((2, 7), jnp.int32), cache)
+        outs, cache = [out], cache.replace(index=jnp.full((2,), 7, jnp.int32))
+        for t in (7, 8):
+            out, cache = run(params, tokens[:, t:t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32), cache)
+            outs.append(out)
+        step = run.lower(params, tokens[:, 8:9], jnp.full((2, 1), 8), jnp.ones((2, 1), jnp.int32), cache)
+        return outs, cache, step.compile().as_text()
+
+    stored, stored_cache, hlo = sample(layers.kv_storage_dtype)
+    assert stored_cache.k.dtype == layers.kv_storage_dtype(jnp.bfloat16)
+    if jax.default_backend() == "cpu":
+        assert stored_cache.k.dtype == jnp.uint16
+    whole_cache_in_fp32 = "f32[" + ",".join(map(str, stored_cache.k.shape)) + "]"
+    assert whole_cache_in_fp32 not in hlo
+    expected, expected_cache, _ = sample(lambda dtype: jnp.dtype(dtype))
+    assert expected_cache.k.dtype == jnp.bfloat16
+    for got, want in zip(stored, expected):
+        np.testing.assert_array_equal(got, want)
+    for got, want in ((stored_cache.k, expected_cache.k), (stored_cache.v, expected_cache.v)):
+        np.testing.assert_array_equal(np.asarray(layers.from_kv(got, jnp.float32)), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("policy", ["full", "full_offload", "save_dots", "save_qkv_proj", "save_attention_out"])

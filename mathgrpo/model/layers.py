@@ -227,13 +227,34 @@ def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.A
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def decode_block_size(slots: int, dtype) -> int:
+def kv_storage_dtype(dtype) -> jnp.dtype:
+    """The dtype a KV cache of `dtype` values is stored in: `dtype`, except bfloat16 on CPU, whose bits
+    the cache holds as uint16. XLA:CPU runs a bf16 dynamic-update-slice or slice through an fp32 copy of
+    its whole operand: a decode step's per-row write into a 16-row, 4,096-slot bf16 cache took 77 ms
+    per layer, against 0.01 ms for uint16 (and float16, which it runs natively); BENCHMARKS.md, "bf16
+    KV cache on CPU". Read and write a cache through `from_kv` and `to_kv`."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and target_platform() == "cpu" else dtype
+
+
+def to_kv(x: jax.Array, storage) -> jax.Array:
+    """Keys or values as a cache of dtype `storage` (`kv_storage_dtype`) stores them."""
+    if jnp.dtype(storage) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(storage)
+
+
+def from_kv(x: jax.Array, dtype) -> jax.Array:
+    """A cache's (slice of) keys or values, as stored (`to_kv`), in `dtype`."""
+    if x.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x.astype(dtype)
+
+
+def decode_block_size(slots: int) -> int:
     """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0: 512 on GPUs and
-    TPUs (not yet measured there); on CPU 128 for an fp32 cache (the fastest of 32...512 for the bench's
-    64-row steps) and one pass over the whole cache for a 16-bit one (see `decode_attention`)."""
-    if target_platform() != "cpu":
-        return 512
-    return 128 if jnp.dtype(dtype).itemsize >= 4 else slots
+    TPUs (not yet measured there), 128 on CPU (the fastest of 32...512 for the bench's 64-row steps)."""
+    return 512 if target_platform() != "cpu" else min(128, slots)
 
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
@@ -250,10 +271,10 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
     most one block is `cached_attention` over the layer.
 
-    XLA:CPU slices a bf16 array by converting the slice's whole operand to fp32, and hoists that
-    conversion of a loop-invariant operand out of the loop: sliced from the stacked cache, that is an
-    fp32 copy of the whole pool (the 4B recipe's CPU plan: validation burst 17.73 -> 30.10 GiB). So on
-    CPU a 16-bit cache's loop reads the layer's own [B, K, S, H] slice, and the default is one pass.
+    The cache is read as stored (`kv_storage_dtype`): XLA:CPU slices a bf16 array by converting the
+    slice's whole operand to fp32, and hoists that conversion of a loop-invariant operand out of the
+    loop, which made an fp32 copy of the whole stacked pool (the 4B recipe's CPU plan: validation
+    burst 17.73 -> 30.10 GiB); its uint16 bits are sliced as they are.
 
     Args: q [B, 1, N, H]; cache_k, cache_v [L, B, K, S, H]; layer: [] int; q_segment [B, 1];
       kv_segment [B, S]; q_index [1] or [B, 1] (each row's slot); kv_index [S] must be the slot
@@ -264,13 +285,10 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     _, _, K, S, _ = cache_k.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
-    block = min(block_size or decode_block_size(S, cache_k.dtype), S)
+    block = min(block_size or decode_block_size(S), S)
     if block == S:
-        k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False).astype(q.dtype) for x in (cache_k, cache_v))
+        k, v = (from_kv(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False), q.dtype) for x in (cache_k, cache_v))
         return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
-    if target_platform() == "cpu" and jnp.dtype(cache_k.dtype).itemsize < 4:
-        cache_k, cache_v = (jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in (cache_k, cache_v))
-        layer = jnp.zeros((), jnp.int32)
     G = N // K
     q_index = jnp.broadcast_to(q_index.reshape(-1, 1) if q_index.ndim == 2 else q_index[None], (B, 1))[:, 0]  # [B]
     query = q.reshape(B, K, G, H)
@@ -283,7 +301,7 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
         index = jax.lax.dynamic_slice_in_dim(kv_index, start, block)  # [s]
         segment = jax.lax.dynamic_slice_in_dim(kv_segment, start, block, 1)  # [B, s]
         allowed = attention_mask(q_segment, segment, q_index[:, None], index)[:, 0] & (index >= i * block)  # [B, s]
-        keys, values = (jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, B, K, block, H))[0].astype(q.dtype)
+        keys, values = (from_kv(jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, B, K, block, H))[0], q.dtype)
                         for x in (cache_k, cache_v))  # [B, K, s, H]
         scores = jnp.einsum("BKGH,BKSH->BKGS", query, keys, preferred_element_type=jnp.float32) * H**-0.5
         scores = jnp.where(allowed[:, None, None], scores, NEG_INF)

@@ -40,8 +40,11 @@ from mathgrpo.model.layers import (
     cudnn_packed_supported,
     decode_attention,
     dtype_of,
+    from_kv,
+    kv_storage_dtype,
     remat_policy,
     target_platform,
+    to_kv,
     token_chunked,
 )
 
@@ -57,7 +60,9 @@ class KVCache:
     same slot) or one slot per row (the continuous sampler's pool, whose rows hold requests of
     different lengths; one new token per row per step)."""
 
-    k: jax.Array  # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them
+    # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them; stored as
+    # `layers.kv_storage_dtype` says (bf16 values as uint16 bits on CPU), read with `layers.from_kv`.
+    k: jax.Array
     v: jax.Array  # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
     index: jax.Array  # [] or [B] int32: the next slot to write
@@ -67,8 +72,9 @@ class KVCache:
         return self.k.shape[3]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
-    dtype = dtype_of(dtype or config.compute_dtype)
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+    """An empty cache of `config.compute_dtype` keys and values, in their storage dtype."""
+    dtype = kv_storage_dtype(config.compute_dtype)
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
@@ -90,13 +96,13 @@ def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Arra
     slots = jnp.minimum(slots, cache_k.shape[3] - 1)
     if target_platform() != "cpu":
         rows = jnp.arange(k.shape[0])
-        return (cache_k.at[layer, rows, :, slots, :].set(k.astype(cache_k.dtype)),
-                cache_v.at[layer, rows, :, slots, :].set(v.astype(cache_v.dtype)))
+        return (cache_k.at[layer, rows, :, slots, :].set(to_kv(k, cache_k.dtype)),
+                cache_v.at[layer, rows, :, slots, :].set(to_kv(v, cache_v.dtype)))
 
     def row(b, caches):
         start = (layer, b, 0, slots[b], 0)
         return tuple(jax.lax.dynamic_update_slice(
-            cache, jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=False).astype(cache.dtype)[None, None, :, None, :],
+            cache, to_kv(jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=False), cache.dtype)[None, None, :, None, :],
             start) for cache, new in zip(caches, (k, v)))
 
     return jax.lax.fori_loop(0, k.shape[0], row, (cache_k, cache_v))
@@ -104,9 +110,9 @@ def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Arra
 
 def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array,
                   n: int) -> tuple[jax.Array, jax.Array]:
-    """Copies prompt a's keys and values ([L, A, K, T, H]) into slots 0..T-1 of rows rows[a·n .. a·n+n-1]
-    of the [L, B, K, S, H] caches, in place (the continuous sampler's admission: a prompt's n samples
-    share its prefill); a row index >= B writes nothing.
+    """Copies prompt a's keys and values ([L, A, K, T, H], stored as the pool's) into slots 0..T-1 of
+    rows rows[a·n .. a·n+n-1] of the [L, B, K, S, H] caches, in place (the continuous sampler's
+    admission: a prompt's n samples share its prefill); a row index >= B writes nothing.
 
     The form is chosen per platform, as in `write_rows`, because each compiler keeps a different one in
     place (measured with `plan`). XLA:GPU: one `dynamic_update_slice` at offset 0 of every row's first T
@@ -114,6 +120,9 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
     temporary); a loop of per-row writes made it lay the loop's cache out rows-first and copy it whole.
     XLA:CPU: that loop, one row at a time, which it updates in place; it copies the cache for the
     single write (its update reads the operand)."""
+    if (k.dtype, v.dtype) != (cache_k.dtype, cache_v.dtype):
+        raise ValueError(f"the prompts' keys/values are stored as {k.dtype}/{v.dtype}, the pool's as "
+                         f"{cache_k.dtype}/{cache_v.dtype}: expected both caches from `init_cache` of one config")
     B, A, T = cache_k.shape[1], k.shape[1], k.shape[3]
     if target_platform() != "cpu":
         source = jnp.full((B,), A * n, jnp.int32).at[rows].set(jnp.arange(A * n, dtype=jnp.int32), mode="drop")
@@ -122,7 +131,7 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
 
         def write(cache: jax.Array, new: jax.Array) -> jax.Array:
             head = jax.lax.slice_in_dim(cache, 0, T, axis=3)  # [L, B, K, T, H]
-            head = jnp.where(admitted, jnp.take(new, prompt_of, axis=1).astype(cache.dtype), head)
+            head = jnp.where(admitted, jnp.take(new, prompt_of, axis=1), head)
             return jax.lax.dynamic_update_slice(cache, head, (0, 0, 0, 0, 0))
 
         return write(cache_k, k), write(cache_v, v)
@@ -130,7 +139,7 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
     def copy(i, caches):  # prompt i // n into row rows[i]
         def write(caches):
             return tuple(jax.lax.dynamic_update_slice(
-                cache, jax.lax.dynamic_slice_in_dim(new, i // n, 1, axis=1).astype(cache.dtype), (0, rows[i], 0, 0, 0))
+                cache, jax.lax.dynamic_slice_in_dim(new, i // n, 1, axis=1), (0, rows[i], 0, 0, 0))
                 for cache, new in zip(caches, (k, v)))
 
         return jax.lax.cond(rows[i] < B, write, lambda caches: caches, caches)
@@ -183,8 +192,8 @@ class Attention(nn.Module):
             cache_k, cache_v = cache_kv
             if cache_index.ndim == 0:  # every row writes the same slots
                 start = (layer_index, 0, 0, cache_index, 0)
-                cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype)[None], start)
-                cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype)[None], start)
+                cache_k = jax.lax.dynamic_update_slice(cache_k, to_kv(k.swapaxes(1, 2), cache_k.dtype)[None], start)
+                cache_v = jax.lax.dynamic_update_slice(cache_v, to_kv(v.swapaxes(1, 2), cache_v.dtype)[None], start)
             else:  # one token per row, each at its own slot
                 cache_k, cache_v = write_rows(cache_k, cache_v, k[:, 0], v[:, 0], layer_index, cache_index)
             cache_kv = (cache_k, cache_v)
@@ -192,8 +201,8 @@ class Attention(nn.Module):
                 out = decode_attention(q, cache_k, cache_v, layer_index, q_segment, kv_segment, q_index, kv_index,
                                        block_size=c.decode_block_size or None)
             else:  # a prefill: the configured implementation over the slots, in [B, S, K, H]
-                k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False).astype(q.dtype)  # [B,K,S,H]
-                v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False).astype(q.dtype)
+                k = from_kv(jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False), q.dtype)  # [B,K,S,H]
+                v = from_kv(jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False), q.dtype)
                 out = attend(c.attention, c.attention_block_size)(
                     q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
         elif c.attention == "cudnn" and cudnn_packed_supported():  # Hopper on: the varlen kernel, no mask

@@ -295,8 +295,9 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
     params = unstack_layers(model, params)  # the sampler's own layout of its copy
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
-    state = _abstract(jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length)),
-                      jax_sampler.state_shardings(mesh, per_row_index=True))
+    with jax.set_mesh(mesh):  # the pool's KV storage dtype is the described devices' (layers.kv_storage_dtype)
+        state = jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length))
+    state = _abstract(state, jax_sampler.state_shardings(mesh, per_row_index=True))
     one = parallel_shardings.replicated(mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
