@@ -118,14 +118,15 @@ def test_scan_and_unrolled_layers_agree(params):
 
 
 def test_per_layer_params_give_the_stacked_forward(params):
-    """The sampler's per-layer copy (`unstack_layers`, scan_layers=False) runs the same layers: bit for
-    bit the stacked forward's logits and KV cache, through a prefill and two decode steps."""
+    """The sampler's per-layer copy (`unstack_layers`, whatever scan_layers says) runs the same layers:
+    bit for bit the stacked forward's logits and KV cache (its layers unrolled), through a prefill and
+    two decode steps."""
     config = TINY.replace(scan_layers=False)
     per_layer = unstack_layers(config, params)
     assert isinstance(per_layer["layers"], tuple) and len(per_layer["layers"]) == TINY.num_hidden_layers
     for index, layer in enumerate(per_layer["layers"]):
         jax.tree.map(lambda got, stacked: np.testing.assert_array_equal(got, stacked[index]), layer, params["layers"])
-    assert unstack_layers(TINY, params) is params  # scan_layers=True: the stacked layout
+    assert len(unstack_layers(TINY, params)["layers"]) == TINY.num_hidden_layers  # scan_layers=True too
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 9)))
     run = jax.jit(lambda p, *args: forward(config, p, *args))
     caches = []

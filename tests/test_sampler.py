@@ -5,6 +5,10 @@ forward of prompt + response, log-softmaxed in numpy; the sampling distribution 
 supports from numpy re-derivations of softmax(logits / T), top-k and top-p written here.
 """
 
+import functools
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,16 +17,18 @@ import scipy.stats
 from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import MeshConfig, ModelConfig
-from mathgrpo.model import forward, init_params
+from mathgrpo.model import forward, init_params, unstack_layers
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings
-from mathgrpo.rollout import JaxSampler, Rollout, RolloutBatch, SamplingParams
+from mathgrpo.rollout import JaxSampler, Rollout, RolloutBatch, SamplingParams, jax_sampler
 from mathgrpo.rollout.sampling import top_k_mask, top_p_mask
 from mathgrpo.weights import hf
+from tests.test_plan import cuda_plugin_installed
 
 TINY = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10_000.0,
                    param_dtype="float32", compute_dtype="float32", decode_block_size=8)
+ROOT = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 48  # caches of 16 + max_tokens slots and more: the decode steps read them in blocks of 8
 
 
@@ -364,7 +370,7 @@ def test_per_request_max_tokens(any_sampler):
 
 DETERMINISM_SCRIPT = """
 import sys, jax, numpy as np
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 from test_sampler import TINY, MAX_LENGTH, random_prompts
 from mathgrpo.model import init_params
 from mathgrpo.rollout import JaxSampler, SamplingParams
@@ -405,7 +411,7 @@ def test_continuous_samples_do_not_depend_on_pool_size_or_burst_length(continuou
 
     tests = str(pathlib.Path(__file__).parent)
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT.format(tests=tests)], env=env,
+    out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT.format(tests=tests, root=str(ROOT))], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical 6" in out.stdout
@@ -457,16 +463,25 @@ def test_continuous_on_a_mesh_matches_single_device(continuous, params):
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
-def test_per_layer_weights_sample_what_the_stacked_ones_do(continuous, params):
-    """Under scan_layers=False the sampler holds its own per-layer copy (`unstack_layers`); on one
-    device and on a mesh (each layer's shards as the stacked param's, less the layer axis) it samples
-    the stacked sampler's tokens."""
-    config = TINY.replace(scan_layers=False)
+def test_the_sampler_holds_per_layer_weights(continuous, params):
+    """Whatever scan_layers says (it serves the training step's compile), the sampler holds its own
+    per-layer copy of the params (`unstack_layers`): the stacked layers' slices. On a mesh without fsdp
+    each layer is sharded as the stacked param, less the layer axis; on one with fsdp it keeps the
+    stacked layout (`holds_per_layer_weights`). Each samples what one device does."""
+    assert len(continuous.params["layers"]) == TINY.num_hidden_layers and TINY.scan_layers
+    for index, layer in enumerate(continuous.params["layers"]):
+        jax.tree.map(lambda got, stacked: np.testing.assert_array_equal(got, stacked[index]), layer, params["layers"])
     prompts = random_prompts([3, 6, 8, 5, 2, 7, 4, 9, 1, 3], seed=15)
     settings = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=6, seed=4, stop_token_ids=[5])
     expected = continuous.generate(prompts, settings)
-    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
-    for mesh in (None, mesh):
+    axes = ("data", "fsdp", "tensor")
+    fsdp = jax.make_mesh((2, 4, 1), axes)
+    stacked = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=fsdp, min_prompt_bucket=8, max_slots=16)
+    assert not jax_sampler.holds_per_layer_weights(stacked.mesh) and not isinstance(stacked.params["layers"], tuple)
+    got = stacked.generate(prompts, settings)
+    np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+    for config, mesh in ((TINY.replace(scan_layers=False), None), (TINY, jax.make_mesh((4, 1, 2), axes))):
         per_layer = JaxSampler(config, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8, max_slots=16)
         assert len(per_layer.params["layers"]) == TINY.num_hidden_layers
         if mesh is not None:
@@ -477,6 +492,59 @@ def test_per_layer_weights_sample_what_the_stacked_ones_do(continuous, params):
         got = per_layer.generate(prompts, settings)
         np.testing.assert_array_equal(got.token_ids, expected.token_ids)
         np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
+
+
+def compiled_burst(config: ModelConfig, devices: list, layout) -> str:
+    """The optimized HLO of the continuous sampler's burst (64 rows of 48 slots) for `devices` (a
+    one-device mesh), compiled ahead of time on params in `layout` (a function of the stacked abstract
+    params, as `unstack_layers`)."""
+    from jax.sharding import Mesh
+
+    from mathgrpo.model import abstract_params
+
+    mesh_config = MeshConfig(data=1, fsdp=1, tensor=1)
+    mesh = parallel_mesh.make_mesh(mesh_config, devices)
+    rules = parallel_mesh.logical_rules(mesh_config)
+    mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(config),
+                          shardings.param_shardings(config, mesh, rules))
+    params = layout(placed)
+    sampling = SamplingParams(temperature=1.0, max_tokens=32)
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(lambda: jax_sampler.empty_pool(config, sampling, None, 64, MAX_LENGTH))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                         jax_sampler.state_shardings(mesh, per_row_index=True))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.replicated(mesh))
+    kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))["burst"]
+    burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs)
+    return burst.lower(config, sampling, mesh, params, state, scalar, scalar).compile().as_text()
+
+
+def layer_weight_slices(config: ModelConfig, hlo: str) -> list[str]:
+    """The ops of `hlo` that produce one layer's slice ([1, ...]) of a stacked layer kernel."""
+    from mathgrpo.model import abstract_params
+
+    kernels = {leaf.shape[1:] for leaf in jax.tree.leaves(abstract_params(config)["layers"]) if leaf.ndim >= 3}
+    shapes = "|".join(re.escape("[1," + ",".join(map(str, shape)) + "]") for shape in kernels)
+    return re.findall(rf"= \w+(?:{shapes})\S* (?:dynamic-slice|copy|fusion)\(", hlo)
+
+
+@pytest.mark.parametrize("platform", ["cpu", pytest.param("described H100", marks=pytest.mark.skipif(
+    not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt) to compile for a GPU"))])
+def test_decode_burst_reads_each_layers_weights_in_place(platform):
+    """The compiled burst takes each layer's weights where they lie: no op produces a layer's slice of a
+    stacked kernel. Sliced from the stack, XLA:GPU copied every weight at every decode step (a
+    device-to-device memcpy each) and XLA:CPU did in a fusion; the sampler's per-layer copy
+    (`unstack_layers`) is read in place."""
+    if platform == "cpu":
+        devices = jax.devices()[:1]
+    else:
+        from mathgrpo.tools.plan import gpu_topology_devices
+
+        devices = gpu_topology_devices(1, (ROOT / "configs" / "gpus" / "h100_sxm.txtpb").read_text())
+    config = TINY.replace(compute_dtype="bfloat16")
+    hlo = compiled_burst(config, devices, functools.partial(unstack_layers, config))
+    assert "while" in hlo and not layer_weight_slices(config, hlo)
 
 
 def test_mesh_sharded_batch_matches_single_device(sampler, params):
@@ -490,7 +558,7 @@ def test_mesh_sharded_batch_matches_single_device(sampler, params):
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (1, 4, 2)])  # configs/mesh/fsdp8, fsdp4_tp2
+@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (1, 4, 2), (4, 1, 2)])  # configs/mesh/fsdp8, fsdp4_tp2
 def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sampler, params, data, fsdp, tensor):
     config = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
     mesh = parallel_mesh.make_mesh(config, jax.devices()[:8])
@@ -499,10 +567,12 @@ def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sample
     sharded = JaxSampler(TINY, jax.device_put(params, training), max_length=MAX_LENGTH, mesh=mesh, rules=rules,
                          min_prompt_bucket=8)
 
-    # The sampler's copy has training's shardings: the embedding and every kernel is split, nothing
-    # is replicated in full.
+    # The sampler's copy has training's shardings (stacked: fsdp shards are gathered layer by layer,
+    # `holds_per_layer_weights`): the embedding and every kernel is split, nothing is replicated in full.
     flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
-    for (path, leaf), expected in zip(flat, jax.tree.leaves(training)):
+    held = jax.tree.leaves(unstack_layers(TINY, training) if jax_sampler.holds_per_layer_weights(mesh) else training)
+    assert len(flat) == len(held)
+    for (path, leaf), expected in zip(flat, held):
         name = jax.tree_util.keystr(path)
         assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), name
         if name.endswith("['kernel']") or name.endswith("['embedding']"):

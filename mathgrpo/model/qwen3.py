@@ -10,9 +10,8 @@ Departures from HF, each deliberate:
   [out, in] matrices; `weights/hf.py` converts.
 - Layers are stacked on a leading L axis (`nn.scan`), whether or not the forward scans
   (`scan_layers=False` unrolls the same scan), so the parameter layout never depends on a flag.
-  The one exception is the sampler's own copy under `scan_layers=False` (`unstack_layers`): a tuple
-  of per-layer trees, which the forward applies one by one, so a decode loop never slices its
-  layers' weights out of the stack.
+  The one exception is the sampler's own copy (`unstack_layers`): a tuple of per-layer trees, which
+  the forward applies one by one, so a decode loop never slices its layers' weights out of the stack.
 - Matmuls accumulate in fp32 (`preferred_element_type`) and the logits come out in fp32.
 - Attention masking is by segment ids (several sequences packed in one row), not an [B, T, S] mask.
 """
@@ -486,12 +485,14 @@ def logical_axes(config: ModelConfig) -> Params:
 
 
 def unstack_layers(config: ModelConfig, tree: Any) -> Any:
-    """The sampler's layout of a params-shaped tree (arrays, ShapeDtypeStructs or NamedShardings):
-    under `scan_layers=False` the stacked `layers` become a tuple of one tree per layer, which
-    `forward` applies in order (XLA:CPU copied every layer's weights out of the stack at each decode
-    step; BENCHMARKS.md, "Per-layer weights"); under `scan_layers=True`, the tree as it is."""
-    if config.scan_layers:
-        return tree
+    """The sampler's layout of a params-shaped tree (arrays, ShapeDtypeStructs or NamedShardings) where
+    it holds its weights per layer (`rollout.jax_sampler.holds_per_layer_weights`): the stacked `layers`
+    become a tuple of one tree per layer, which `forward` applies in order, whatever `scan_layers` says
+    (that flag is for the training step's compile). A decode step that slices its
+    layers out of the stack copies every layer's weights at every step: XLA:CPU in a fusion, XLA:GPU as
+    a device-to-device memcpy per weight, i.e. the step moves its weights three times instead of once
+    (BENCHMARKS.md, "Per-layer weights" and session 15). Unrolled, Qwen3-4B's 36 layers compile the
+    burst in 6 s instead of 1.6 s (XLA:GPU, one described H100)."""
 
     def layer(leaf, index):
         if isinstance(leaf, jax.sharding.NamedSharding):

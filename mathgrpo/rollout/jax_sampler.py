@@ -322,6 +322,16 @@ FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "ad
              "gather_rows": gather_rows}
 
 
+def holds_per_layer_weights(mesh: Mesh | None) -> bool:
+    """Whether the sampler keeps its weights per layer (`unstack_layers`): unless `mesh` shards them over
+    fsdp. Read from a stack, each layer's weights are copied at every decode step (XLA:GPU: a
+    device-to-device memcpy per weight); but FSDP shards gathered per layer inside the layer scan
+    become, per layer, loop invariants of the decode loop, and compilers hoist or prefetch their
+    all-gathers: the 4B recipe's burst (fsdp8) peaked at 20.0 GiB with 2 rows per device on XLA:CPU
+    (7.6 GiB at 3 rows stacked) and 2.9 GB higher on XLA:GPU (BENCHMARKS.md, session 15)."""
+    return mesh is None or mesh.shape.get("fsdp", 1) == 1
+
+
 def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     """`jax.jit` arguments of each function above: its static arguments, the state it donates (updated in
     place: the cache and buffers are the bulk of the sampler's memory) and, on a mesh, its in/out
@@ -424,14 +434,16 @@ class JaxSampler:
         self.burst_steps = burst_steps
         # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
         self.param_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
-        # The params as the sampler holds them (`unstack_layers`): its own per-layer copy under
-        # scan_layers=False (the slices are new buffers, in the per-layer shardings on a mesh).
-        self._unstack = jax.jit(functools.partial(unstack_layers, config), **(
-            {} if mesh is None else {"out_shardings": unstack_layers(config, self.param_shardings)}))
+        # The params as the sampler holds them: its own per-layer copy (`holds_per_layer_weights`; the
+        # slices are new buffers, in the per-layer shardings on a mesh), else the stacked layout.
+        self.per_layer = holds_per_layer_weights(mesh)
+        layout = functools.partial(unstack_layers, config) if self.per_layer else (lambda tree: tree)
+        self._unstack = jax.jit(layout, **({} if mesh is None else {"out_shardings": layout(self.param_shardings)})
+                                ) if self.per_layer else None
         self.trace_counts: collections.Counter = collections.Counter()
         self.prompt_sharding = (None if mesh is None  # [B, P]
                                 else NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)))
-        shardings = jit_shardings(mesh, None if mesh is None else unstack_layers(config, self.param_shardings))
+        shardings = jit_shardings(mesh, None if mesh is None else layout(self.param_shardings))
         jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
         self._prefill, self._decode = jitted["prefill"], jitted["decode"]
         self._empty_pool, self._admit, self._burst = jitted["empty_pool"], jitted["admit"], jitted["burst"]
@@ -454,7 +466,8 @@ class JaxSampler:
     def update_weights(self, params: Any) -> None:
         """Swaps in new weights (same tree and shapes as the config's params); no recompile.
 
-        With a mesh the sampler keeps its own copy in `param_shardings`, made on the devices.
+        The sampler keeps its own per-layer copy (`holds_per_layer_weights`); with a mesh, in
+        `param_shardings` (less the layer axis, if per layer), made on the devices.
         """
         expected = {jax.tree_util.keystr(path): leaf.shape
                     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(self.config))[0]}
@@ -479,7 +492,7 @@ class JaxSampler:
             # Params already in these shardings (training's) are copied shard by shard on the devices;
             # others are resharded (JAX may then alias a source shard that already sits in place).
             params = jax.device_put(params, self.param_shardings, may_alias=False)
-        self.params = self._unstack(params) if not self.config.scan_layers else params
+        self.params = self._unstack(params) if self.per_layer else params
 
     def _prepare_tail(self, sampling: SamplingParams, rows: int, length: int) -> dict[int, tuple]:
         """The smaller pools the tail of a call moves to (`tail_widths`): their row gather and burst,

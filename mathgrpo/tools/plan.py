@@ -293,7 +293,8 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes (JaxSampler)
     shards = parallel_mesh.data_parallel_size(mesh)
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
-    params = unstack_layers(model, params)  # the sampler's own layout of its copy
+    if jax_sampler.holds_per_layer_weights(mesh):  # the sampler's own layout of its copy
+        params = unstack_layers(model, params)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
     with jax.set_mesh(mesh):  # the pool's KV storage dtype is the described devices' (layers.kv_storage_dtype)
         state = jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length))
