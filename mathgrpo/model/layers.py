@@ -231,8 +231,8 @@ def kv_storage_dtype(dtype) -> jnp.dtype:
     """The dtype a KV cache of `dtype` values is stored in: `dtype`, except bfloat16 on CPU, whose bits
     the cache holds as uint16. XLA:CPU runs a bf16 dynamic-update-slice or slice through an fp32 copy of
     its whole operand: a decode step's per-row write into a 16-row, 4,096-slot bf16 cache took 77 ms
-    per layer, against 0.01 ms for uint16 (and float16, which it runs natively); BENCHMARKS.md, "bf16
-    KV cache on CPU". Read and write a cache through `from_kv` and `to_kv`."""
+    per layer, against 0.01 ms for uint16 (and float16, which it runs natively); BENCHMARKS.md,
+    session 15. Read and write a cache through `from_kv` and `to_kv`."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and target_platform() == "cpu" else dtype
 
