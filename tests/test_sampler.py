@@ -510,10 +510,7 @@ def compiled_burst(config: ModelConfig, devices: list, layout) -> str:
                           shardings.param_shardings(config, mesh, rules))
     params = layout(placed)
     sampling = SamplingParams(temperature=1.0, max_tokens=32)
-    with jax.set_mesh(mesh):
-        state = jax.eval_shape(lambda: jax_sampler.empty_pool(config, sampling, None, 64, MAX_LENGTH))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                         jax_sampler.state_shardings(mesh, per_row_index=True))
+    state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.replicated(mesh))
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))["burst"]
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs)

@@ -251,10 +251,10 @@ def from_kv(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype)
 
 
-def decode_block_size(slots: int) -> int:
+def decode_block_size() -> int:
     """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0: 512 on GPUs and
     TPUs (not yet measured there), 128 on CPU (the fastest of 32...512 for the bench's 64-row steps)."""
-    return 512 if target_platform() != "cpu" else min(128, slots)
+    return 512 if target_platform() != "cpu" else 128
 
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
@@ -285,7 +285,7 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     _, _, K, S, _ = cache_k.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
-    block = min(block_size or decode_block_size(S), S)
+    block = min(block_size or decode_block_size(), S)
     if block == S:
         k, v = (from_kv(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False), q.dtype) for x in (cache_k, cache_v))
         return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)

@@ -60,6 +60,7 @@ step. Without a mesh everything lives on the first device.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -322,6 +323,19 @@ FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "ad
              "gather_rows": gather_rows}
 
 
+def abstract_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, rows: int,
+                  length: int) -> SamplingState:
+    """`empty_pool`'s shapes and dtypes, in the pool's shardings on `mesh` (None: unsharded), traced
+    under the mesh so that its KV storage dtype is its devices' (`layers.kv_storage_dtype`: `plan`
+    describes GPUs from a CPU process)."""
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state = jax.eval_shape(lambda: empty_pool(config, sampling, None, rows, length))
+    if mesh is None:
+        return state
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                        state_shardings(mesh, per_row_index=True))
+
+
 def holds_per_layer_weights(mesh: Mesh | None) -> bool:
     """Whether the sampler keeps its weights per layer (`unstack_layers`): unless `mesh` shards them over
     fsdp. Read from a stack, each layer's weights are copied at every decode step (XLA:GPU: a
@@ -503,14 +517,8 @@ class JaxSampler:
             return self._tails[key]
         widths = tail_widths(rows, self.batch_shards)
         one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
-        shardings = None if self.mesh is None else state_shardings(self.mesh, per_row_index=True)
         config, mesh = self.config, self.mesh
-
-        def abstract(width):
-            state = jax.eval_shape(lambda: empty_pool(config, sampling, None, width, length))
-            if shardings is None:
-                return state
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+        abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length)
 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),

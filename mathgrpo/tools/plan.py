@@ -296,9 +296,7 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     if jax_sampler.holds_per_layer_weights(mesh):  # the sampler's own layout of its copy
         params = unstack_layers(model, params)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
-    with jax.set_mesh(mesh):  # the pool's KV storage dtype is the described devices' (layers.kv_storage_dtype)
-        state = jax.eval_shape(lambda: jax_sampler.empty_pool(model, sampling, None, pool_rows, length))
-    state = _abstract(state, jax_sampler.state_shardings(mesh, per_row_index=True))
+    state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length)
     one = parallel_shardings.replicated(mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
