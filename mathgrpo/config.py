@@ -36,6 +36,7 @@ KLType = Literal["low_var_kl", "kl", "mse"]
 Schedule = Literal["constant", "cosine"]
 MeshAxis = Literal["data", "fsdp", "tensor"]
 Engine = Literal["vllm", "jax"]
+SamplerWeights = Literal["replicated", "sharded"]
 WeightSync = Literal["dlpack", "safetensors"]
 Algorithm = Literal["grpo", "opd"]  # opd: on-policy distillation (docs/recipe.md §1.5)
 TopKStrategy = Literal["only_stu", "only_tch", "intersection", "union", "union-intersection"]
@@ -508,6 +509,9 @@ class RolloutConfig:
     max_slots: int | None = None  # JAX sampler: continuous batching over a pool of this many rows per device
     #                               (docs/sampler.md; `plan` chooses one when null); null: one static batch
     burst_steps: int = 64  # JAX sampler: most decode steps between two visits of the host (continuous batching)
+    sampler_weights: SamplerWeights = "replicated"  # JAX sampler on a mesh: its bf16 (compute-dtype) copy whole on
+    #                                 each data-parallel device, as vLLM's replicas; "sharded": training's FSDP
+    #                                 shards, gathered at every decode step (docs/sampler.md)
     val_n: int = 16  # val_kwargs.n
     val_temperature: float = 1.0  # val_kwargs.temperature
     val_top_p: float = 0.95  # val_kwargs.top_p

@@ -21,7 +21,12 @@ GIB = 2**30
 
 @pytest.mark.slow
 def test_plan_cli_on_the_recipe():
-    result = subprocess.run([sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE], cwd=ROOT,
+    # The JAX sampler's weights as training shards them: XLA:CPU upcasts a bf16 weight to fp32 for its
+    # dot, and with a replicated per-layer copy it holds every layer's fp32 copy at once (a 15.7 GB
+    # temporary for the 4B burst; BENCHMARKS.md, session 16). XLA:GPU does not: the replicated copy is
+    # planned for described H100s below.
+    result = subprocess.run([sys.executable, "-m", "mathgrpo", "plan", "--config", RECIPE,
+                             "rollout.sampler_weights=sharded"], cwd=ROOT,
                             capture_output=True, text=True,
                             env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,12 +48,17 @@ def test_plan_cli_on_the_recipe():
     assert (sampler["validation"]["n"], sampler["validation"]["max_tokens"]) == (16, 31744)
     assert sampler["least_slots"] == 2  # a prompt's 16 validation samples start together on 8 devices
     assert sampler["max_slots"] >= 2
+    # The sampler's own copy: bf16 (the compute dtype), in training's fsdp8 shards; the q and k norms'
+    # head_dim scales (36 layers × 2 × 128) are not sharded.
+    assert sampler["weights"] == "sharded" and sampler["weight_dtype"] == "bfloat16"
+    head_norms = 36 * 2 * 128
+    assert sampler["weight_bytes_per_device"] == 2 * ((4_022_468_096 - head_norms) // 8 + head_norms)
     kv_per_token = 2 * 36 * 8 * 128 * 2  # k and v · layers · kv heads · head dim · bf16
     for call, length in (("train", 8192), ("validation", 32768)):
         pool = sampler[call]
         assert pool["pool_rows"] == 8 * sampler["max_slots"]
         assert pool["pool_kv_bytes_per_device"] == sampler["max_slots"] * length * kv_per_token
-        assert pool["burst"]["argument_bytes"] > pool["pool_kv_bytes_per_device"] + report["param_bytes_per_device"]
+        assert pool["burst"]["argument_bytes"] > pool["pool_kv_bytes_per_device"] + sampler["weight_bytes_per_device"]
         assert pool["rollout_peak_bytes"] == sampler["resident_train_state_bytes"] + pool["peak_bytes"]
         assert pool["rollout_peak_bytes"] <= report["jax_memory_budget_bytes"]
     # The admission updates the pool in place: no second copy of it in its temporaries.
@@ -62,9 +72,7 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
     import jax
 
     from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
-    from mathgrpo.model import abstract_params
     from mathgrpo.parallel import mesh as parallel_mesh
-    from mathgrpo.parallel import shardings
 
     model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, param_dtype="float32",
@@ -72,18 +80,17 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
     mesh_config = MeshConfig(data=1, fsdp=1, tensor=1)
     mesh = parallel_mesh.make_mesh(mesh_config, jax.devices()[:1])
     rules = parallel_mesh.logical_rules(mesh_config)
-    params = plan._abstract(abstract_params(model), shardings.param_shardings(model, mesh, rules))
     inputs = plan.PlanInputs(model=model, mesh=mesh_config, grpo=GRPOConfig(), optim=OptimConfig(),
                              max_prompt_length=64, max_response_length=192, n=2, val_n=4, val_max_tokens=448)
     resident = 1_000_000
-    at_five = {call: plan._pool_memory(inputs, mesh, rules, params, 5, sampling)["peak_bytes"]
+    at_five = {call: plan._pool_memory(inputs, mesh, rules, 5, sampling)["peak_bytes"]
                for call, sampling in (("train", base.SamplingParams(n=2, max_tokens=192)),
                                       ("validation", base.SamplingParams(n=4, top_p=0.95, max_tokens=448)))}
     budget = resident + max(at_five.values()) + 1
-    chosen = plan.plan_sampler(inputs, mesh, rules, params, resident=resident, budget=budget)
+    chosen = plan.plan_sampler(inputs, mesh, rules, resident=resident, budget=budget)
     assert chosen["chosen"] and chosen["least_slots"] == 4 and chosen["max_slots"] == 5 and chosen["fits"]
     assert chosen["validation"]["peak_bytes"] == at_five["validation"]
-    given = plan.plan_sampler(dataclasses.replace(inputs, max_slots=9), mesh, rules, params, resident=resident,
+    given = plan.plan_sampler(dataclasses.replace(inputs, max_slots=9), mesh, rules, resident=resident,
                               budget=budget)
     assert not given["chosen"] and given["max_slots"] == 9 and not given["validation"]["fits"]
 
@@ -283,6 +290,12 @@ def test_plan_compiles_for_described_h100s_without_a_gpu():
     # of the pool (a loop of per-row writes made XLA:GPU copy it whole; model.qwen3.write_prompts).
     pool = report["sampler"]["validation"]
     assert pool["admit"]["temp_bytes"] < pool["pool_kv_bytes_per_device"]
+    # The sampler's replicated copy (the default): Qwen3-0.6B whole in bf16 on each GPU, in the burst's
+    # arguments, beside the pool.
+    sampler = report["sampler"]
+    assert sampler["weights"] == "replicated" and sampler["weight_dtype"] == "bfloat16" and sampler["fits"]
+    assert sampler["weight_bytes_per_device"] == 2 * report["params"]
+    assert pool["burst"]["argument_bytes"] > pool["pool_kv_bytes_per_device"] + sampler["weight_bytes_per_device"]
 
 
 @pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt); no GPU")

@@ -450,6 +450,8 @@ def test_continuous_pool_must_hold_a_prompts_samples(continuous):
             JaxSampler(TINY, continuous.params, max_length=MAX_LENGTH, max_slots=bad)
     with pytest.raises(ValueError, match="burst_steps"):
         JaxSampler(TINY, continuous.params, max_length=MAX_LENGTH, max_slots=4, burst_steps=0)
+    with pytest.raises(ValueError, match=r"sampler weights 'tp'; expected one of \('replicated', 'sharded'\)"):
+        JaxSampler(TINY, continuous.params, max_length=MAX_LENGTH, max_slots=4, weights="tp")
 
 
 def test_continuous_on_a_mesh_matches_single_device(continuous, params):
@@ -465,9 +467,10 @@ def test_continuous_on_a_mesh_matches_single_device(continuous, params):
 
 def test_the_sampler_holds_per_layer_weights(continuous, params):
     """Whatever scan_layers says (it serves the training step's compile), the sampler holds its own
-    per-layer copy of the params (`unstack_layers`): the stacked layers' slices. On a mesh without fsdp
-    each layer is sharded as the stacked param, less the layer axis; on one with fsdp it keeps the
-    stacked layout (`holds_per_layer_weights`). Each samples what one device does."""
+    per-layer copy of the params (`unstack_layers`): the stacked layers' slices. On a mesh its weights
+    are whole on each batch shard by default ("replicated"), each layer split over tensor as the stacked
+    param, less the layer axis; training's fsdp shards ("sharded") keep the stacked layout
+    (`holds_per_layer_weights`). Each samples what one device does."""
     assert len(continuous.params["layers"]) == TINY.num_hidden_layers and TINY.scan_layers
     for index, layer in enumerate(continuous.params["layers"]):
         jax.tree.map(lambda got, stacked: np.testing.assert_array_equal(got, stacked[index]), layer, params["layers"])
@@ -476,44 +479,58 @@ def test_the_sampler_holds_per_layer_weights(continuous, params):
     expected = continuous.generate(prompts, settings)
     axes = ("data", "fsdp", "tensor")
     fsdp = jax.make_mesh((2, 4, 1), axes)
-    stacked = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=fsdp, min_prompt_bucket=8, max_slots=16)
-    assert not jax_sampler.holds_per_layer_weights(stacked.mesh) and not isinstance(stacked.params["layers"], tuple)
+    stacked = JaxSampler(TINY, params, max_length=MAX_LENGTH, mesh=fsdp, min_prompt_bucket=8, max_slots=16,
+                         weights="sharded")
+    assert not jax_sampler.holds_per_layer_weights(stacked.mesh, "sharded")
+    assert not isinstance(stacked.params["layers"], tuple)
     got = stacked.generate(prompts, settings)
     np.testing.assert_array_equal(got.token_ids, expected.token_ids)
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
-    for config, mesh in ((TINY.replace(scan_layers=False), None), (TINY, jax.make_mesh((4, 1, 2), axes))):
+    for config, mesh in ((TINY.replace(scan_layers=False), None), (TINY, jax.make_mesh((4, 1, 2), axes)), (TINY, fsdp)):
         per_layer = JaxSampler(config, params, max_length=MAX_LENGTH, mesh=mesh, min_prompt_bucket=8, max_slots=16)
         assert len(per_layer.params["layers"]) == TINY.num_hidden_layers
         if mesh is not None:
-            stacked = jax.tree.leaves(per_layer.param_shardings["layers"])
+            training = jax.tree.leaves(per_layer.source_shardings["layers"])
             for layer in per_layer.params["layers"]:
-                for leaf, sharding in zip(jax.tree.leaves(layer), stacked):
-                    assert leaf.sharding.spec == P(*sharding.spec[1:])
+                for leaf, sharding in zip(jax.tree.leaves(layer), training):
+                    assert leaf.sharding.spec == P(*(axis if axis == "tensor" else None for axis in sharding.spec[1:]))
         got = per_layer.generate(prompts, settings)
         np.testing.assert_array_equal(got.token_ids, expected.token_ids)
         np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
-def compiled_burst(config: ModelConfig, devices: list, layout) -> str:
-    """The optimized HLO of the continuous sampler's burst (64 rows of 48 slots) for `devices` (a
-    one-device mesh), compiled ahead of time on params in `layout` (a function of the stacked abstract
-    params, as `unstack_layers`)."""
+def test_the_sampler_holds_its_weights_in_the_compute_dtype(params):
+    """fp32 master weights with bf16 compute: the sampler's copy is bf16 (`hold`), half the bytes, and
+    the forward gives the same logits bit for bit on it as on the fp32 params (in the same per-layer
+    layout), whose weights it casts to bf16 where it uses them. An fp32 model keeps fp32."""
+    config = TINY.replace(compute_dtype="bfloat16")
+    sampler = JaxSampler(config, params, max_length=MAX_LENGTH, max_slots=4)
+    held = jax.tree.leaves(sampler.params)
+    assert {leaf.dtype for leaf in held} == {jnp.dtype(jnp.bfloat16)}
+    assert sum(leaf.nbytes for leaf in held) * 2 == sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    tokens = jnp.asarray(random_prompts([12, 12], seed=16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+    logits = functools.partial(forward, config, tokens=tokens, positions=positions, segment_ids=jnp.ones_like(tokens))
+    np.testing.assert_array_equal(logits(params=sampler.params)[0], logits(params=unstack_layers(config, params))[0])
+    fp32 = JaxSampler(TINY, params, max_length=MAX_LENGTH, max_slots=4)
+    assert {leaf.dtype for leaf in jax.tree.leaves(fp32.params)} == {jnp.dtype(jnp.float32)}
+
+
+def compiled_burst(config: ModelConfig, devices: list, mesh_config: MeshConfig = MeshConfig(data=1, fsdp=1, tensor=1),
+                   weights: str = "replicated") -> str:
+    """The optimized HLO of the continuous sampler's burst (64 rows of 48 slots) for `devices` on a mesh
+    of `mesh_config`, compiled ahead of time on the sampler's copy of the params (`abstract_held_params`)."""
     from jax.sharding import Mesh
 
-    from mathgrpo.model import abstract_params
-
-    mesh_config = MeshConfig(data=1, fsdp=1, tensor=1)
     mesh = parallel_mesh.make_mesh(mesh_config, devices)
     rules = parallel_mesh.logical_rules(mesh_config)
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes
-    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(config),
-                          shardings.param_shardings(config, mesh, rules))
-    params = layout(placed)
+    params = jax_sampler.abstract_held_params(config, mesh, rules, weights)
     sampling = SamplingParams(temperature=1.0, max_tokens=32)
     state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.replicated(mesh))
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))["burst"]
-    burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs)
+    burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, jax_sampler.weight_rules(rules, weights), **kwargs)
     return burst.lower(config, sampling, mesh, params, state, scalar, scalar).compile().as_text()
 
 
@@ -526,22 +543,70 @@ def layer_weight_slices(config: ModelConfig, hlo: str) -> list[str]:
     return re.findall(rf"= \w+(?:{shapes})\S* (?:dynamic-slice|copy|fusion)\(", hlo)
 
 
-@pytest.mark.parametrize("platform", ["cpu", pytest.param("described H100", marks=pytest.mark.skipif(
-    not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (requirements-gpu.txt) to compile for a GPU"))])
+def loop_weight_gathers(config: ModelConfig, hlo: str) -> list[str]:
+    """The all-gathers of `hlo` inside a while loop (its body or a computation it calls) whose result
+    has the shape of a weight, whole or one layer's (unit dimensions aside, in any order). XLA:CPU also
+    gathers a few per-row values in the loop ([rows, ...]); those are not weights."""
+    from mathgrpo.model import abstract_params
+
+    def dims(shape) -> tuple:
+        return tuple(sorted(int(d) for d in shape if int(d) != 1))
+
+    abstract = abstract_params(config)
+    weights = {dims(leaf.shape[1:]) for leaf in jax.tree.leaves(abstract["layers"])}
+    weights |= {dims(leaf.shape) for key, tree in abstract.items() if key != "layers" for leaf in jax.tree.leaves(tree)}
+    computations, calls, current = {}, {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            current = header.group(1)
+            computations[current], calls[current] = [], set()
+        elif current is not None:
+            computations[current].append(line)
+            calls[current].update(re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line))
+    inside, todo = set(), re.findall(r"body=%?([\w.\-]+)", hlo)
+    while todo:
+        name = todo.pop()
+        if name not in inside:
+            inside.add(name)
+            todo.extend(calls.get(name, ()))
+    gathers = [line.strip() for name in inside for line in computations.get(name, ())
+               if re.search(r" all-gather(?:-start)?\(", line)]
+    return [line for line in gathers if any(dims(shape.split(",")) in weights for shape in re.findall(
+        r"\[(\d[\d,]*)\]", line.split(" all-gather")[0]))]
+
+
+def described_h100s(count: int) -> list:
+    from mathgrpo.tools.plan import gpu_topology_devices
+
+    return gpu_topology_devices(count, (ROOT / "configs" / "gpus" / "h100_sxm.txtpb").read_text())
+
+
+DESCRIBED_H100 = pytest.mark.skipif(not cuda_plugin_installed(),
+                                    reason="needs JAX's CUDA plugin (requirements-gpu.txt) to compile for a GPU")
+
+
+@pytest.mark.parametrize("platform", ["cpu", pytest.param("described H100", marks=DESCRIBED_H100)])
 def test_decode_burst_reads_each_layers_weights_in_place(platform):
     """The compiled burst takes each layer's weights where they lie: no op produces a layer's slice of a
     stacked kernel. Sliced from the stack, XLA:GPU copied every weight at every decode step (a
     device-to-device memcpy each) and XLA:CPU did in a fusion; the sampler's per-layer copy
     (`unstack_layers`) is read in place."""
-    if platform == "cpu":
-        devices = jax.devices()[:1]
-    else:
-        from mathgrpo.tools.plan import gpu_topology_devices
-
-        devices = gpu_topology_devices(1, (ROOT / "configs" / "gpus" / "h100_sxm.txtpb").read_text())
     config = TINY.replace(compute_dtype="bfloat16")
-    hlo = compiled_burst(config, devices, functools.partial(unstack_layers, config))
+    hlo = compiled_burst(config, jax.devices()[:1] if platform == "cpu" else described_h100s(1))
     assert "while" in hlo and not layer_weight_slices(config, hlo)
+
+
+@pytest.mark.parametrize("platform", ["cpu", pytest.param("described H100s", marks=DESCRIBED_H100)])
+def test_replicated_weights_gather_nothing_in_the_decode_loop(platform):
+    """On the recipe's fsdp8 mesh the sampler's replicated copy is read where it lies: the compiled
+    burst's decode loop gathers no weight. Training's shards ("sharded") are all-gathered in it, every
+    layer at every step."""
+    config = TINY.replace(compute_dtype="bfloat16")
+    devices = jax.devices()[:8] if platform == "cpu" else described_h100s(8)
+    fsdp8 = MeshConfig(data=1, fsdp=8, tensor=1)
+    assert not loop_weight_gathers(config, compiled_burst(config, devices, fsdp8, "replicated"))
+    assert loop_weight_gathers(config, compiled_burst(config, devices, fsdp8, "sharded"))
 
 
 def test_mesh_sharded_batch_matches_single_device(sampler, params):
@@ -555,27 +620,33 @@ def test_mesh_sharded_batch_matches_single_device(sampler, params):
     np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (1, 4, 2), (4, 1, 2)])  # configs/mesh/fsdp8, fsdp4_tp2
-def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sampler, params, data, fsdp, tensor):
+@pytest.mark.parametrize("data,fsdp,tensor,weights", [  # configs/mesh/fsdp8, fsdp4_tp2
+    (1, 8, 1, "replicated"), (1, 8, 1, "sharded"), (1, 4, 2, "replicated"), (1, 4, 2, "sharded"),
+    (4, 1, 2, "replicated")])
+def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sampler, params, data, fsdp, tensor,
+                                                                          weights):
     config = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
     mesh = parallel_mesh.make_mesh(config, jax.devices()[:8])
     rules = parallel_mesh.logical_rules(config)
     training = shardings.param_shardings(TINY, mesh, rules)
     sharded = JaxSampler(TINY, jax.device_put(params, training), max_length=MAX_LENGTH, mesh=mesh, rules=rules,
-                         min_prompt_bucket=8)
+                         min_prompt_bucket=8, weights=weights)
 
-    # The sampler's copy has training's shardings (stacked: fsdp shards are gathered layer by layer,
-    # `holds_per_layer_weights`): the embedding and every kernel is split, nothing is replicated in full.
+    # The sampler's copy: "sharded" has training's shardings (stacked: fsdp shards are gathered layer by
+    # layer, `holds_per_layer_weights`), the embedding and every kernel split over fsdp × tensor;
+    # "replicated" is per layer, every kernel split over tensor only, whole on each batch shard.
     flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
-    held = jax.tree.leaves(unstack_layers(TINY, training) if jax_sampler.holds_per_layer_weights(mesh) else training)
+    kept = training if weights == "sharded" else shardings.param_shardings(
+        TINY, mesh, jax_sampler.weight_rules(rules, weights))
+    held = jax.tree.leaves(unstack_layers(TINY, kept) if jax_sampler.holds_per_layer_weights(mesh, weights) else kept)
     assert len(flat) == len(held)
+    split = fsdp * tensor if weights == "sharded" else tensor
     for (path, leaf), expected in zip(flat, held):
         name = jax.tree_util.keystr(path)
         assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), name
         if name.endswith("['kernel']") or name.endswith("['embedding']"):
-            assert not leaf.sharding.is_fully_replicated, name
             shard = leaf.addressable_shards[0].data.shape
-            assert np.prod(shard) * fsdp * tensor == np.prod(leaf.shape), (name, shard)
+            assert np.prod(shard) * split == np.prod(leaf.shape), (name, shard)
 
     prompts = random_prompts([3, 6, 8, 5], seed=13)
     settings = SamplingParams(n=2, temperature=0.0, max_tokens=7)

@@ -76,6 +76,6 @@ def make_engine(engine: str, config: ModelConfig, params: Any, *, max_length: in
     if mesh is not None and mesh.devices.size > 1 and jax.process_count() == 1:
         slots = None if rollout.max_slots is None else rollout.max_slots * parallel_mesh.data_parallel_size(mesh)
         return JaxSampler(config, params, max_length=max_length, mesh=mesh, rules=rules or parallel_mesh.LOGICAL_RULES,
-                          max_slots=slots, burst_steps=rollout.burst_steps)
+                          max_slots=slots, burst_steps=rollout.burst_steps, weights=rollout.sampler_weights)
     return JaxSampler(config, params, max_length=max_length, max_slots=rollout.max_slots,
                       burst_steps=rollout.burst_steps)

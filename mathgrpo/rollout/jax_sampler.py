@@ -48,13 +48,14 @@ width. `trace_counts` counts traces per function, so tests can prove a call did 
 Log-probs follow rollout/base.py: log_softmax(logits / T) of the sampled token over the full vocab,
 never renormalized by top-k/top-p (greedy: at T = 1).
 
-Sharding: with a `mesh` (sharding.make_mesh's data/fsdp/tensor axes), the sampler uses training's
-layout from parallel/: its copy of the params has `param_shardings` under the same logical rules
-(FSDP over "fsdp", heads/MLP/vocab over "tensor"), the KV cache has `cache_shardings` (batch over
-data × fsdp, kv heads over tensor), and the prompts and every [B, ...] buffer of the state split their
-batch over data × fsdp. The jitted functions take these as explicit in/out shardings and are
-traced with the mesh and rules active, so the model's activation constraints resolve as in the train
-step. Without a mesh everything lives on the first device.
+Sharding: with a `mesh` (sharding.make_mesh's data/fsdp/tensor axes), the KV cache has
+`cache_shardings` (batch over data × fsdp, kv heads over tensor) and the prompts and every [B, ...]
+buffer of the state split their batch over data × fsdp. The sampler's copy of the weights (`hold`:
+compute dtype) is, by default, whole on every batch shard and split over tensor only, as vLLM's replicas
+hold theirs ("replicated", `weight_rules`); "sharded" keeps training's `param_shardings` (FSDP over
+"fsdp"), and each decode step then all-gathers the weights it reads. The jitted functions take these as
+explicit in/out shardings and are traced with the mesh and the sampler's rules active, so the model's
+activation constraints resolve to the same layout. Without a mesh everything lives on the first device.
 """
 
 from __future__ import annotations
@@ -336,14 +337,76 @@ def abstract_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | No
                         state_shardings(mesh, per_row_index=True))
 
 
-def holds_per_layer_weights(mesh: Mesh | None) -> bool:
-    """Whether the sampler keeps its weights per layer (`unstack_layers`): unless `mesh` shards them over
-    fsdp. Read from a stack, each layer's weights are copied at every decode step (XLA:GPU: a
-    device-to-device memcpy per weight); but FSDP shards gathered per layer inside the layer scan
-    become, per layer, loop invariants of the decode loop, and compilers hoist or prefetch their
-    all-gathers: the 4B recipe's burst (fsdp8) peaked at 20.0 GiB with 2 rows per device on XLA:CPU
-    (7.6 GiB at 3 rows stacked) and 2.9 GB higher on XLA:GPU (BENCHMARKS.md, session 15)."""
-    return mesh is None or mesh.shape.get("fsdp", 1) == 1
+WEIGHTS = ("replicated", "sharded")  # rollout.sampler_weights
+
+
+def weight_rules(rules: Sequence, weights: str) -> tuple:
+    """The sampler's logical-axis rules for its `weights` layout.
+
+    "replicated": each batch shard (data × fsdp) holds the whole model, split over tensor only — vLLM's
+    layout in the recipe (TP = 1, one replica per GPU): training's `rules` with the batch mesh axes taken
+    off every logical axis but "batch". A decode step then reads its weights from its own memory. Under
+    training's fsdp shardings ("sharded") every decode step all-gathers every layer's weights and the LM
+    head: ~7 GB received per device per step for Qwen3-4B on 8 H100s, against one local read
+    (BENCHMARKS.md, session 16). "sharded": training's rules, 1/fsdp of the memory.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"sampler weights {weights!r}; expected one of {WEIGHTS}")
+    if weights == "sharded":
+        return tuple(rules)
+
+    def off_batch(target):
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        kept = tuple(axis for axis in axes if axis not in parallel_mesh.BATCH_AXES)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return tuple((name, target if name == "batch" else off_batch(target)) for name, target in rules)
+
+
+def holds_per_layer_weights(mesh: Mesh | None, weights: str = "replicated") -> bool:
+    """Whether the sampler keeps its weights per layer (`unstack_layers`): unless they are sharded over
+    fsdp (`weights="sharded"` on a mesh with fsdp > 1). Read from a stack, each layer's weights are
+    copied at every decode step (XLA:GPU: a device-to-device memcpy per weight); but FSDP shards gathered
+    per layer inside the layer scan become, per layer, loop invariants of the decode loop, and compilers
+    hoist or prefetch their all-gathers: the 4B recipe's burst (fsdp8) peaked at 20.0 GiB with 2 rows per
+    device on XLA:CPU (7.6 GiB at 3 rows stacked) and 2.9 GB higher on XLA:GPU (BENCHMARKS.md, session 15)."""
+    return mesh is None or weights == "replicated" or mesh.shape.get("fsdp", 1) == 1
+
+
+def hold(config: ModelConfig, per_layer: bool, params: Any) -> Any:
+    """The sampler's copy of `params`: every weight in the narrower of its dtype and the compute dtype,
+    per layer where `per_layer` (`holds_per_layer_weights`). The forward casts each weight to the compute
+    dtype where it uses it (`cast_sharded`, the embedding lookup, the norms' scales), so the copy samples
+    bit for bit what `params` do; with fp32 master weights and bf16 compute it holds half the bytes and a
+    decode step reads half, as vLLM holds its bf16 weights. Works on arrays and ShapeDtypeStructs."""
+    compute = jnp.dtype(config.compute_dtype)
+
+    def narrow(leaf):
+        if compute.itemsize >= jnp.dtype(leaf.dtype).itemsize:
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, compute, sharding=leaf.sharding)
+        return leaf.astype(compute)
+
+    params = jax.tree.map(narrow, params)
+    return unstack_layers(config, params) if per_layer else params
+
+
+def held_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence, weights: str) -> Any:
+    """NamedShardings of the sampler's copy (`hold`) on `mesh`: the params' under `weight_rules`, per layer
+    where `holds_per_layer_weights`."""
+    shardings = parallel_shardings.param_shardings(config, mesh, weight_rules(rules, weights))
+    return unstack_layers(config, shardings) if holds_per_layer_weights(mesh, weights) else shardings
+
+
+def abstract_held_params(config: ModelConfig, mesh: Mesh | None, rules: Sequence, weights: str) -> Any:
+    """ShapeDtypeStructs of the sampler's copy of the params, in `held_shardings` on a mesh (`plan`)."""
+    per_layer = holds_per_layer_weights(mesh, weights)
+    held = hold(config, per_layer, abstract_params(config))
+    if mesh is None:
+        return held
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), held,
+                        held_shardings(config, mesh, rules, weights))
 
 
 def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
@@ -410,13 +473,14 @@ class JaxSampler:
 
     def __init__(self, config: ModelConfig, params: Any, *, max_length: int, mesh: Mesh | None = None,
                  rules: Sequence = parallel_mesh.LOGICAL_RULES, prompt_bucket: int | None = None,
-                 min_prompt_bucket: int = 16, max_slots: int | None = None, burst_steps: int = 64):
+                 min_prompt_bucket: int = 16, max_slots: int | None = None, burst_steps: int = 64,
+                 weights: str = "replicated"):
         """
         Args:
           max_length: most tokens (prompt + response) a row may hold; bounds the KV cache (vLLM's
             max_model_len). A prompt longer than `max_length - max_tokens` is refused.
-          mesh: a (data, fsdp, tensor) mesh (sharding.make_mesh): params, cache and batch are sharded
-            on it as in training (module docstring).
+          mesh: a (data, fsdp, tensor) mesh (sharding.make_mesh): the batch and KV cache are sharded on
+            it as in training, the weights as `weights` says (module docstring).
           rules: the logical-axis rules of the params and activations (sharding.logical_rules of the
             run's mesh config); unused without a mesh.
           prompt_bucket: pad prompts to a multiple of this; None pads to a power of two.
@@ -424,6 +488,9 @@ class JaxSampler:
           max_slots: continuous batching over a pool of this many rows (rounded up to a multiple of
             the mesh's batch shards); None: the static batch of all a call's rows.
           burst_steps: most decode steps between two visits of the host (continuous batching).
+          weights: on a mesh, "replicated" (each batch shard holds the whole model, split over tensor
+            only) or "sharded" (training's shardings); `weight_rules`. Either way in the compute dtype
+            (`hold`).
         """
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: need room for a prompt token and a new token")
@@ -446,19 +513,22 @@ class JaxSampler:
         self.batch_shards = 1 if mesh is None else parallel_mesh.data_parallel_size(mesh)
         self.max_slots = None if max_slots is None else round_up(max_slots, self.batch_shards)
         self.burst_steps = burst_steps
-        # None without a mesh; else NamedShardings of the params (checks head/width divisibility).
-        self.param_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
-        # The params as the sampler holds them: its own per-layer copy (`holds_per_layer_weights`; the
-        # slices are new buffers, in the per-layer shardings on a mesh), else the stacked layout.
-        self.per_layer = holds_per_layer_weights(mesh)
-        layout = functools.partial(unstack_layers, config) if self.per_layer else (lambda tree: tree)
-        self._unstack = jax.jit(layout, **({} if mesh is None else {"out_shardings": layout(self.param_shardings)})
-                                ) if self.per_layer else None
+        self.weights = weights
+        self.rules = weight_rules(rules, weights)  # the sampler's: its weights' shardings and activations'
+        # The params as the sampler holds them (`hold`): its own copy in the compute dtype, per layer
+        # (`holds_per_layer_weights`) or stacked. On a mesh: `source_shardings` are where update_weights
+        # takes the params (training's, checks head/width divisibility), `param_shardings` the copy's.
+        self.per_layer = holds_per_layer_weights(mesh, weights)
+        self.source_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
+        self.param_shardings = None if mesh is None else held_shardings(config, mesh, rules, weights)
+        self._hold = jax.jit(functools.partial(hold, config, self.per_layer),
+                             **({} if mesh is None else {"out_shardings": self.param_shardings}))
+        self._narrow = jax.jit(functools.partial(hold, config, False))  # in place: on each process's shards
         self.trace_counts: collections.Counter = collections.Counter()
         self.prompt_sharding = (None if mesh is None  # [B, P]
                                 else NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)))
-        shardings = jit_shardings(mesh, None if mesh is None else layout(self.param_shardings))
-        jitted = {name: self._jit(name, function, rules, **shardings[name]) for name, function in FUNCTIONS.items()}
+        shardings = jit_shardings(mesh, self.param_shardings)
+        jitted = {name: self._jit(name, function, **shardings[name]) for name, function in FUNCTIONS.items()}
         self._prefill, self._decode = jitted["prefill"], jitted["decode"]
         self._empty_pool, self._admit, self._burst = jitted["empty_pool"], jitted["admit"], jitted["burst"]
         self._gather_rows = jitted["gather_rows"]
@@ -466,13 +536,13 @@ class JaxSampler:
         self.params = None
         self.update_weights(params)
 
-    def _jit(self, name: str, function: Callable, rules: Sequence, **jit_kwargs) -> Callable:
+    def _jit(self, name: str, function: Callable, **jit_kwargs) -> Callable:
         @functools.wraps(function)
         def traced(*args):
             self.trace_counts[name] += 1  # runs only while tracing: counts compiles, not calls
             return function(*args)
 
-        return MeshJit(traced, self.mesh, rules, **jit_kwargs)
+        return MeshJit(traced, self.mesh, self.rules, **jit_kwargs)
 
     def sleep(self) -> None:
         """Nothing to release: the sampler allocates its cache per call and shares JAX's memory pool."""
@@ -480,8 +550,8 @@ class JaxSampler:
     def update_weights(self, params: Any) -> None:
         """Swaps in new weights (same tree and shapes as the config's params); no recompile.
 
-        The sampler keeps its own per-layer copy (`holds_per_layer_weights`); with a mesh, in
-        `param_shardings` (less the layer axis, if per layer), made on the devices.
+        The sampler keeps its own copy (`hold`: compute dtype, per layer or stacked); with a mesh, in
+        `param_shardings`, made on the devices: cast on training's shards, then gathered where replicated.
         """
         expected = {jax.tree_util.keystr(path): leaf.shape
                     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(self.config))[0]}
@@ -495,18 +565,21 @@ class JaxSampler:
         extra = sorted(set(got) - set(expected))
         if extra:
             raise ValueError(f"update_weights: unexpected params {extra[:5]} for this model config")
+        self.params = None  # the old copy goes before the new one is made
         leaves = [leaf for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array)]
         if self.mesh is None and any(not leaf.is_fully_addressable for leaf in leaves):
-            # The trainer's params span other processes' devices: this process's own full copy.
+            # The trainer's params span other processes' devices: this process's own full copy, gathered
+            # in the compute dtype (cast on each process's shards first).
             from jax.experimental import multihost_utils
 
-            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+            params = jax.device_put(multihost_utils.process_allgather(self._narrow(params), tiled=True),
+                                    jax.local_devices()[0])
         elif self.mesh is not None:
-            # A copy, not an alias: the trainer passes its params, which the next train step donates.
-            # Params already in these shardings (training's) are copied shard by shard on the devices;
-            # others are resharded (JAX may then alias a source shard that already sits in place).
-            params = jax.device_put(params, self.param_shardings, may_alias=False)
-        self.params = self._unstack(params) if self.per_layer else params
+            # Training's params are in place already; others (host arrays, other shardings) are put there.
+            params = jax.device_put(params, self.source_shardings)
+        # A jitted function's outputs are new buffers: the copy outlives the trainer's params, which the
+        # next train step donates.
+        self.params = self._hold(params)
 
     def _prepare_tail(self, sampling: SamplingParams, rows: int, length: int) -> dict[int, tuple]:
         """The smaller pools the tail of a call moves to (`tail_widths`): their row gather and burst,

@@ -9,7 +9,9 @@ shardings, and `jit(...).lower(...).compile()` yields XLA's own memory analysis 
 - the JAX sampler as it runs (rollout/jax_sampler.py): a burst of decode steps over its pool of
   `rollout.max_slots` rows per device (KV cache of prompt + max_tokens slots each) and the admission of
   one prompt into n rows, for the training rollout (n, max_response_length) and for validation (val_n,
-  val_max_tokens). While the sampler runs the train state stays resident beside it, so its peak counts
+  val_max_tokens), on the sampler's own copy of the weights (compute dtype; whole on each device, or
+  training's FSDP shards: `rollout.sampler_weights`, in the programs' arguments). While the sampler runs
+  the train state stays resident beside it, so its peak counts
   with the params and optimizer state. With `rollout.max_slots: null` the plan chooses the most rows
   per device that fit both (the cost of a row measured from two compiles, the choice compiled again).
 With `algorithm: opd` (train/distill.py) the plan covers the three phases of an OPD step, each beside what
@@ -95,6 +97,7 @@ class PlanInputs:
     val_top_p: float = 0.95
     val_top_k: int = -1
     max_slots: int | None = None  # JAX sampler pool rows per device; None: chosen here
+    sampler_weights: str = "replicated"  # the JAX sampler's copy of the weights (jax_sampler.weight_rules)
     teacher: ModelConfig | None = None  # algorithm: opd: the frozen teacher (distill.teacher)
     distill: DistillConfig | None = None  # algorithm: opd: top_k and its strategy give K'
 
@@ -230,7 +233,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         teacher_report = {"params": count_params(teacher_abstract), "param_dtype": teacher.param_dtype,
                           "compute_dtype": teacher.compute_dtype, "num_hidden_layers": teacher.num_hidden_layers,
                           "hidden_size": teacher.hidden_size, "param_bytes_per_device": teacher_bytes}
-    sampler = plan_sampler(inputs, mesh, rules, state.params, resident=params_bytes + opt_bytes, budget=jax_budget,
+    sampler = plan_sampler(inputs, mesh, rules, resident=params_bytes + opt_bytes, budget=jax_budget,
                            teacher=teacher_bytes)
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
     vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
@@ -281,20 +284,19 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     return report
 
 
-def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int, sampling) -> dict:
+def _pool_memory(inputs: PlanInputs, mesh, rules, slots_per_device: int, sampling) -> dict:
     """XLA's memory analysis of the sampler's burst and admission at `slots_per_device` pool rows per
     device, for calls of `sampling` (max_tokens) on prompts of max_prompt_length tokens."""
     from jax.sharding import Mesh
 
-    from mathgrpo.model import unstack_layers
     from mathgrpo.rollout import jax_sampler
 
     model = inputs.model
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes (JaxSampler)
     shards = parallel_mesh.data_parallel_size(mesh)
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
-    if jax_sampler.holds_per_layer_weights(mesh):  # the sampler's own layout of its copy
-        params = unstack_layers(model, params)
+    params = jax_sampler.abstract_held_params(model, mesh, rules, inputs.sampler_weights)  # the sampler's copy
+    rules = jax_sampler.weight_rules(rules, inputs.sampler_weights)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
     state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length)
     one = parallel_shardings.replicated(mesh)
@@ -320,15 +322,22 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
             "peak_bytes": max(burst_memory["peak_bytes"], admit_memory["peak_bytes"])}
 
 
-def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budget: float, teacher: int = 0) -> dict:
+def plan_sampler(inputs: PlanInputs, mesh, rules, *, resident: int, budget: float, teacher: int = 0) -> dict:
     """The JAX sampler's pool for the training rollout and for validation within `budget` bytes per
     device, with `resident` bytes (the train state) and `teacher` bytes (OPD: the frozen teacher's
     params) held beside it. One `max_slots` serves both (the engine's pool rows; each call sizes its
     rows' KV to its own max length): the configured one, checked, or the most rows per device that fit
     both calls (at least enough rows for a prompt's n samples): estimated from the cost of a row (two
     compiles per call), then confirmed by compiling that many rows and one more."""
+    from jax.sharding import Mesh
+
+    from mathgrpo.rollout import jax_sampler
+
     train_state_bytes, resident = resident, resident + teacher
     shards = parallel_mesh.data_parallel_size(mesh)
+    held = jax_sampler.abstract_held_params(inputs.model, Mesh(mesh.devices, mesh.axis_names), rules,
+                                            inputs.sampler_weights)  # in each program's arguments
+    weight_bytes = int(sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(held)))
     calls = {
         "train": SamplingParams(n=inputs.n, temperature=inputs.temperature, top_p=inputs.top_p, top_k=inputs.top_k,
                                 max_tokens=inputs.max_response_length),
@@ -341,13 +350,13 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budg
     most = {}
     if chosen:
         for name, sampling in calls.items():  # a row's bytes from two compiles; memory is linear in the rows
-            low, high = (_pool_memory(inputs, mesh, rules, params, s, sampling)["peak_bytes"]
+            low, high = (_pool_memory(inputs, mesh, rules, s, sampling)["peak_bytes"]
                          for s in (least, 2 * least))
             per_row = max((high - low) / least, 1.0)
             most[name] = least + int((budget - resident - low) // per_row)
         slots = max(min(most.values()), least)
     def pools_at(slots: int) -> dict:
-        return {name: _pool_memory(inputs, mesh, rules, params, slots, sampling) for name, sampling in calls.items()}
+        return {name: _pool_memory(inputs, mesh, rules, slots, sampling) for name, sampling in calls.items()}
 
     def fit(pools: dict) -> bool:
         return all(resident + pool["peak_bytes"] <= budget for pool in pools.values())
@@ -363,6 +372,8 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, params, *, resident: int, budg
         pool["rollout_peak_bytes"] = resident + pool["peak_bytes"]
         pool["fits"] = bool(pool["rollout_peak_bytes"] <= budget)
     return {"max_slots": slots, "chosen": chosen, "most_slots_per_call": most, "least_slots": least,
+            "weights": inputs.sampler_weights, "weight_dtype": str(jax.tree.leaves(held)[0].dtype),
+            "weight_bytes_per_device": weight_bytes,
             "resident_train_state_bytes": train_state_bytes, "resident_teacher_bytes": teacher,
             "resident_bytes": resident, "budget_bytes": budget, **pools,
             "fits": all(pool["fits"] for pool in pools.values())}
@@ -398,7 +409,9 @@ def format_report(report: dict) -> str:
     beside = f"the train state {gib(sampler['resident_train_state_bytes'])}"
     if sampler.get("resident_teacher_bytes"):
         beside += f" and the teacher {gib(sampler['resident_teacher_bytes'])}"
-    lines.append(f"  JAX sampler: max_slots {sampler['max_slots']} rows/device ({how}); beside {beside}")
+    lines.append(f"  JAX sampler: max_slots {sampler['max_slots']} rows/device ({how}); weights "
+                 f"{sampler['weights']} {sampler['weight_dtype']} {gib(sampler['weight_bytes_per_device']).strip()}"
+                 f" / device (in each program's arguments); beside {beside}")
     with_what = "the train state and teacher" if sampler.get("resident_teacher_bytes") else "the train state"
     for name in SAMPLER_CALLS:
         pool = sampler[name]
@@ -458,7 +471,8 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
         n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
         top_k=config.rollout.top_k, val_n=config.rollout.val_n, val_max_tokens=config.rollout.val_max_tokens,
         val_temperature=config.rollout.val_temperature, val_top_p=config.rollout.val_top_p,
-        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots, teacher=teacher,
+        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots,
+        sampler_weights=config.rollout.sampler_weights, teacher=teacher,
         distill=config.distill if config.algorithm == "opd" else None)
 
 
