@@ -176,12 +176,51 @@ def test_opd_plan_holds_the_teacher_in_every_phase():
         assert words in text
 
     # a budget one byte under the step with the teacher beside it: the step alone fits (GRPO's check), OPD not
+    # (JAX's share next to vLLM at u = 0.5: 1 - 0.5 - the 0.05 margin)
     tight = phases["train"]["total_bytes"] - 1
-    over = plan.plan(_tiny_opd_inputs(device_memory_gib=2 * tight / GIB), devices)
-    assert over["jax_memory_budget_bytes"] == tight
+    over = plan.plan(_tiny_opd_inputs(device_memory_gib=tight / 0.45 / GIB), devices)
+    assert over["jax_memory_budget_bytes"] == pytest.approx(tight, abs=0.5)
     assert over["train_step"]["peak_bytes"] == report["train_step"]["peak_bytes"] <= tight
     assert over["phases"]["train"]["fits"] is False and over["fits"] is False
     assert all(phase["fits"] == (phase["total_bytes"] <= tight) for phase in over["phases"].values())
+
+
+def test_jax_share_follows_the_rollout_engine(monkeypatch):
+    """JAX preallocates what `prepare` sets: next to vLLM, 1 - gpu_memory_utilization - 0.05; with the JAX
+    sampler, 0.95 of the device (an XLA_PYTHON_CLIENT_MEM_FRACTION already set wins). `plan` checks against
+    the same share, and with the JAX sampler its `fits` includes the sampler's pools (GRPO here: vLLM's
+    room instead where vLLM samples)."""
+    import jax
+
+    from mathgrpo.config import RolloutConfig
+    from mathgrpo.rollout import factory
+
+    assert factory.jax_memory_fraction("vllm", 0.65) == pytest.approx(0.30)
+    assert factory.jax_memory_fraction("jax", 0.65) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.96 leaves no memory for JAX"):
+        factory.jax_memory_fraction("vllm", 0.96)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    factory.prepare("jax", RolloutConfig(engine="jax"))
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.950"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    factory.prepare("jax", RolloutConfig(engine="jax"))
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+    devices = jax.devices("cpu")[:2]
+    grpo = dict(teacher=None, distill=None, device_memory_gib=1.0, max_slots=32, val_max_tokens=992)  # pools > step
+    with_vllm = plan.plan(_tiny_opd_inputs(**grpo), devices)
+    alone = plan.plan(_tiny_opd_inputs(engine="jax", **grpo), devices)
+    assert with_vllm["jax_memory_budget_bytes"] == pytest.approx(0.45 * GIB)
+    assert alone["jax_memory_budget_bytes"] == pytest.approx(0.95 * GIB) and alone["vllm_kv_cache_tokens"] is None
+    assert alone["train_step"]["peak_bytes"] == with_vllm["train_step"]["peak_bytes"]
+    assert alone["fits"] and alone["sampler"]["fits"]
+    assert "rollout.engine jax" in plan.format_report(alone) and "next to vLLM" in plan.format_report(with_vllm)
+    # a device whose JAX share holds the train step but not the sampler's pools: fits only where vLLM samples
+    step, pools = alone["train_step"]["peak_bytes"], alone["sampler"]["validation"]["rollout_peak_bytes"]
+    assert step < pools
+    between = (step + pools) / 2 / 0.95 / GIB
+    squeezed = plan.plan(_tiny_opd_inputs(engine="jax", **grpo | {"device_memory_gib": between}), devices)
+    assert not squeezed["sampler"]["fits"] and not squeezed["fits"]
 
 
 @pytest.mark.slow

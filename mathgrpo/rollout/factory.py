@@ -2,8 +2,9 @@
 
 `prepare(engine, rollout)` runs first, before JAX starts and before anything is loaded: for vLLM it
 sets the environment that splits a GPU between JAX and vLLM and keeps vLLM's engine core in this
-process, and it stops with the install command when vLLM is missing. The engines themselves import
-lazily, so choosing the JAX sampler never imports vLLM or torch.
+process, and it stops with the install command when vLLM is missing; for the JAX sampler it gives JAX
+the whole GPU but a margin (`jax_memory_fraction`). The engines themselves import lazily, so choosing
+the JAX sampler never imports vLLM or torch.
 """
 
 from __future__ import annotations
@@ -26,10 +27,30 @@ def _check_name(engine: str) -> None:
         raise ValueError(f"rollout engine {engine!r}; expected one of {ENGINES}")
 
 
+MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside JAX's (and vLLM's) pool
+
+
+def jax_memory_fraction(engine: str, gpu_memory_utilization: float, margin: float = MEMORY_MARGIN) -> float:
+    """The share of each GPU that JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION) under `engine`: next
+    to vLLM, what its `gpu_memory_utilization` leaves, less `margin`; with the JAX sampler, all but the
+    margin (JAX's own default, 0.75, would leave a fifth of the GPU unused). `plan` checks the programs
+    against this share."""
+    _check_name(engine)
+    fraction = 1.0 - margin - (gpu_memory_utilization if engine == "vllm" else 0.0)
+    if fraction <= 0:
+        raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization} leaves no memory for JAX after "
+                         f"a {margin} margin; lower it")
+    return fraction
+
+
 def prepare(engine: str, rollout: RolloutConfig) -> None:
-    """Before JAX touches a device: the environment `engine` needs, and a clear stop when it is not installed."""
+    """Before JAX touches a device: the environment `engine` needs, and a clear stop when it is not installed.
+    The JAX sampler's share (`jax_memory_fraction`) is a default: an XLA_PYTHON_CLIENT_MEM_FRACTION already
+    set wins."""
     _check_name(engine)
     if engine != "vllm":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                              f"{jax_memory_fraction(engine, rollout.gpu_memory_utilization):.3f}")
         return
     from mathgrpo.rollout import vllm_engine
 

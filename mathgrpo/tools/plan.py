@@ -38,10 +38,11 @@ difference between a real-device and a described-device compile of the same sing
 Before Hopper (an A100/A800: sm 8.0) cuDNN has no packed layout and the model takes the masked cuDNN
 path (`attention` in the report); its workspace is not estimated.
 `fits` compares the train step's peak (OPD: each phase's peak plus what is resident beside it, the
-sampler's pools included) with the device memory left to JAX next to vLLM: JAX gets (1 − u) of the
-device, vLLM u (`rollout.gpu_memory_utilization`), and vLLM's u must hold its bf16 weights plus KV
-cache room; the JAX sampler's pools are sized within the same JAX share (where vLLM cannot run, raising
-`gpu_memory_utilization` is moot and the JAX share is what this plan checks).
+sampler's pools included) with the device memory JAX preallocates (`rollout.factory.jax_memory_fraction`,
+what `prepare` sets): next to vLLM (`rollout.engine: vllm`), 1 − u − a 0.05 margin, with vLLM's u
+(`rollout.gpu_memory_utilization`) holding its bf16 weights plus KV cache room; the JAX sampler's pools
+are then sized within the same JAX share (informative: vLLM samples). With `rollout.engine: jax` JAX
+has the device but the margin, and `fits` includes the sampler's pools.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from mathgrpo.model import abstract_params, count_params
 from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
+from mathgrpo.rollout import factory
 from mathgrpo.rollout.base import SamplingParams
 from mathgrpo.tracking.flops import flops_per_step
 from mathgrpo.train import distill as distill_step
@@ -87,6 +89,7 @@ class PlanInputs:
     sequences_per_step: int = 512  # prompts × n
     device_memory_gib: float = 80.0
     vllm_memory_utilization: float = 0.65
+    engine: str = "vllm"  # rollout.engine: next to vLLM, JAX has its share of the device; the JAX sampler, the rest
     n: int = 8  # rollout.n
     temperature: float = 1.0  # the training rollout's sampling settings (they pick the traced filters)
     top_p: float = 1.0
@@ -218,7 +221,8 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     train_memory["cudnn_workspace_bytes"] = workspace  # added for described devices (see above)
     train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
-    jax_budget = device_bytes * (1.0 - inputs.vllm_memory_utilization)
+    jax_budget = device_bytes * factory.jax_memory_fraction(inputs.engine, inputs.vllm_memory_utilization)
+    with_vllm = inputs.engine == "vllm"
     teacher_report = scoring_memory = None
     teacher_bytes = 0
     if opd:
@@ -236,7 +240,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     sampler = plan_sampler(inputs, mesh, rules, resident=params_bytes + opt_bytes, budget=jax_budget,
                            teacher=teacher_bytes)
     vllm_weights = count_params(params) * 2  # bf16 copy held by the engine (TP=1: whole model)
-    vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights
+    vllm_room = device_bytes * inputs.vllm_memory_utilization - vllm_weights if with_vllm else None
     kv_bytes_per_token = model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2 * 2
     report = {
         "algorithm": "opd" if opd else "grpo",
@@ -258,8 +262,10 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
         "flops_per_step_estimate": flops_per_step(model, [max_sequence] * inputs.sequences_per_step),
         "per_device_peak_bytes": train_memory["peak_bytes"],
         "jax_memory_budget_bytes": jax_budget,
-        "vllm_kv_cache_tokens": int(max(vllm_room, 0) // kv_bytes_per_token),
-        "fits": bool(train_memory["peak_bytes"] <= jax_budget and vllm_room > 0),
+        "engine": inputs.engine,
+        "vllm_kv_cache_tokens": int(max(vllm_room, 0) // kv_bytes_per_token) if with_vllm else None,
+        # next to vLLM: the train step and vLLM's room; with the JAX sampler: the train step and its pools
+        "fits": bool(train_memory["peak_bytes"] <= jax_budget and (vllm_room > 0 if with_vllm else sampler["fits"])),
     }
     if opd:
         phases = {
@@ -279,7 +285,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
             "scoring_pass": scoring_memory, "phases": phases,
             # the trainer's peak outside the rollout (the rollout's is the sampler's, as for GRPO)
             "per_device_peak_bytes": max(phases["train"]["total_bytes"], phases["scoring"]["total_bytes"]),
-            "fits": bool(all(phase["fits"] for phase in phases.values()) and vllm_room > 0),
+            "fits": bool(all(phase["fits"] for phase in phases.values()) and (vllm_room > 0 if with_vllm else True)),
         })
     return report
 
@@ -436,8 +442,13 @@ def format_report(report: dict) -> str:
     compiled_flops = f"{flops:.3e}" if flops is not None else "n/a (not reported by this compile)"
     lines.append(f"  FLOPs: {compiled_flops} per micro-batch per device (compiled); "
                  f"{report['flops_per_step_estimate']:.3e} per step at max lengths (verl's formula)")
-    lines.append(f"  JAX budget next to vLLM {gib(report['jax_memory_budget_bytes'])}; vLLM KV room "
-                 f"{report['vllm_kv_cache_tokens']:,} tokens; fits: {report['fits']}")
+    if report["engine"] == "vllm":
+        lines.append(f"  JAX budget next to vLLM {gib(report['jax_memory_budget_bytes'])}; vLLM KV room "
+                     f"{report['vllm_kv_cache_tokens']:,} tokens; fits: {report['fits']}")
+    else:
+        lines.append(f"  JAX budget (rollout.engine {report['engine']}: the device less a "
+                     f"{factory.MEMORY_MARGIN:.0%} margin) {gib(report['jax_memory_budget_bytes'])}; fits (train step "
+                     f"and the sampler's pools): {report['fits']}")
     return "\n".join(lines)
 
 
@@ -471,7 +482,7 @@ def inputs_from_config(config, naive: bool = False, platform: str | None = None)
         n=config.rollout.n, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
         top_k=config.rollout.top_k, val_n=config.rollout.val_n, val_max_tokens=config.rollout.val_max_tokens,
         val_temperature=config.rollout.val_temperature, val_top_p=config.rollout.val_top_p,
-        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots,
+        val_top_k=config.rollout.val_top_k, max_slots=config.rollout.max_slots, engine=config.rollout.engine,
         sampler_weights=config.rollout.sampler_weights, teacher=teacher,
         distill=config.distill if config.algorithm == "opd" else None)
 
