@@ -73,6 +73,7 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
 
     from mathgrpo.config import GRPOConfig, MeshConfig, ModelConfig, OptimConfig
     from mathgrpo.parallel import mesh as parallel_mesh
+    from mathgrpo.rollout import jax_sampler
 
     model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, param_dtype="float32",
@@ -83,7 +84,8 @@ def test_plan_sampler_chooses_the_most_rows_that_fit_and_checks_a_given_max_slot
     inputs = plan.PlanInputs(model=model, mesh=mesh_config, grpo=GRPOConfig(), optim=OptimConfig(),
                              max_prompt_length=64, max_response_length=192, n=2, val_n=4, val_max_tokens=448)
     resident = 1_000_000
-    at_five = {call: plan._pool_memory(inputs, mesh, rules, 5, sampling)["peak_bytes"]
+    held = jax_sampler.abstract_held_params(model, mesh, rules, inputs.sampler_weights)
+    at_five = {call: plan._pool_memory(inputs, mesh, rules, held, 5, sampling)["peak_bytes"]
                for call, sampling in (("train", base.SamplingParams(n=2, max_tokens=192)),
                                       ("validation", base.SamplingParams(n=4, top_p=0.95, max_tokens=448)))}
     budget = resident + max(at_five.values()) + 1

@@ -513,7 +513,6 @@ class JaxSampler:
         self.batch_shards = 1 if mesh is None else parallel_mesh.data_parallel_size(mesh)
         self.max_slots = None if max_slots is None else round_up(max_slots, self.batch_shards)
         self.burst_steps = burst_steps
-        self.weights = weights
         self.rules = weight_rules(rules, weights)  # the sampler's: its weights' shardings and activations'
         # The params as the sampler holds them (`hold`): its own copy in the compute dtype, per layer
         # (`holds_per_layer_weights`) or stacked. On a mesh: `source_shardings` are where update_weights

@@ -213,10 +213,6 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     logprob_fn = train_step_lib.make_logprob_fn(model, algo, mesh=mesh, rules=rules, temperature=inputs.temperature)
     compiled_logprob = logprob_fn.lower(state.params, batch).compile()
 
-    def per_device(tree, shardings_tree) -> int:
-        return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-                       for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
-
     workspace = 0
     packed_attention = model.attention == "cudnn" and cudnn_packed_supported()  # sm >= 9.0; else the masked path
     if is_described(mesh.devices.flat[0]) and packed_attention:
@@ -297,9 +293,16 @@ def _plan(inputs: PlanInputs, devices: list | None = None) -> dict:
     return report
 
 
-def _pool_memory(inputs: PlanInputs, mesh, rules, slots_per_device: int, sampling) -> dict:
+def per_device(tree, shardings_tree) -> int:
+    """Bytes per device of a tree of arrays or ShapeDtypeStructs in `shardings_tree`'s shardings."""
+    return int(sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree))))
+
+
+def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int, sampling) -> dict:
     """XLA's memory analysis of the sampler's burst and admission at `slots_per_device` pool rows per
-    device, for calls of `sampling` (max_tokens) on prompts of max_prompt_length tokens."""
+    device, for calls of `sampling` (max_tokens) on prompts of max_prompt_length tokens, with `params`
+    the sampler's copy of the weights (`jax_sampler.abstract_held_params`)."""
     from jax.sharding import Mesh
 
     from mathgrpo.rollout import jax_sampler
@@ -308,7 +311,6 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, slots_per_device: int, samplin
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes (JaxSampler)
     shards = parallel_mesh.data_parallel_size(mesh)
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
-    params = jax_sampler.abstract_held_params(model, mesh, rules, inputs.sampler_weights)  # the sampler's copy
     rules = jax_sampler.weight_rules(rules, inputs.sampler_weights)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
     state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length)
@@ -350,7 +352,7 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, *, resident: int, budget: floa
     shards = parallel_mesh.data_parallel_size(mesh)
     held = jax_sampler.abstract_held_params(inputs.model, Mesh(mesh.devices, mesh.axis_names), rules,
                                             inputs.sampler_weights)  # in each program's arguments
-    weight_bytes = int(sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(held)))
+    weight_bytes = per_device(held, jax.tree.map(lambda a: a.sharding, held))
     calls = {
         "train": SamplingParams(n=inputs.n, temperature=inputs.temperature, top_p=inputs.top_p, top_k=inputs.top_k,
                                 max_tokens=inputs.max_response_length),
@@ -363,13 +365,13 @@ def plan_sampler(inputs: PlanInputs, mesh, rules, *, resident: int, budget: floa
     most = {}
     if chosen:
         for name, sampling in calls.items():  # a row's bytes from two compiles; memory is linear in the rows
-            low, high = (_pool_memory(inputs, mesh, rules, s, sampling)["peak_bytes"]
+            low, high = (_pool_memory(inputs, mesh, rules, held, s, sampling)["peak_bytes"]
                          for s in (least, 2 * least))
             per_row = max((high - low) / least, 1.0)
             most[name] = least + int((budget - resident - low) // per_row)
         slots = max(min(most.values()), least)
     def pools_at(slots: int) -> dict:
-        return {name: _pool_memory(inputs, mesh, rules, slots, sampling) for name, sampling in calls.items()}
+        return {name: _pool_memory(inputs, mesh, rules, held, slots, sampling) for name, sampling in calls.items()}
 
     def fit(pools: dict) -> bool:
         return all(resident + pool["peak_bytes"] <= budget for pool in pools.values())
