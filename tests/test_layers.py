@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mathgrpo.model.layers import (
+    ONE_PASS_SLOTS,
     RMSNorm,
     apply_rope,
     blockwise_attention,
@@ -15,10 +16,13 @@ from mathgrpo.model.layers import (
     cudnn_attention,
     cudnn_packed_attention,
     decode_attention,
+    decode_block_size,
+    decode_one_pass,
     kv_storage_dtype,
     project,
     reference_attention,
     segment_layout,
+    target_platform,
 )
 from tests.test_plan import cuda_plugin_installed
 
@@ -120,11 +124,12 @@ def _stacked(x, layers=3, layer=1):
     return jnp.asarray(cache), jnp.asarray(layer)
 
 
-@pytest.mark.parametrize("block", [8, 16, 37, None])
-def test_decode_attention_matches_numpy(block):
+@pytest.mark.parametrize("block, layers", [(8, 3), (16, 3), (37, 3), (None, 3), (None, 1), (8, 1)])
+def test_decode_attention_matches_numpy(block, layers):
     """One query per row, each row at its own slot of a 37-slot cache, in blocks of 8 or 16 (the last
-    one partial), one block of all slots, or the default (more than 37: `cached_attention`); row 1
-    is left-padded, row 3 sits in the partial last block, row 2 at slot 0."""
+    one partial), one block of all slots, or the default (one pass: `decode_one_pass` on CPU), over a
+    stacked cache of 3 layers or a per-layer one (a stack of 1); row 1 is left-padded, row 3 sits in
+    the partial last block, row 2 at slot 0."""
     rng = np.random.default_rng(5)
     B, S, N, K, H = 4, 37, 8, 2, 16
     q, k, v = random_qkv(rng, B, 1, S, N, K, H)
@@ -132,7 +137,7 @@ def test_decode_attention_matches_numpy(block):
     kv_segment = (np.arange(S)[None, :] <= position[:, None]).astype(np.int32)
     kv_segment[1, :4] = 0  # left padding
     q_segment = np.ones((B, 1), np.int32)
-    (cache_k, layer), (cache_v, _) = _stacked(k), _stacked(v)
+    (cache_k, layer), (cache_v, _) = _stacked(k, layers, layers // 2), _stacked(v, layers, layers // 2)
     got = np.asarray(decode_attention(jnp.asarray(q), cache_k, cache_v, layer, *map(
         jnp.asarray, (q_segment, kv_segment, position[:, None], np.arange(S))), block_size=block))
     for b in range(B):
@@ -173,6 +178,31 @@ def test_decode_attention_does_not_copy_the_stacked_cache(dtype):
                             jnp.full((B, 1), 700, jnp.int32), jnp.arange(S)).compile()
     cache_bytes = L * B * K * S * H * jnp.dtype(dtype).itemsize
     assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes
+
+
+def test_decode_one_pass_reads_a_per_layer_cache_in_place():
+    """The CPU default over a per-layer cache (`decode_block_size`: one pass up to ONE_PASS_SLOTS slots)
+    compiles without a temporary of the cache's size: the multiply-reduce passes read the layer's keys
+    and values where they lie (BENCHMARKS.md, session 17). Its output is `cached_attention`'s."""
+    B, K, S, H, N = 4, 2, ONE_PASS_SLOTS, 64, 4
+    assert decode_block_size(S, 1) == (S if target_platform() == "cpu" else 512)
+    assert decode_block_size(S + 1, 1) == decode_block_size(S, 3) == (128 if target_platform() == "cpu" else 512)
+    args = (jax.ShapeDtypeStruct((B, 1, N, H), jnp.float32), jax.ShapeDtypeStruct((1, B, K, S, H), jnp.float32),
+            jax.ShapeDtypeStruct((1, B, K, S, H), jnp.float32), jnp.int32(0), jnp.ones((B, 1), jnp.int32),
+            jnp.ones((B, S), jnp.int32), jnp.full((B, 1), 300, jnp.int32), jnp.arange(S))
+    compiled = jax.jit(decode_attention).lower(*args).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < B * K * S * H * 4 // 4
+
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(rng, B, 1, 40, N, K, 16)
+    position = np.array([39, 3, 20, 0])
+    kv_segment = (np.arange(40)[None, :] <= position[:, None]).astype(np.int32)
+    kv_segment[0, :2] = 0
+    inputs = map(jnp.asarray, (q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), np.ones((B, 1), np.int32),
+                               kv_segment, position[:, None], np.arange(40)))
+    inputs = list(inputs)
+    np.testing.assert_allclose(np.asarray(decode_one_pass(*inputs)), np.asarray(cached_attention(*inputs)),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("T, block", [(37, 8), (64, 16), (16, 32)])

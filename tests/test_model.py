@@ -130,20 +130,28 @@ def test_per_layer_params_give_the_stacked_forward(params):
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 9)))
     run = jax.jit(lambda p, *args: forward(config, p, *args))
     caches = []
-    for p in (params, per_layer):
-        cache = init_cache(config, batch=2, max_length=12)
+    # Stacked params and cache; per-layer params on the stacked cache; per-layer params and cache (the
+    # sampler's), whose decode steps read each layer's slots in one pass on CPU (layers.decode_block_size).
+    for p, cache_per_layer in ((params, False), (per_layer, False), (per_layer, True)):
+        cache = init_cache(config, batch=2, max_length=12, per_layer=cache_per_layer)
         segments = jnp.ones((2, 1), jnp.int32)
         out, cache = run(p, tokens[:, :7], jnp.arange(7)[None].repeat(2, 0), jnp.ones((2, 7), jnp.int32), cache)
         outs = [out]
+        cache = cache.replace(index=jnp.full((2,), 7, jnp.int32))  # then a slot per row, as in the pool
         for t in (7, 8):
             out, cache = run(p, tokens[:, t:t + 1], jnp.full((2, 1), t), segments, cache)
             outs.append(out)
-        caches.append((outs, cache))
-    (expected, expected_cache), (got, got_cache) = caches
-    for a, b in zip(got, expected):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(got_cache.k, expected_cache.k)
-    np.testing.assert_array_equal(got_cache.v, expected_cache.v)
+        assert cache.per_layer == cache_per_layer
+        caches.append((outs, np.stack(cache.k), np.stack(cache.v)))
+    expected, expected_k, expected_v = caches[0]
+    for got, got_k, got_v in caches[1:]:
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(got_k, expected_k)
+        np.testing.assert_array_equal(got_v, expected_v)
+    with pytest.raises(ValueError, match="per-layer KV cache .* needs per-layer params"):
+        run(params, tokens[:, :7], jnp.arange(7)[None].repeat(2, 0), jnp.ones((2, 7), jnp.int32),
+            init_cache(config, batch=2, max_length=12, per_layer=True))
 
 
 def test_bf16_cache_stores_the_bits_a_bf16_cache_would(params, monkeypatch):

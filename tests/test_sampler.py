@@ -182,16 +182,19 @@ def test_top_p_mask_equals_sort_reference(shape):
 # the sampler
 
 
+@pytest.mark.parametrize("decode_block", [8, 0], ids=["blocks", "default"])
 @pytest.mark.parametrize("max_slots", [None, 2], ids=["static", "continuous"])
-def test_greedy_equals_transformers_generate(tiny_hf_dir, max_slots):
+def test_greedy_equals_transformers_generate(tiny_hf_dir, max_slots, decode_block):
     """Continuous: a pool of 2 rows serves 6 requests (3 prompts of 3, 7 and 12 tokens, n = 2), so
-    every prompt after the first waits for a refill."""
+    every prompt after the first waits for a refill. The decode steps' attention in blocks of 8 (24
+    slots: the loop runs), and as the platform's default (on CPU one pass over the sampler's per-layer
+    cache, `layers.decode_block_size`)."""
     import torch
     import transformers
 
     path = tiny_hf_dir(dtype="float32")
     config, params = hf.load(path, dtype="float32", compute_dtype="float32")
-    config = config.replace(decode_block_size=8)  # 24 slots: the decode steps' attention loop runs
+    config = config.replace(decode_block_size=decode_block)
     model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # never stop early: compare all max_tokens tokens
     model.generation_config.pad_token_id = 0
@@ -379,26 +382,28 @@ params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 15.0
 prompts = random_prompts([3, 9, 5, 12, 2, 7, 4, 10, 6, 8, 11, 1], seed=31)
 settings = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=16, seed=8, stop_token_ids=[5, 6, 7])
 limits = [16, 3, 16, 9, 16, 1, 16, 12, 16, 5, 16, 16]
-runs = {{}}
-for slots in (4, 16, 64):
-    for burst in (2, 9):
-        sampler = JaxSampler(TINY, params, max_length=MAX_LENGTH, min_prompt_bucket=8, max_slots=slots,
-                             burst_steps=burst)
-        runs[slots, burst] = sampler.generate(prompts, settings, max_tokens=limits)
-first = runs[4, 2]
-assert len(set(first.lengths.tolist())) > 4, first.lengths  # rows end at many different steps
-for key, batch in runs.items():
-    assert np.array_equal(batch.token_ids, first.token_ids), key
-    assert np.array_equal(batch.logprobs, first.logprobs), key
-    assert np.array_equal(batch.lengths, first.lengths), key
-print("identical", len(runs))
+for block in (8, 0):  # the attention loop's blocks of 8; the CPU default (one pass, per-layer cache)
+    runs = {{}}
+    for slots in (4, 16, 64):
+        for burst in (2, 9):
+            sampler = JaxSampler(TINY.replace(decode_block_size=block), params, max_length=MAX_LENGTH,
+                                 min_prompt_bucket=8, max_slots=slots, burst_steps=burst)
+            runs[slots, burst] = sampler.generate(prompts, settings, max_tokens=limits)
+    first = runs[4, 2]
+    assert len(set(first.lengths.tolist())) > 4, first.lengths  # rows end at many different steps
+    for key, batch in runs.items():
+        assert np.array_equal(batch.token_ids, first.token_ids), (block, key)
+        assert np.array_equal(batch.logprobs, first.logprobs), (block, key)
+        assert np.array_equal(batch.lengths, first.lengths), (block, key)
+    print("identical", len(runs), "with decode_block_size", block)
 """
 
 
 def test_continuous_samples_do_not_depend_on_pool_size_or_burst_length(continuous, params):
     """Same seed → identical tokens and log-probs (bit for bit, fp32) for pools of 4, 16 and 64 rows
     and bursts of 2 and 9 steps: rows end at different steps, so which slot a request takes and which
-    rows share its decode steps differ from run to run.
+    rows share its decode steps differ from run to run. With the attention loop's blocks of 8, and with
+    the CPU default (one pass over the per-layer cache) in the subprocess.
 
     In a subprocess whose XLA:CPU matmuls go through Eigen: XLA's default hands dots with 63 or more
     rows to YNNPACK, whose kernels round differently from Eigen's, so a 64-row pool would add fp32
@@ -414,7 +419,8 @@ def test_continuous_samples_do_not_depend_on_pool_size_or_burst_length(continuou
     out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT.format(tests=tests, root=str(ROOT))], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "identical 6" in out.stdout
+    assert "identical 6 with decode_block_size 8" in out.stdout
+    assert "identical 6 with decode_block_size 0" in out.stdout
 
     prompts = random_prompts([3, 9, 5, 12, 2, 7], seed=32)
     settings = SamplingParams(n=2, temperature=0.8, max_tokens=14, seed=2, stop_token_ids=[5, 6])
@@ -527,7 +533,8 @@ def compiled_burst(config: ModelConfig, devices: list, mesh_config: MeshConfig =
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes
     params = jax_sampler.abstract_held_params(config, mesh, rules, weights)
     sampling = SamplingParams(temperature=1.0, max_tokens=32)
-    state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH)
+    state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH,
+                                      jax_sampler.holds_per_layer_weights(mesh, weights))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.replicated(mesh))
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))["burst"]
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, jax_sampler.weight_rules(rules, weights), **kwargs)

@@ -251,10 +251,40 @@ def from_kv(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype)
 
 
-def decode_block_size() -> int:
-    """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0: 512 on GPUs and
-    TPUs (not yet measured there), 128 on CPU (the fastest of 32...512 for the bench's 64-row steps)."""
-    return 512 if target_platform() != "cpu" else 128
+ONE_PASS_SLOTS = 512  # CPU: a per-layer cache of up to this many slots is read in one pass (`decode_block_size`)
+
+
+def decode_block_size(slots: int, layers: int) -> int:
+    """Slots per block of `decode_attention`'s loop when `model.decode_block_size` is 0 (`slots`: one
+    pass). GPUs and TPUs: 512 (not yet measured there). CPU: one pass over a per-layer cache (`layers`
+    == 1: `qwen3.init_cache(per_layer=True)`, the sampler's) of up to `ONE_PASS_SLOTS` slots, where
+    `decode_one_pass` reads the layer's array in place; else blocks of 128 (the fastest of 32...512 for
+    the bench's 64-row steps). A block is a copy on XLA:CPU (its dynamic slice feeds a product), and so
+    is a whole layer sliced from a stacked cache: at 64 rows and 320 slots the 4 layers' attention took
+    9.5 ms in blocks, 5.5 ms in one pass over per-layer arrays (BENCHMARKS.md, session 17)."""
+    if target_platform() != "cpu":
+        return 512
+    return slots if layers == 1 and slots <= ONE_PASS_SLOTS else 128
+
+
+def decode_one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
+    """`cached_attention` for one query per row, written as multiply-reduce passes over the slots
+    instead of batched products: XLA:CPU fuses each into one loop that reads the layer's keys or values
+    once, at memory speed (~32 GB/s here), where the [B·K] batches of [G, H]·[H, S] products are bound by
+    per-product overhead (BENCHMARKS.md, session 17). Products and sums in fp32. A row's result is its
+    own: no reduction crosses rows.
+
+    Args: q [B, 1, N, H]; k, v [B, K, S, H] (already `from_kv`); the rest as `cached_attention`.
+    Returns: [B, 1, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    mask = attention_mask(q_segment, kv_segment, q_index, kv_index)[:, 0]  # [B, S]
+    query = q.reshape(B, K, N // K, 1, H).astype(jnp.float32)
+    scores = jnp.sum(query * k[:, :, None].astype(jnp.float32), axis=-1) * H**-0.5  # [B, K, G, S]
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG_INF), axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, H]
+    return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
@@ -269,7 +299,8 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     A block past a row's own slot is an exact no-op for it (every score masked: nothing added, nothing
     rescaled), and each row's products are its own, so a row's output does not depend on the other
     rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
-    most one block is `cached_attention` over the layer.
+    most one block is read in one pass over the layer: `decode_one_pass` on CPU, `cached_attention`
+    elsewhere. A per-layer cache (the sampler's) comes as a stack of one layer ([1, B, K, S, H]).
 
     The cache is read as stored (`kv_storage_dtype`): XLA:CPU slices a bf16 array by converting the
     slice's whole operand to fp32, and hoists that conversion of a loop-invariant operand out of the
@@ -285,10 +316,11 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     _, _, K, S, _ = cache_k.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
-    block = min(block_size or decode_block_size(), S)
+    block = min(block_size or decode_block_size(S, cache_k.shape[0]), S)
     if block == S:
         k, v = (from_kv(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False), q.dtype) for x in (cache_k, cache_v))
-        return cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index)
+        one_pass = decode_one_pass if target_platform() == "cpu" else cached_attention
+        return one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index)
     G = N // K
     q_index = jnp.broadcast_to(q_index.reshape(-1, 1) if q_index.ndim == 2 else q_index[None], (B, 1))[:, 0]  # [B]
     query = q.reshape(B, K, G, H)

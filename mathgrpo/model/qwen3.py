@@ -57,30 +57,39 @@ class KVCache:
 
     `index` is one slot for all rows (the static sampler left-pads its prompts so every row writes the
     same slot) or one slot per row (the continuous sampler's pool, whose rows hold requests of
-    different lengths; one new token per row per step)."""
+    different lengths; one new token per row per step).
+
+    Stacked ([L, B, K, S, H] arrays) or per layer (tuples of L [B, K, S, H] arrays), the layout of the
+    weights that write it: the sampler holds both per layer (`init_cache(per_layer=True)`), so that a
+    decode step reads each layer's slots in place (`layers.decode_block_size`)."""
 
     # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them; stored as
     # `layers.kv_storage_dtype` says (bf16 values as uint16 bits on CPU), read with `layers.from_kv`.
-    k: jax.Array
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L × [B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
     index: jax.Array  # [] or [B] int32: the next slot to write
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
+
+    @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.segment_ids.shape[1]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
-    """An empty cache of `config.compute_dtype` keys and values, in their storage dtype."""
+def init_cache(config: ModelConfig, batch: int, max_length: int, per_layer: bool = False) -> KVCache:
+    """An empty cache of `config.compute_dtype` keys and values, in their storage dtype; `per_layer`:
+    one array per layer (for per-layer weights, `unstack_layers`) instead of one stack."""
     dtype = kv_storage_dtype(config.compute_dtype)
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        segment_ids=jnp.zeros((batch, max_length), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-    )
+    layer = (batch, config.num_key_value_heads, max_length, config.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(layer, dtype) for _ in range(config.num_hidden_layers))
+        v = tuple(jnp.zeros(layer, dtype) for _ in range(config.num_hidden_layers))
+    else:
+        k, v = (jnp.zeros((config.num_hidden_layers,) + layer, dtype) for _ in range(2))
+    return KVCache(k=k, v=v, segment_ids=jnp.zeros((batch, max_length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array,
@@ -111,7 +120,8 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
                   n: int) -> tuple[jax.Array, jax.Array]:
     """Copies prompt a's keys and values ([L, A, K, T, H], stored as the pool's) into slots 0..T-1 of
     rows rows[a·n .. a·n+n-1] of the [L, B, K, S, H] caches, in place (the continuous sampler's
-    admission: a prompt's n samples share its prefill); a row index >= B writes nothing.
+    admission: a prompt's n samples share its prefill); a row index >= B writes nothing. Per-layer
+    caches (tuples, `init_cache(per_layer=True)`) take per-layer prompt caches, written layer by layer.
 
     The form is chosen per platform, as in `write_rows`, because each compiler keeps a different one in
     place (measured with `plan`). XLA:GPU: one `dynamic_update_slice` at offset 0 of every row's first T
@@ -119,6 +129,11 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
     temporary); a loop of per-row writes made it lay the loop's cache out rows-first and copy it whole.
     XLA:CPU: that loop, one row at a time, which it updates in place; it copies the cache for the
     single write (its update reads the operand)."""
+    if isinstance(cache_k, tuple):  # per-layer caches: each layer's as a stack of one
+        if not isinstance(k, tuple) or len(k) != len(cache_k):
+            raise ValueError(f"per-layer pool caches take per-layer prompt caches of {len(cache_k)} layers")
+        written = [write_prompts(*(x[None] for x in layer), rows, n) for layer in zip(cache_k, cache_v, k, v)]
+        return tuple(layer_k[0] for layer_k, _ in written), tuple(layer_v[0] for _, layer_v in written)
     if (k.dtype, v.dtype) != (cache_k.dtype, cache_v.dtype):
         raise ValueError(f"the prompts' keys/values are stored as {k.dtype}/{v.dtype}, the pool's as "
                          f"{cache_k.dtype}/{cache_v.dtype}: expected both caches from `init_cache` of one config")
@@ -418,11 +433,24 @@ class Qwen3(nn.Module):
             raise ValueError(f"grad_sink needs the training forward (no cache) under remat_policy in {FULL_REMAT}, got "
                              f"remat_policy={self.config.remat_policy!r}, cache={cache is not None}")
         per_layer = None if self.is_initializing() else self.variables["params"]["layers"]
+        if cache is not None and cache.per_layer and not isinstance(per_layer, tuple):
+            raise ValueError("a per-layer KV cache (init_cache(per_layer=True)) needs per-layer params "
+                             "(unstack_layers); these params are stacked")
         if isinstance(per_layer, tuple):  # `unstack_layers`: one tree per layer, applied in order
             layer = DecoderLayer(self.config, parent=None)  # unbound: applied to explicit params
+            own = cache is not None and cache.per_layer
+            layers_k, layers_v = (list(cache_kv[0]), list(cache_kv[1])) if own else (None, None)
             for index, layer_params in enumerate(per_layer):
-                (x, cache_kv), _ = layer.apply({"params": layer_params}, (x, cache_kv), positions, segment_ids,
-                                               kv_segment, q_index, kv_index, cache_index, jnp.int32(index))
+                # A per-layer cache: the layer's own [B, K, S, H] arrays, seen as a stack of one (a bitcast).
+                carry = (x, (layers_k[index][None], layers_v[index][None])) if own else (x, cache_kv)
+                (x, carried), _ = layer.apply({"params": layer_params}, carry, positions, segment_ids, kv_segment,
+                                              q_index, kv_index, cache_index, jnp.int32(0 if own else index))
+                if own:
+                    layers_k[index], layers_v[index] = carried[0][0], carried[1][0]
+                else:
+                    cache_kv = carried
+            if own:
+                cache_kv = (tuple(layers_k), tuple(layers_v))
         elif cache is None and self.config.remat_policy in FULL_REMAT and not self.is_initializing():
             x = full_remat_layers(self.config, self.variables["params"]["layers"], x,
                                   (positions, segment_ids, kv_segment, q_index, kv_index), grad_sink)

@@ -57,11 +57,15 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_
         transform_non_params=lambda _: replicated(mesh))
 
 
-def cache_shardings(mesh: Mesh) -> Any:
-    """Shardings of a KVCache: batch over (data, fsdp), kv heads over tensor."""
+def cache_shardings(mesh: Mesh, layers: int | None = None) -> Any:
+    """Shardings of a KVCache: batch over (data, fsdp), kv heads over tensor; stacked, or a per-layer
+    cache of `layers` layers."""
     from mathgrpo.model import KVCache
 
-    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))  # [L, B, K, S, H]
+    if layers is None:
+        kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))  # [L, B, K, S, H]
+    else:
+        kv = (NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None)),) * layers  # L × [B, K, S, H]
     return KVCache(k=kv, v=kv, segment_ids=NamedSharding(mesh, PartitionSpec(BATCH_AXES, None)),
                    index=replicated(mesh))
 

@@ -94,7 +94,7 @@ from mathgrpo.rollout.sampling import sample
 class SamplingState:
     """Everything the decode loop carries. M = the call's max_tokens."""
 
-    cache: KVCache  # k, v [L, B, K, S, H]; index [] (static) or [B] (pool: = position)
+    cache: KVCache  # k, v [L, B, K, S, H] or per layer; index [] (static) or [B] (pool: = position)
     last_token: jax.Array  # [B] int32, the token fed to the next step
     position: jax.Array  # [B] int32, its position in its sequence
     done: jax.Array  # [B] bool, row has ended (or is padding / a free slot)
@@ -116,13 +116,13 @@ def _is_stop(tokens: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
 
 
-def state_shardings(mesh: Mesh, per_row_index: bool = False) -> SamplingState:
-    """Shardings of a SamplingState: the cache as sharding.cache_shardings (its index split like the
-    rows in a pool), every other [B, ...] buffer split on its batch dimension over (data, fsdp) (the
-    rows' keys too), the step replicated."""
+def state_shardings(mesh: Mesh, per_row_index: bool = False, layers: int | None = None) -> SamplingState:
+    """Shardings of a SamplingState: the cache as sharding.cache_shardings (per layer when `layers` is
+    given; its index split like the rows in a pool), every other [B, ...] buffer split on its batch
+    dimension over (data, fsdp) (the rows' keys too), the step replicated."""
     rows = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES))  # [B]
     columns = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None))  # [B, M]
-    cache = parallel_shardings.cache_shardings(mesh)
+    cache = parallel_shardings.cache_shardings(mesh, layers)
     if per_row_index:
         cache = cache.replace(index=rows)
     return SamplingState(cache=cache, last_token=rows, position=rows, done=rows, tokens=columns,
@@ -134,7 +134,8 @@ def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
     carry in the layout the jit's in/out shardings expect."""
     if mesh is None:
         return state
-    return jax.lax.with_sharding_constraint(state, state_shardings(mesh, state.cache.index.ndim == 1))
+    layers = len(state.cache.k) if state.cache.per_layer else None
+    return jax.lax.with_sharding_constraint(state, state_shardings(mesh, state.cache.index.ndim == 1, layers))
 
 
 def row_keys(seed_key: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -146,6 +147,11 @@ def row_keys(seed_key: jax.Array, row_ids: jax.Array) -> jax.Array:
 def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
     """The rows' keys for generated token `step` ([] for all rows, or [B]: each row's own token index)."""
     return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(step) else None))(keys, step)
+
+
+def _per_layer(params: Any) -> bool:
+    """Whether `params` are the sampler's per-layer copy (`hold`), whose caches are per layer too."""
+    return isinstance(params["layers"], tuple)
 
 
 def _last_logits(config: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
@@ -170,7 +176,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
     B, T = prompt_tokens.shape
     M = sampling.max_tokens
     with jax.named_scope("prefill"):
-        cache = init_cache(config, B, T + M)  # the cache is born inside the jit: no host copy
+        cache = init_cache(config, B, T + M, _per_layer(params))  # born inside the jit: no host copy
         positions = positions_from_segments(prompt_segments)  # [B, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
                                 return_hidden=True)  # [B, T, D]
@@ -235,10 +241,11 @@ def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, par
 
 
 def empty_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, slots: int,
-               length: int) -> SamplingState:
-    """A pool of `slots` free rows of `length` KV slots each (M = sampling.max_tokens columns)."""
+               length: int, per_layer: bool) -> SamplingState:
+    """A pool of `slots` free rows of `length` KV slots each (M = sampling.max_tokens columns), its
+    cache per layer where the sampler's weights are (`holds_per_layer_weights`)."""
     M = sampling.max_tokens
-    cache = init_cache(config, slots, length)
+    cache = init_cache(config, slots, length, per_layer)
     rows = jnp.zeros((slots,), jnp.int32)
     state = SamplingState(
         cache=cache.replace(index=rows), last_token=rows, position=rows, done=jnp.ones((slots,), bool),
@@ -267,7 +274,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         segments = (jnp.arange(T)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)  # [A, P]
         positions = jnp.where(segments != 0, jnp.arange(T, dtype=jnp.int32), 0)
         hidden, prompt_cache = forward(config, params, prompt_tokens, positions, segments,
-                                       init_cache(config, A, T), return_hidden=True)  # [A, P, D]
+                                       init_cache(config, A, T, state.cache.per_layer), return_hidden=True)
         last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         logits = jnp.repeat(_last_logits(config, params, last), n, axis=0)  # [A·n, V]: one head pass per prompt
         keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
@@ -313,9 +320,10 @@ def gather_rows(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None
     del config, sampling
     take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
     cache = state.cache
+    take_kv = (lambda x: tuple(map(take, x))) if cache.per_layer else (lambda x: jnp.take(x, rows, axis=1))  # noqa: E731
     state = jax.tree.map(take, state.replace(cache=None, step=None)).replace(
-        cache=cache.replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
-                            segment_ids=take(cache.segment_ids), index=take(cache.index)),
+        cache=cache.replace(k=take_kv(cache.k), v=take_kv(cache.v), segment_ids=take(cache.segment_ids),
+                            index=take(cache.index)),
         step=state.step)
     return _constrain(state, mesh)
 
@@ -325,16 +333,17 @@ FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "ad
 
 
 def abstract_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, rows: int,
-                  length: int) -> SamplingState:
+                  length: int, per_layer: bool) -> SamplingState:
     """`empty_pool`'s shapes and dtypes, in the pool's shardings on `mesh` (None: unsharded), traced
     under the mesh so that its KV storage dtype is its devices' (`layers.kv_storage_dtype`: `plan`
     describes GPUs from a CPU process)."""
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = jax.eval_shape(lambda: empty_pool(config, sampling, None, rows, length))
+        state = jax.eval_shape(lambda: empty_pool(config, sampling, None, rows, length, per_layer))
     if mesh is None:
         return state
+    layers = config.num_hidden_layers if per_layer else None
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                        state_shardings(mesh, per_row_index=True))
+                        state_shardings(mesh, per_row_index=True, layers=layers))
 
 
 WEIGHTS = ("replicated", "sharded")  # rollout.sampler_weights
@@ -415,13 +424,15 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     shardings. `plan` compiles the sampler's functions with these too."""
     kwargs = {name: dict(static_argnums=(0, 1, 2), donate_argnums=(4,)) for name in FUNCTIONS}
     kwargs["prefill"]["donate_argnums"] = ()
-    kwargs["empty_pool"] = dict(static_argnums=(0, 1, 2, 3, 4))
+    kwargs["empty_pool"] = dict(static_argnums=(0, 1, 2, 3, 4, 5))
     kwargs["gather_rows"]["donate_argnums"] = ()
     if mesh is None:
         return kwargs
     prompts, one = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)), parallel_shardings.replicated(mesh)
     rows = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES))
-    state, pool, weights = state_shardings(mesh), state_shardings(mesh, per_row_index=True), param_shardings
+    layers = len(param_shardings["layers"]) if isinstance(param_shardings["layers"], tuple) else None
+    state, pool = state_shardings(mesh, layers=layers), state_shardings(mesh, per_row_index=True, layers=layers)
+    weights = param_shardings
     kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state)
     kwargs["decode"].update(in_shardings=(weights, state), out_shardings=state)
     kwargs["empty_pool"].update(out_shardings=pool)
@@ -590,7 +601,7 @@ class JaxSampler:
         widths = tail_widths(rows, self.batch_shards)
         one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
         config, mesh = self.config, self.mesh
-        abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length)
+        abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length, per_layer=self.per_layer)
 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
@@ -680,7 +691,7 @@ class JaxSampler:
         config, mesh = self.config, self.mesh
         refill, width = admission(B, n, self.batch_shards)
         tail = self._prepare_tail(static, B, T + M)
-        state = self._empty_pool(config, static, mesh, B, T + M)
+        state = self._empty_pool(config, static, mesh, B, T + M, self.per_layer)
         waiting = collections.deque(range(len(prompts)))
         owner = np.full((B,), -1)  # the row (prompt * n + sample) each slot serves, -1: free
         results: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -313,7 +313,8 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     pool_rows, length = slots_per_device * shards, inputs.max_prompt_length + sampling.max_tokens
     rules = jax_sampler.weight_rules(rules, inputs.sampler_weights)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
-    state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length)
+    state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length,
+                                      isinstance(params["layers"], tuple))
     one = parallel_shardings.replicated(mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
