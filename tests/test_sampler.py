@@ -533,8 +533,8 @@ def compiled_burst(config: ModelConfig, devices: list, mesh_config: MeshConfig =
     mesh = Mesh(mesh.devices, mesh.axis_names)  # the sampler's Auto axes
     params = jax_sampler.abstract_held_params(config, mesh, rules, weights)
     sampling = SamplingParams(temperature=1.0, max_tokens=32)
-    state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH,
-                                      jax_sampler.holds_per_layer_weights(mesh, weights))
+    state = jax_sampler.abstract_pool(config, sampling, mesh, 64, MAX_LENGTH, jax_sampler.per_layer_cache(
+        mesh, jax_sampler.holds_per_layer_weights(mesh, weights)))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.replicated(mesh))
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))["burst"]
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, jax_sampler.weight_rules(rules, weights), **kwargs)

@@ -149,9 +149,15 @@ def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(step) else None))(keys, step)
 
 
-def _per_layer(params: Any) -> bool:
-    """Whether `params` are the sampler's per-layer copy (`hold`), whose caches are per layer too."""
-    return isinstance(params["layers"], tuple)
+def per_layer_cache(mesh: Mesh | None, per_layer_weights: bool) -> bool:
+    """Whether the sampler's KV caches are per layer (`init_cache(per_layer=True)`): beside per-layer
+    weights (`holds_per_layer_weights`), on CPU, where a decode step then reads a short cache in one
+    pass where it lies (`layers.decode_block_size`: the bench's 64-row step 52 -> 47 ms). GPUs keep the
+    stacked cache: nothing was measured to gain there, and per layer XLA:GPU's admission held 1.6 GB
+    more temporaries at the 4B training rollout's shapes (plan, 8 described H100s; BENCHMARKS.md,
+    session 17)."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    return per_layer_weights and platform == "cpu"
 
 
 def _last_logits(config: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
@@ -176,7 +182,8 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
     B, T = prompt_tokens.shape
     M = sampling.max_tokens
     with jax.named_scope("prefill"):
-        cache = init_cache(config, B, T + M, _per_layer(params))  # born inside the jit: no host copy
+        # Born inside the jit (no host copy); per layer as `per_layer_cache` says.
+        cache = init_cache(config, B, T + M, per_layer_cache(mesh, isinstance(params["layers"], tuple)))
         positions = positions_from_segments(prompt_segments)  # [B, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
                                 return_hidden=True)  # [B, T, D]
@@ -243,7 +250,7 @@ def decode(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, par
 def empty_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, slots: int,
                length: int, per_layer: bool) -> SamplingState:
     """A pool of `slots` free rows of `length` KV slots each (M = sampling.max_tokens columns), its
-    cache per layer where the sampler's weights are (`holds_per_layer_weights`)."""
+    cache per layer if `per_layer` (`per_layer_cache`)."""
     M = sampling.max_tokens
     cache = init_cache(config, slots, length, per_layer)
     rows = jnp.zeros((slots,), jnp.int32)
@@ -430,7 +437,8 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
         return kwargs
     prompts, one = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)), parallel_shardings.replicated(mesh)
     rows = NamedSharding(mesh, P(parallel_mesh.BATCH_AXES))
-    layers = len(param_shardings["layers"]) if isinstance(param_shardings["layers"], tuple) else None
+    held = param_shardings["layers"]
+    layers = len(held) if per_layer_cache(mesh, isinstance(held, tuple)) else None
     state, pool = state_shardings(mesh, layers=layers), state_shardings(mesh, per_row_index=True, layers=layers)
     weights = param_shardings
     kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state)
@@ -601,7 +609,8 @@ class JaxSampler:
         widths = tail_widths(rows, self.batch_shards)
         one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
         config, mesh = self.config, self.mesh
-        abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length, per_layer=self.per_layer)
+        abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length,
+                                     per_layer=per_layer_cache(mesh, self.per_layer))
 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
@@ -691,7 +700,7 @@ class JaxSampler:
         config, mesh = self.config, self.mesh
         refill, width = admission(B, n, self.batch_shards)
         tail = self._prepare_tail(static, B, T + M)
-        state = self._empty_pool(config, static, mesh, B, T + M, self.per_layer)
+        state = self._empty_pool(config, static, mesh, B, T + M, per_layer_cache(mesh, self.per_layer))
         waiting = collections.deque(range(len(prompts)))
         owner = np.full((B,), -1)  # the row (prompt * n + sample) each slot serves, -1: free
         results: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -314,7 +314,7 @@ def _pool_memory(inputs: PlanInputs, mesh, rules, params, slots_per_device: int,
     rules = jax_sampler.weight_rules(rules, inputs.sampler_weights)
     kwargs = jax_sampler.jit_shardings(mesh, jax.tree.map(lambda a: a.sharding, params))
     state = jax_sampler.abstract_pool(model, sampling, mesh, pool_rows, length,
-                                      isinstance(params["layers"], tuple))
+                                      jax_sampler.per_layer_cache(mesh, isinstance(params["layers"], tuple)))
     one = parallel_shardings.replicated(mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
     burst = parallel_mesh.MeshJit(jax_sampler.burst, mesh, rules, **kwargs["burst"])
