@@ -262,7 +262,8 @@ class ModelConfig:
     # row). cuDNN's backward workspace grows with this × row length (recipe: 8).
     attention_max_segments: int = 16
     # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
-    # platform's default (512 on GPUs and TPUs, 128 on CPU).
+    # platform's default (512 on GPUs and TPUs; on CPU 128, or one pass over the sampler's per-layer cache of
+    # up to 512 slots: layers.decode_block_size).
     decode_block_size: int = 0
     token_chunk_size: int = 0  # > 0: position-wise parts (q/k/v, o_proj, MLP) run in chunks of this many tokens
     scan_layers: bool = True  # nn.scan over layers (one compiled layer) vs unrolled
@@ -475,7 +476,8 @@ class ModelSource:
     attention_block_size: int = 512
     attention_max_segments: int = 16
     # KV slots per block of the decode step's attention loop (model/layers.decode_attention); 0: the
-    # platform's default (512 on GPUs and TPUs, 128 on CPU).
+    # platform's default (512 on GPUs and TPUs; on CPU 128, or one pass over the sampler's per-layer cache of
+    # up to 512 slots: layers.decode_block_size).
     decode_block_size: int = 0
     token_chunk_size: int = 0
     scan_layers: bool = True

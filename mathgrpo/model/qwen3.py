@@ -60,8 +60,9 @@ class KVCache:
     different lengths; one new token per row per step).
 
     Stacked ([L, B, K, S, H] arrays) or per layer (tuples of L [B, K, S, H] arrays), the layout of the
-    weights that write it: the sampler holds both per layer (`init_cache(per_layer=True)`), so that a
-    decode step reads each layer's slots in place (`layers.decode_block_size`)."""
+    weights that write it: on CPU the sampler holds both per layer (`init_cache(per_layer=True)`,
+    `jax_sampler.per_layer_cache`), so that a decode step reads each layer's slots in place
+    (`layers.decode_block_size`)."""
 
     # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them; stored as
     # `layers.kv_storage_dtype` says (bf16 values as uint16 bits on CPU), read with `layers.from_kv`.
