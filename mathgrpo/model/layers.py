@@ -423,9 +423,12 @@ def blockwise_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, *, bl
     return out.swapaxes(0, 1).reshape(B, num_blocks * block_size, N, H)[:, :T]
 
 
-def target_platform() -> str:
-    """The platform this trace is compiled for: that of the devices of the mesh in context (`plan`
-    compiles for described GPUs from a process whose backend may be the CPU), else JAX's backend."""
+def target_platform(mesh: jax.sharding.Mesh | None = None) -> str:
+    """The platform a trace is compiled for: that of `mesh`'s devices, else of the devices of the mesh
+    in context (`plan` compiles for described GPUs from a process whose backend may be the CPU), else
+    JAX's backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)  # None outside a mesh
     return device.platform if device is not None else jax.default_backend()
 

@@ -83,6 +83,7 @@ from mathgrpo.model import (
     unstack_layers,
     write_prompts,
 )
+from mathgrpo.model.layers import target_platform
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
 from mathgrpo.parallel.mesh import MeshJit
@@ -156,8 +157,7 @@ def per_layer_cache(mesh: Mesh | None, per_layer_weights: bool) -> bool:
     stacked cache: nothing was measured to gain there, and per layer XLA:GPU's admission held 1.6 GB
     more temporaries at the 4B training rollout's shapes (plan, 8 described H100s; BENCHMARKS.md,
     session 17)."""
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    return per_layer_weights and platform == "cpu"
+    return per_layer_weights and target_platform(mesh) == "cpu"
 
 
 def _last_logits(config: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
@@ -537,6 +537,7 @@ class JaxSampler:
         # (`holds_per_layer_weights`) or stacked. On a mesh: `source_shardings` are where update_weights
         # takes the params (training's, checks head/width divisibility), `param_shardings` the copy's.
         self.per_layer = holds_per_layer_weights(mesh, weights)
+        self.per_layer_cache = per_layer_cache(mesh, self.per_layer)  # its pools' KV layout
         self.source_shardings = None if mesh is None else parallel_shardings.param_shardings(config, mesh, rules)
         self.param_shardings = None if mesh is None else held_shardings(config, mesh, rules, weights)
         self._hold = jax.jit(functools.partial(hold, config, self.per_layer),
@@ -610,7 +611,7 @@ class JaxSampler:
         one = None if self.mesh is None else parallel_shardings.replicated(self.mesh)
         config, mesh = self.config, self.mesh
         abstract = functools.partial(abstract_pool, config, sampling, mesh, length=length,
-                                     per_layer=per_layer_cache(mesh, self.per_layer))
+                                     per_layer=self.per_layer_cache)
 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
@@ -700,7 +701,7 @@ class JaxSampler:
         config, mesh = self.config, self.mesh
         refill, width = admission(B, n, self.batch_shards)
         tail = self._prepare_tail(static, B, T + M)
-        state = self._empty_pool(config, static, mesh, B, T + M, per_layer_cache(mesh, self.per_layer))
+        state = self._empty_pool(config, static, mesh, B, T + M, self.per_layer_cache)
         waiting = collections.deque(range(len(prompts)))
         owner = np.full((B,), -1)  # the row (prompt * n + sample) each slot serves, -1: free
         results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
