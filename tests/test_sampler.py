@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mathgrpo.config import MeshConfig, ModelConfig
@@ -119,14 +120,16 @@ def p_for_nucleus_size(probs, size):
 
 
 def test_truncation_masks_equal_numpy():
+    """The masks take vocab-major logits ([V, B], a column per row, sampling.py)."""
     logits_ = np.random.default_rng(0).normal(0, 2, (4, 50)).astype(np.float32)
+    columns = jnp.asarray(logits_.T)  # [V, B]
     for k in (1, 5, 50, 80):
         expected = np.stack([np_support(row, 1.0, k, 1.0)[0] for row in logits_])
-        np.testing.assert_array_equal(top_k_mask(jnp.asarray(logits_), k), expected)
+        np.testing.assert_array_equal(top_k_mask(columns, k).T, expected)
     for p in (1e-6, 0.3, 0.9, 1.0):
         expected = np.stack([np_support(row, 1.0, -1, p)[0] for row in logits_])
-        np.testing.assert_array_equal(top_p_mask(jnp.asarray(logits_), p), expected)
-    assert np.asarray(top_p_mask(jnp.asarray(logits_), 1e-6)).sum(-1).tolist() == [1, 1, 1, 1]
+        np.testing.assert_array_equal(top_p_mask(columns, p).T, expected)
+    assert np.asarray(top_p_mask(columns, 1e-6)).sum(0).tolist() == [1, 1, 1, 1]
 
 
 def sort_top_p_mask(logits, p):
@@ -148,7 +151,7 @@ def mixed_logit_rows(vocab, seed):
                      rng.normal(0, 1e-3, vocab), np.zeros(vocab), np.round(rng.normal(0, 2, vocab)),
                      rng.integers(0, 3, vocab).astype(float),
                      np.where(np.arange(vocab) == 3, 50.0, rng.normal(0, 1, vocab))]).astype(np.float32)
-    top_k = np.asarray(top_k_mask(jnp.asarray(rows), max(1, vocab // 5)))
+    top_k = np.asarray(top_k_mask(jnp.asarray(rows.T), max(1, vocab // 5))).T
     return np.concatenate([rows, np.where(top_k, rows, -np.inf).astype(np.float32)])
 
 
@@ -165,7 +168,8 @@ def test_top_p_mask_equals_sort_reference(shape):
     exact = np.exp(flat - flat.max(-1, keepdims=True))
     exact /= exact.sum(-1, keepdims=True)
     for p in (0.1, 0.5, 0.9, 0.95, 0.999, 1 - 1e-7):
-        mask = np.asarray(jax.jit(top_p_mask, static_argnums=1)(jnp.asarray(logits_), p))
+        vocab_major = jnp.asarray(np.moveaxis(logits_, -1, 0))  # [V, ...] as top_p_mask takes them
+        mask = np.moveaxis(np.asarray(jax.jit(top_p_mask, static_argnums=1)(vocab_major, p)), 0, -1)
         reference = np.asarray(sort_top_p_mask(jnp.asarray(logits_), p)) & np.isfinite(logits_)
         assert mask.shape == logits_.shape and mask.dtype == bool
         mask, reference = mask.reshape(flat.shape), reference.reshape(flat.shape)
@@ -507,17 +511,26 @@ def test_the_sampler_holds_per_layer_weights(continuous, params):
 
 def test_the_sampler_holds_its_weights_in_the_compute_dtype(params):
     """fp32 master weights with bf16 compute: the sampler's copy is bf16 (`hold`), half the bytes, and
-    the forward gives the same logits bit for bit on it as on the fp32 params (in the same per-layer
-    layout), whose weights it casts to bf16 where it uses them. An fp32 model keeps fp32."""
+    the forward gives the same hidden states bit for bit on it as on the fp32 params (in the same
+    per-layer layout), whose weights it casts to bf16 where it uses them. Its LM head is held as [V, D]
+    rows (`vocab_major`), whose vocab-major logits are the model's head, transposed. An fp32 model keeps
+    fp32."""
     config = TINY.replace(compute_dtype="bfloat16")
     sampler = JaxSampler(config, params, max_length=MAX_LENGTH, max_slots=4)
     held = jax.tree.leaves(sampler.params)
     assert {leaf.dtype for leaf in held} == {jnp.dtype(jnp.bfloat16)}
     assert sum(leaf.nbytes for leaf in held) * 2 == sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    assert sampler.params["lm_head"]["rows"].shape == params["lm_head"]["kernel"].shape[::-1]
     tokens = jnp.asarray(random_prompts([12, 12], seed=16), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
-    logits = functools.partial(forward, config, tokens=tokens, positions=positions, segment_ids=jnp.ones_like(tokens))
-    np.testing.assert_array_equal(logits(params=sampler.params)[0], logits(params=unstack_layers(config, params))[0])
+    run = functools.partial(forward, config, tokens=tokens, positions=positions, segment_ids=jnp.ones_like(tokens))
+    hidden = run(params=sampler.params, return_hidden=True)[0]  # [B, T, D]
+    np.testing.assert_array_equal(hidden, run(params=unstack_layers(config, params), return_hidden=True)[0])
+    # The model's head on the last position: bf16 operands, fp32 accumulation, as vocab_logits computes it.
+    kernel = params["lm_head"]["kernel"].astype(jnp.bfloat16)  # [D, V]
+    expected = jnp.einsum("bd,dv->bv", hidden[:, -1], kernel, preferred_element_type=jnp.float32)
+    got = jax_sampler.vocab_logits(config, sampler.params, hidden[:, -1])  # [V, B]
+    np.testing.assert_allclose(np.asarray(got).T, np.asarray(expected), rtol=1e-5, atol=1e-5)
     fp32 = JaxSampler(TINY, params, max_length=MAX_LENGTH, max_slots=4)
     assert {leaf.dtype for leaf in jax.tree.leaves(fp32.params)} == {jnp.dtype(jnp.float32)}
 
@@ -645,6 +658,10 @@ def test_mesh_params_sharded_as_training_and_greedy_matches_single_device(sample
     flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
     kept = training if weights == "sharded" else shardings.param_shardings(
         TINY, mesh, jax_sampler.weight_rules(rules, weights))
+    # The untied head is held as [V, D] rows (`vocab_major`): the kernel's [D, V] spec, reversed.
+    head = kept["lm_head"]["kernel"]
+    head_spec = tuple(head.spec) + (None,) * (2 - len(head.spec))
+    kept = {**kept, "lm_head": {"rows": NamedSharding(mesh, P(*head_spec[::-1]))}}
     held = jax.tree.leaves(unstack_layers(TINY, kept) if jax_sampler.holds_per_layer_weights(mesh, weights) else kept)
     assert len(flat) == len(held)
     split = fsdp * tensor if weights == "sharded" else tensor
@@ -710,15 +727,17 @@ def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
     from mathgrpo.rollout.sampling import categorical
 
     inf = float("inf")
+    # Groups of 4 tokens over V = 10: 3 strided groups (tokens g, g + 3, g + 6, g + 9) of a padded copy,
+    # whose -inf tokens 10 and 11 end groups 1 and 2.
     rows = jnp.array([
-        [0.0, 1.0, -inf, 2.0, -1.0, -inf, -inf, 0.5, 3.0, -inf],  # blocks of 4: last block partial
+        [0.0, 1.0, -inf, 2.0, -1.0, -inf, -inf, 0.5, 3.0, -inf],
         [-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, 5.0, -inf],  # all mass on one token
         [40.0, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -30.0],  # extreme spread, first and last
     ])
     draws = 100_000
     keys = jax.random.split(jax.random.key(0), draws)
-    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows, block=4)[0]))(keys))  # [draws, 3]
-    _, lse = categorical(keys[0], rows, block=4)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows.T, block=4)[0]))(keys))  # [draws, 3]
+    _, lse = categorical(keys[0], rows.T, block=4)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(rows, axis=-1)), rtol=1e-6)
     for r in range(rows.shape[0]):
         probs = np.asarray(jax.nn.softmax(rows[r]), np.float64)

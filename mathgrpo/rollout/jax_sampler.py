@@ -78,12 +78,11 @@ from mathgrpo.model import (
     abstract_params,
     forward,
     init_cache,
-    output_kernel,
     positions_from_segments,
     unstack_layers,
     write_prompts,
 )
-from mathgrpo.model.layers import target_platform
+from mathgrpo.model.layers import cast_sharded, target_platform
 from mathgrpo.parallel import mesh as parallel_mesh
 from mathgrpo.parallel import shardings as parallel_shardings
 from mathgrpo.parallel.mesh import MeshJit
@@ -160,10 +159,26 @@ def per_layer_cache(mesh: Mesh | None, per_layer_weights: bool) -> bool:
     return per_layer_weights and target_platform(mesh) == "cpu"
 
 
-def _last_logits(config: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
-    """fp32 logits [B, V] of hidden states [B, D]: only the last prompt position needs the head."""
-    kernel = output_kernel(config, params)  # [D, V]
-    return jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+def head_rows(config: ModelConfig, held: Any) -> Any:
+    """The LM head of the sampler's copy (`hold`) as [V, D] rows: the embedding where it is tied, else
+    the held `lm_head` `rows` (the kernel transposed once by `vocab_major`)."""
+    return held["embed_tokens"]["embedding"] if config.tie_word_embeddings else held["lm_head"]["rows"]
+
+
+def vocab_logits(config: ModelConfig, held: Any, hidden: jax.Array) -> jax.Array:
+    """fp32 logits [V, B] (vocab-major, as `sampling.sample` takes them) of final hidden states [B, D]:
+    the head's rows as the left operand, W [V, D] · hᵀ (rollout/sampling.py says why).
+
+    One row is computed as two (a zero row beside it): XLA:CPU runs a [V, D] · [D, 1] product as a
+    matrix-vector kernel that rounds differently from its GEMM, and a row's samples must not depend on
+    how many rows share its step (an admission of one prompt, a pool of one row)."""
+    compute = jnp.dtype(config.compute_dtype)
+    rows = cast_sharded(head_rows(config, held), compute, ("vocab", "embed"))
+    columns = hidden.shape[0]
+    hidden = jnp.pad(hidden, ((0, 1), (0, 0))) if columns == 1 else hidden
+    logits = jax.lax.dot_general(rows, hidden.astype(compute), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)[:, :columns]
+    return flax.linen.with_logical_constraint(logits, ("vocab", "batch"))
 
 
 def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
@@ -187,7 +202,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         positions = positions_from_segments(prompt_segments)  # [B, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
                                 return_hidden=True)  # [B, T, D]
-        logits = _last_logits(config, params, hidden[:, -1])  # [B, V]
+        logits = vocab_logits(config, params, hidden[:, -1])  # [V, B]: only the last prompt position
         keys = row_keys(seed_key, row_ids)  # [B]
         token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B], [B]
     real = prompt_segments[:, -1] != 0  # [B]
@@ -216,8 +231,9 @@ def _one_token(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
     if cache.index.ndim == 1:  # a pool: each row writes the slot of its own position
         cache = cache.replace(index=state.position)
     segments = jnp.ones_like(tokens)
-    logits, cache = forward(config, params, tokens, state.position[:, None], segments, cache)
-    token, logprob = sample(step_keys(state.rng, state.lengths), logits[:, 0], sampling)  # [B], [B]
+    hidden, cache = forward(config, params, tokens, state.position[:, None], segments, cache, return_hidden=True)
+    logits = vocab_logits(config, params, hidden[:, 0])  # [V, B]
+    token, logprob = sample(step_keys(state.rng, state.lengths), logits, sampling)  # [B], [B]
     live = ~state.done  # [B]
     rows = jnp.arange(token.shape[0])
     column = lambda buffer, value: buffer.at[rows, state.lengths].set(  # noqa: E731 (a full row: dropped)
@@ -283,7 +299,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         hidden, prompt_cache = forward(config, params, prompt_tokens, positions, segments,
                                        init_cache(config, A, T, state.cache.per_layer), return_hidden=True)
         last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-        logits = jnp.repeat(_last_logits(config, params, last), n, axis=0)  # [A·n, V]: one head pass per prompt
+        logits = jnp.repeat(vocab_logits(config, params, last), n, axis=1)  # [V, A·n]: one head pass per prompt
         keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
         token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
     rows = slots.reshape(A * n)
@@ -389,29 +405,55 @@ def holds_per_layer_weights(mesh: Mesh | None, weights: str = "replicated") -> b
     return mesh is None or weights == "replicated" or mesh.shape.get("fsdp", 1) == 1
 
 
-def hold(config: ModelConfig, per_layer: bool, params: Any) -> Any:
-    """The sampler's copy of `params`: every weight in the narrower of its dtype and the compute dtype,
-    per layer where `per_layer` (`holds_per_layer_weights`). The forward casts each weight to the compute
-    dtype where it uses it (`cast_sharded`, the embedding lookup, the norms' scales), so the copy samples
-    bit for bit what `params` do; with fp32 master weights and bf16 compute it holds half the bytes and a
-    decode step reads half, as vLLM holds its bf16 weights. Works on arrays and ShapeDtypeStructs."""
+def narrow(config: ModelConfig, params: Any) -> Any:
+    """Every weight in the narrower of its dtype and the compute dtype. The forward casts each weight to
+    the compute dtype where it uses it (`cast_sharded`, the embedding lookup, the norms' scales), so
+    narrowed weights compute bit for bit what `params` do; with fp32 master weights and bf16 compute
+    they are half the bytes, and a decode step reads half, as vLLM holds its bf16 weights. Works on
+    arrays and ShapeDtypeStructs."""
     compute = jnp.dtype(config.compute_dtype)
 
-    def narrow(leaf):
+    def leaf_narrowed(leaf):
         if compute.itemsize >= jnp.dtype(leaf.dtype).itemsize:
             return leaf
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(leaf.shape, compute, sharding=leaf.sharding)
         return leaf.astype(compute)
 
-    params = jax.tree.map(narrow, params)
+    return jax.tree.map(leaf_narrowed, params)
+
+
+def vocab_major(config: ModelConfig, tree: Any) -> Any:
+    """The sampler's layout of the LM head in a params-shaped tree (arrays, ShapeDtypeStructs or
+    NamedShardings): an untied head's `lm_head` `kernel` [D, V] becomes `rows` [V, D], transposed once
+    per weight update, which `vocab_logits` uses as the left operand; a tied head is the embedding
+    [V, D] already. The forward never reads the held head (the sampler asks it for hidden states)."""
+    if config.tie_word_embeddings:
+        return tree
+
+    def transposed(leaf):
+        if isinstance(leaf, NamedSharding):
+            spec = tuple(leaf.spec) + (None,) * (2 - len(leaf.spec))
+            return NamedSharding(leaf.mesh, P(*spec[::-1]))
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            sharding = transposed(leaf.sharding) if isinstance(leaf.sharding, NamedSharding) else None
+            return jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype, sharding=sharding)
+        return leaf.T
+
+    return {**tree, "lm_head": {"rows": transposed(tree["lm_head"]["kernel"])}}
+
+
+def hold(config: ModelConfig, per_layer: bool, params: Any) -> Any:
+    """The sampler's copy of `params`: `narrow`ed, the LM head `vocab_major`, per layer where
+    `per_layer` (`holds_per_layer_weights`). Works on arrays and ShapeDtypeStructs."""
+    params = vocab_major(config, narrow(config, params))
     return unstack_layers(config, params) if per_layer else params
 
 
 def held_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence, weights: str) -> Any:
-    """NamedShardings of the sampler's copy (`hold`) on `mesh`: the params' under `weight_rules`, per layer
-    where `holds_per_layer_weights`."""
-    shardings = parallel_shardings.param_shardings(config, mesh, weight_rules(rules, weights))
+    """NamedShardings of the sampler's copy (`hold`) on `mesh`: the params' under `weight_rules`, the
+    LM head `vocab_major`, per layer where `holds_per_layer_weights`."""
+    shardings = vocab_major(config, parallel_shardings.param_shardings(config, mesh, weight_rules(rules, weights)))
     return unstack_layers(config, shardings) if holds_per_layer_weights(mesh, weights) else shardings
 
 
@@ -542,7 +584,7 @@ class JaxSampler:
         self.param_shardings = None if mesh is None else held_shardings(config, mesh, rules, weights)
         self._hold = jax.jit(functools.partial(hold, config, self.per_layer),
                              **({} if mesh is None else {"out_shardings": self.param_shardings}))
-        self._narrow = jax.jit(functools.partial(hold, config, False))  # in place: on each process's shards
+        self._narrow = jax.jit(functools.partial(narrow, config))  # in place: on each process's shards
         self.trace_counts: collections.Counter = collections.Counter()
         self.prompt_sharding = (None if mesh is None  # [B, P]
                                 else NamedSharding(mesh, P(parallel_mesh.BATCH_AXES, None)))

@@ -12,6 +12,13 @@ Top-k is a `lax.top_k`; top-p sorts nothing (a 32-step bisection, see `top_p_mas
 
 Ties: top-k and top-p keep every token whose logit equals the last kept one (HF's threshold rule);
 with fp32 logits of a real model exact ties are vanishingly rare.
+
+Logits are **vocab-major**, [V, B] (one column per row), because that is how the sampler's LM head
+is fastest on CPU: the head weights as the left operand, W [V, D] · hᵀ [D, B]. XLA:CPU's GEMM
+(YNNPACK) packs its right operand on every call; as [B, D] · [D, V] that operand is the 311 MB head
+of the bench model, and a 64-row decode step's head plus draw took 32.8 ms instead of 31.4 (standard
+bench call 12.3 -> 11.9 s; BENCHMARKS.md, session 18). The draw reads the vocabulary in strided
+groups (`categorical`) so that every pass reduces over the leading axis.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ def scale_logits(logits: jax.Array, temperature: float) -> jax.Array:
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """[..., V] bool: the k largest logits (and any tied with the k-th). k >= V keeps everything."""
-    if k >= logits.shape[-1]:
+    """[V, ...] bool: the k largest logits of each column (and any tied with the k-th). k >= V keeps
+    everything. `lax.top_k` works on the last axis: it reads a transposed copy (top-k is off in the
+    recipe)."""
+    if k >= logits.shape[0]:
         return jnp.ones(logits.shape, bool)
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
-    return logits >= kth
+    kth = jax.lax.top_k(jnp.moveaxis(logits, 0, -1), k)[0][..., -1]  # [...]
+    return logits >= kth[None]
 
 
 def _float_to_key(x: jax.Array) -> jax.Array:
@@ -49,7 +58,7 @@ def _key_to_float(key: jax.Array) -> jax.Array:
 
 
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
-    """[..., V] bool: the nucleus, the smallest set of most likely tokens whose probability reaches p.
+    """[V, ...] bool: each column's nucleus, the smallest set of most likely tokens whose probability reaches p.
 
     A token is kept iff the probability of all tokens strictly more likely than it is < p, so the most
     likely token is always kept (0 < p) and the set stops at the first token whose cumulative
@@ -64,19 +73,19 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     lies strictly between them and `logits > lo` is exactly the kept set, with no snapping to a
     token's value needed. If the whole fp32 mass rounds below p (p within ~1e-7 of 1), lo never moves
     and every finite logit is kept, which is the definition too. Each step is one fused
-    compare-select-sum pass over [..., V]; vs the full sort of the vocabulary it replaced see
+    compare-select-sum pass over [V, ...]; vs the full sort of the vocabulary it replaced see
     BENCHMARKS.md, "Sampler: sort-free top-p".
     """
     logits = logits.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)  # [..., V]
-    batch = logits.shape[:-1] + (1,)
-    lo = jnp.full(batch, _float_to_key(jnp.float32(-jnp.inf)))  # [..., 1] mass(-inf) ≈ 1 (>= p)
-    hi = _float_to_key(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1] mass(max) = 0 < p
+    probs = jax.nn.softmax(logits, axis=0)  # [V, ...]
+    batch = (1,) + logits.shape[1:]
+    lo = jnp.full(batch, _float_to_key(jnp.float32(-jnp.inf)))  # [1, ...] mass(-inf) ≈ 1 (>= p)
+    hi = _float_to_key(jnp.max(logits, axis=0, keepdims=True))  # [1, ...] mass(max) = 0 < p
 
     def halve(_, bounds):
         lo, hi = bounds
-        mid = lo + (hi - lo) // 2  # [..., 1] no overflow: hi >= lo
-        mass = jnp.sum(jnp.where(logits > _key_to_float(mid), probs, 0.0), axis=-1, keepdims=True)
+        mid = lo + (hi - lo) // 2  # [1, ...] no overflow: hi >= lo
+        mass = jnp.sum(jnp.where(logits > _key_to_float(mid), probs, 0.0), axis=0, keepdims=True)
         reached = mass >= p
         return jnp.where(reached, mid, lo), jnp.where(reached, hi, mid)
 
@@ -102,47 +111,50 @@ def uniforms(rng: jax.Array, rows: int) -> jax.Array:
 
 
 def vocab_block(vocab_size: int, target: int = 1024) -> int:
-    """The block width `categorical` tiles the vocabulary with: a divisor of it near `target` (within
-    4×), so the [B, V] logits reshape to [B, V / block, block] in place; else `target` (and a padded
-    copy). Qwen3's 151,936 = 128 × 1,187."""
+    """How many tokens each of `categorical`'s groups holds: a divisor of the vocabulary near `target`
+    (within 4×), so the [V, B] logits reshape to [block, V / block, B] in place; else `target` (and a
+    padded copy). Qwen3's 151,936 = 1,187 × 128: 128 groups of 1,187 tokens."""
     divisors = [d for d in range(max(1, target // 4), min(vocab_size, 4 * target) + 1) if vocab_size % d == 0]
     return min(divisors, key=lambda d: abs(d - target)) if divisors else min(target, vocab_size)
 
 
 def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """One draw per row from softmax(logits) ([B, V] fp32, -inf = excluded) by inverse CDF.
+    """One draw per column from softmax(logits) ([V, B] fp32, -inf = excluded) by inverse CDF.
 
     `jax.random.categorical` draws a Gumbel per vocabulary entry (two logs each): on CPU that cost
     more per decode step than the whole LM head at V = 151,936 (BENCHMARKS.md). This uses ONE uniform
-    per row and two passes over the logits: their max, then the block totals of w = exp(logits − max)
-    over blocks of `block` tokens (default `vocab_block(V)`, a divisor of V: the logits are tiled in
-    place, never copied). The block where u·Σw falls comes from the cumulative sum over the few blocks;
-    the token inside it from the cumulative sum over that one block's weights, recomputed from its
-    `block` logits. Exact up to fp32 rounding of the sums; a token of weight 0 (excluded) is never
+    per row and two passes over the logits: their max, then the totals of w = exp(logits − max) over
+    G = V / `block` groups (`block` default `vocab_block(V)`, a divisor of V). Group g holds the tokens
+    g, g + G, g + 2G, ...: the logits reshape in place to [block, G, B] and both passes reduce over the
+    leading axis, which XLA:CPU does at memory speed on vocab-major logits (contiguous groups, a reduce
+    over the middle axis, took 6.6 ms instead of 2.4 at 64 rows). The group where u·Σw falls comes from
+    the cumulative sum over the G groups; the token inside it from the cumulative sum over that group's
+    weights, recomputed from its `block` logits. Any fixed partition of the vocabulary draws from the
+    same distribution. Exact up to fp32 rounding of the sums; a token of weight 0 (excluded) is never
     returned: a draw rounding past the last positive weight takes that token.
 
-    Returns (tokens [B] int32, logsumexp(logits) [B]): the normalizer comes free with the block totals.
+    Returns (tokens [B] int32, logsumexp(logits) [B]): the normalizer comes free with the group totals.
     """
-    B, V = logits.shape
+    V, B = logits.shape
     block = block or vocab_block(V)
-    blocks = -(-V // block)
-    peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
-    if V % block:  # no divisor near the target: a padded copy, excluded (-inf) entries
-        logits = jnp.pad(logits, ((0, 0), (0, blocks * block - V)), constant_values=-jnp.inf)
-    grid = logits.reshape(B, blocks, block)
-    block_cdf = jnp.cumsum(jnp.sum(jnp.exp(grid - peak[:, :, None]), axis=-1), axis=-1)  # [B, nb]
-    target = uniforms(rng, B)[:, None] * block_cdf[:, -1:]  # [B, 1] in [0, Σw)
-    positive_blocks = block_cdf > jnp.concatenate([jnp.zeros((B, 1)), block_cdf[:, :-1]], axis=-1)
-    chosen = jnp.sum(block_cdf <= target, axis=-1)  # [B] first block whose cdf exceeds the target
-    last_positive = blocks - 1 - jnp.argmax(positive_blocks[:, ::-1], axis=-1)
+    groups = -(-V // block)
+    peak = jnp.max(logits, axis=0)  # [B]
+    if V % block:  # no divisor near the target: a padded copy, excluded (-inf) entries at the end
+        logits = jnp.pad(logits, ((0, groups * block - V), (0, 0)), constant_values=-jnp.inf)
+    grid = logits.reshape(block, groups, B)  # grid[j, g] = token j·G + g
+    group_cdf = jnp.cumsum(jnp.sum(jnp.exp(grid - peak), axis=0), axis=0).T  # [B, G]
+    target = uniforms(rng, B)[:, None] * group_cdf[:, -1:]  # [B, 1] in [0, Σw)
+    positive = group_cdf > jnp.concatenate([jnp.zeros((B, 1)), group_cdf[:, :-1]], axis=-1)
+    chosen = jnp.sum(group_cdf <= target, axis=-1)  # [B] first group whose cdf exceeds the target
+    last_positive = groups - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
     chosen = jnp.minimum(chosen, last_positive)
-    before = jnp.where(chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], -1)[:, 0], 0.0)
-    inner = jnp.exp(jnp.take_along_axis(grid, chosen[:, None, None], axis=1)[:, 0] - peak)  # [B, block]
+    before = jnp.where(chosen > 0, jnp.take_along_axis(group_cdf, jnp.maximum(chosen - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = jnp.exp(grid[:, chosen, jnp.arange(B)].T - peak[:, None])  # [B, block]: the chosen groups' weights
     inner_cdf = jnp.cumsum(inner, axis=-1)
     index = jnp.sum(inner_cdf <= (target[:, 0] - before)[:, None], axis=-1)  # [B]
     last_inner = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
-    lse = peak[:, 0] + jnp.log(block_cdf[:, -1])
-    return (chosen * block + jnp.minimum(index, last_inner)).astype(jnp.int32), lse
+    lse = peak + jnp.log(group_cdf[:, -1])
+    return (jnp.minimum(index, last_inner) * groups + chosen).astype(jnp.int32), lse
 
 
 def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -150,18 +162,18 @@ def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[j
 
     Args:
       rng: a PRNG key, or one per row ([B]); used once (derive a fresh one per step at the call site).
-      logits: [B, V] raw model logits.
+      logits: [V, B] raw model logits, vocab-major (the module docstring).
       params: temperature, top_k, top_p are read (as Python values: static under jit).
     Returns: (tokens [B] int32, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]
       (greedy: at T = 1).
     """
-    scaled = scale_logits(logits, params.temperature)  # [B, V]
+    scaled = scale_logits(logits, params.temperature)  # [V, B]
     if params.greedy:
-        tokens, lse = jnp.argmax(scaled, axis=-1).astype(jnp.int32), jax.nn.logsumexp(scaled, axis=-1)
+        tokens, lse = jnp.argmax(scaled, axis=0).astype(jnp.int32), jax.nn.logsumexp(scaled, axis=0)
     else:
         truncated = truncate(scaled, params.top_k, params.top_p)
         tokens, lse = categorical(rng, truncated)  # [B] each
         if truncated is not scaled:  # the log-prob's normalizer is over the full vocabulary
-            lse = jax.nn.logsumexp(scaled, axis=-1)
-    token_logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - lse  # [B]
+            lse = jax.nn.logsumexp(scaled, axis=0)
+    token_logprobs = scaled[tokens, jnp.arange(tokens.shape[0])] - lse  # [B]: each column's token
     return tokens, token_logprobs
