@@ -16,7 +16,7 @@ with fp32 logits of a real model exact ties are vanishingly rare.
 Logits are **vocab-major**, [V, B] (one column per row), because that is how the sampler's LM head
 is fastest on CPU: the head weights as the left operand, W [V, D] · hᵀ [D, B]. XLA:CPU's GEMM
 (YNNPACK) packs its right operand on every call; as [B, D] · [D, V] that operand is the 311 MB head
-of the bench model, and a 64-row decode step's head plus draw took 32.8 ms instead of 31.4 (standard
+of the bench model, and a 64-row decode step's head plus draw took 32.8 ms instead of 31.5 (standard
 bench call 12.3 -> 11.9 s; BENCHMARKS.md, session 18). The draw reads the vocabulary in strided
 groups (`categorical`) so that every pass reduces over the leading axis.
 """
@@ -127,7 +127,7 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> 
     G = V / `block` groups (`block` default `vocab_block(V)`, a divisor of V). Group g holds the tokens
     g, g + G, g + 2G, ...: the logits reshape in place to [block, G, B] and both passes reduce over the
     leading axis, which XLA:CPU does at memory speed on vocab-major logits (contiguous groups, a reduce
-    over the middle axis, took 6.6 ms instead of 2.4 at 64 rows). The group where u·Σw falls comes from
+    over the middle axis, took 5.0–6.6 ms instead of 2.4 at 64 rows). The group where u·Σw falls comes from
     the cumulative sum over the G groups; the token inside it from the cumulative sum over that group's
     weights, recomputed from its `block` logits. Any fixed partition of the vocabulary draws from the
     same distribution. Exact up to fp32 rounding of the sums; a token of weight 0 (excluded) is never
