@@ -117,10 +117,12 @@ def test_cached_attention_matches_numpy_over_a_cache(T):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
 
-def _stacked(x, layers=3, layer=1):
-    """x [B, S, K, H] as layer `layer` of an [L, B, K, S, H] cache whose other layers are noise."""
-    cache = np.random.default_rng(9).normal(size=(layers,) + x.transpose(0, 2, 1, 3).shape).astype(np.float32)
-    cache[layer] = x.transpose(0, 2, 1, 3)
+def _stacked(x, layers=3, layer=1, keys=False):
+    """x [B, S, K, H] as layer `layer` of a stacked cache whose other layers are noise: keys
+    [L, B, K, H, S] or values [L, B, K, S, H] (qwen3.KVCache)."""
+    x = x.transpose(0, 2, 3, 1) if keys else x.transpose(0, 2, 1, 3)
+    cache = np.random.default_rng(9).normal(size=(layers,) + x.shape).astype(np.float32)
+    cache[layer] = x
     return jnp.asarray(cache), jnp.asarray(layer)
 
 
@@ -137,7 +139,7 @@ def test_decode_attention_matches_numpy(block, layers):
     kv_segment = (np.arange(S)[None, :] <= position[:, None]).astype(np.int32)
     kv_segment[1, :4] = 0  # left padding
     q_segment = np.ones((B, 1), np.int32)
-    (cache_k, layer), (cache_v, _) = _stacked(k, layers, layers // 2), _stacked(v, layers, layers // 2)
+    (cache_k, layer), (cache_v, _) = _stacked(k, layers, layers // 2, keys=True), _stacked(v, layers, layers // 2)
     got = np.asarray(decode_attention(jnp.asarray(q), cache_k, cache_v, layer, *map(
         jnp.asarray, (q_segment, kv_segment, position[:, None], np.arange(S))), block_size=block))
     for b in range(B):
@@ -152,7 +154,7 @@ def test_decode_attention_row_does_not_depend_on_the_other_rows():
     rng = np.random.default_rng(6)
     B, S, N, K, H = 3, 64, 4, 2, 16
     q, k, v = random_qkv(rng, B, 1, S, N, K, H)
-    (cache_k, layer), (cache_v, _) = _stacked(k), _stacked(v)
+    (cache_k, layer), (cache_v, _) = _stacked(k, keys=True), _stacked(v)
     attend_blocks = jax.jit(functools.partial(decode_attention, block_size=8))
     outputs = []
     for furthest in (9, 30, 63):  # rows 1 and 2 reach 1, 4 and 8 blocks of 8
@@ -166,14 +168,15 @@ def test_decode_attention_row_does_not_depend_on_the_other_rows():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_decode_attention_does_not_copy_the_stacked_cache(dtype):
-    """Compiled for this platform, the block loop's temporaries stay below one of the stacked [L, B, K,
-    S, H] caches (8 layers), stored as `kv_storage_dtype` says. On XLA:CPU a loop slicing a stacked bf16
+    """Compiled for this platform, the block loop's temporaries stay below one of the stacked caches
+    (8 layers), stored as `kv_storage_dtype` says. On XLA:CPU a loop slicing a stacked bf16
     cache made an fp32 copy of all of it (twice its bytes, per cache): the 4B recipe's CPU plan no
     longer fit."""
     L, B, K, S, H, N = 8, 4, 2, 1024, 32, 4
-    cache = jax.ShapeDtypeStruct((L, B, K, S, H), kv_storage_dtype(dtype))
+    keys = jax.ShapeDtypeStruct((L, B, K, H, S), kv_storage_dtype(dtype))
+    values = jax.ShapeDtypeStruct((L, B, K, S, H), kv_storage_dtype(dtype))
     attend = jax.jit(functools.partial(decode_attention, block_size=128))
-    compiled = attend.lower(jax.ShapeDtypeStruct((B, 1, N, H), jnp.dtype(dtype)), cache, cache,
+    compiled = attend.lower(jax.ShapeDtypeStruct((B, 1, N, H), jnp.dtype(dtype)), keys, values,
                             jnp.int32(3), jnp.ones((B, 1), jnp.int32), jnp.ones((B, S), jnp.int32),
                             jnp.full((B, 1), 700, jnp.int32), jnp.arange(S)).compile()
     cache_bytes = L * B * K * S * H * jnp.dtype(dtype).itemsize
@@ -187,7 +190,7 @@ def test_decode_one_pass_reads_a_per_layer_cache_in_place():
     B, K, S, H, N = 4, 2, ONE_PASS_SLOTS, 64, 4
     assert decode_block_size(S, 1) == (S if target_platform() == "cpu" else 512)
     assert decode_block_size(S + 1, 1) == decode_block_size(S, 3) == (128 if target_platform() == "cpu" else 512)
-    args = (jax.ShapeDtypeStruct((B, 1, N, H), jnp.float32), jax.ShapeDtypeStruct((1, B, K, S, H), jnp.float32),
+    args = (jax.ShapeDtypeStruct((B, 1, N, H), jnp.float32), jax.ShapeDtypeStruct((1, B, K, H, S), jnp.float32),
             jax.ShapeDtypeStruct((1, B, K, S, H), jnp.float32), jnp.int32(0), jnp.ones((B, 1), jnp.int32),
             jnp.ones((B, S), jnp.int32), jnp.full((B, 1), 300, jnp.int32), jnp.arange(S))
     compiled = jax.jit(decode_attention).lower(*args).compile()
@@ -198,10 +201,10 @@ def test_decode_one_pass_reads_a_per_layer_cache_in_place():
     position = np.array([39, 3, 20, 0])
     kv_segment = (np.arange(40)[None, :] <= position[:, None]).astype(np.int32)
     kv_segment[0, :2] = 0
-    inputs = map(jnp.asarray, (q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), np.ones((B, 1), np.int32),
-                               kv_segment, position[:, None], np.arange(40)))
-    inputs = list(inputs)
-    np.testing.assert_allclose(np.asarray(decode_one_pass(*inputs)), np.asarray(cached_attention(*inputs)),
+    rest = list(map(jnp.asarray, (np.ones((B, 1), np.int32), kv_segment, position[:, None], np.arange(40))))
+    keys, values = jnp.asarray(k.transpose(0, 2, 3, 1)), jnp.asarray(v.transpose(0, 2, 1, 3))  # the cache's layout
+    np.testing.assert_allclose(np.asarray(decode_one_pass(jnp.asarray(q), keys, values, *rest)),
+                               np.asarray(cached_attention(jnp.asarray(q), keys.swapaxes(-1, -2), values, *rest)),
                                atol=1e-6)
 
 

@@ -281,22 +281,26 @@ def test_kv_cache_writes_equal_numpy_on_each_platforms_form(monkeypatch, platfor
     monkeypatch.setattr(qwen3, "target_platform", lambda: platform)
     rng = np.random.default_rng(11)
     L, B, K, S, H, A, n, T = 2, 6, 2, 10, 4, 2, 2, 3
-    cache_k, cache_v = (rng.normal(size=(L, B, K, S, H)).astype(np.float32) for _ in range(2))
+    cache_k = rng.normal(size=(L, B, K, H, S)).astype(np.float32)  # qwen3.KVCache's layouts
+    cache_v = rng.normal(size=(L, B, K, S, H)).astype(np.float32)
 
     new_k, new_v = (rng.normal(size=(B, K, H)).astype(np.float32) for _ in range(2))
     slots, layer = np.array([0, 3, 9, 12, 5, 1]), 1  # 12: past the end, lands on the last slot
     got = jax.jit(qwen3.write_rows)(cache_k, cache_v, new_k, new_v, layer, slots)
-    for cache, new, out in zip((cache_k, cache_v), (new_k, new_v), got):
-        expected = cache.copy()
-        expected[layer, np.arange(B), :, np.minimum(slots, S - 1), :] = new
+    expected_k, expected_v = cache_k.copy(), cache_v.copy()
+    expected_k[layer, np.arange(B), :, :, np.minimum(slots, S - 1)] = new_k
+    expected_v[layer, np.arange(B), :, np.minimum(slots, S - 1), :] = new_v
+    for out, expected in zip(got, (expected_k, expected_v)):
         np.testing.assert_array_equal(np.asarray(out), expected)
 
-    prompt_k, prompt_v = (rng.normal(size=(L, A, K, T, H)).astype(np.float32) for _ in range(2))
+    prompt_k = rng.normal(size=(L, A, K, H, T)).astype(np.float32)
+    prompt_v = rng.normal(size=(L, A, K, T, H)).astype(np.float32)
     rows = np.array([4, 1, B, 2])  # prompt 0 -> rows 4, 1; prompt 1 -> row 2 (and B: nothing)
     got = jax.jit(qwen3.write_prompts, static_argnums=5)(cache_k, cache_v, prompt_k, prompt_v, rows, n)
-    for cache, prompt, out in zip((cache_k, cache_v), (prompt_k, prompt_v), got):
-        expected = cache.copy()
-        for i, row in enumerate(rows):
-            if row < B:
-                expected[:, row, :, :T] = prompt[:, i // n]
+    expected_k, expected_v = cache_k.copy(), cache_v.copy()
+    for i, row in enumerate(rows):
+        if row < B:
+            expected_k[:, row, :, :, :T] = prompt_k[:, i // n]
+            expected_v[:, row, :, :T] = prompt_v[:, i // n]
+    for out, expected in zip(got, (expected_k, expected_v)):
         np.testing.assert_array_equal(np.asarray(out), expected)

@@ -208,14 +208,15 @@ def reference_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> ja
       q_segment: [B, T]; kv_segment: [B, S]; q_index: [T]; kv_index: [S].
     Returns: [B, T, N, H] in q's dtype.
     """
-    # The same computation as over a KV cache's [B, K, S, H] layout; XLA folds the transposes into
-    # the matmuls.
+    # The same computation as over [B, K, S, H] keys and values; XLA folds the transposes into the
+    # matmuls.
     return cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
 
 
 def cached_attention(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
-    """`reference_attention` over a KV cache's [B, K, S, H] keys and values (its layout, see
-    qwen3.KVCache): each kv head's slots are contiguous, so both matmuls read the cache in place.
+    """`reference_attention` over [B, K, S, H] keys and values: each kv head's slots are contiguous, so
+    both matmuls read them in place (a KV cache's values as they lie; its keys, stored [B, K, H, S]
+    (qwen3.KVCache), as a transposed operand).
 
     Args: q [B, T, N, H]; k, v [B, K, S, H]; the rest as `reference_attention`.
     Returns: [B, T, N, H] in q's dtype.
@@ -270,18 +271,22 @@ def decode_block_size(slots: int, layers: int) -> int:
 def decode_one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Array:
     """`cached_attention` for one query per row, written as multiply-reduce passes over the slots
     instead of batched products: XLA:CPU fuses each into one loop that reads the layer's keys or values
-    once, at memory speed (~32 GB/s here), where the [B·K] batches of [G, H]·[H, S] products are bound by
-    per-product overhead (BENCHMARKS.md, session 17). Products and sums in fp32. A row's result is its
-    own: no reduction crosses rows.
+    once, at memory speed, where the [B·K] batches of [G, H]·[H, S] products are bound by per-product
+    overhead (BENCHMARKS.md, session 17). Each pass reduces over its operand's major axis (keys
+    [B, K, H, S]: over H; values [B, K, S, H]: over S), so the loop's minor axis is a contiguous run of
+    outputs: with keys stored [B, K, S, H], a reduction over their minor axis, the 4 layers' attention
+    of the bench's 64-row step took 6.98 ms, 4.63 as stored now (BENCHMARKS.md, session 19). Products
+    and sums in fp32. A row's result is its own: no reduction crosses rows.
 
-    Args: q [B, 1, N, H]; k, v [B, K, S, H] (already `from_kv`); the rest as `cached_attention`.
+    Args: q [B, 1, N, H]; k [B, K, H, S] and v [B, K, S, H] (already `from_kv`); the rest as
+      `cached_attention`.
     Returns: [B, 1, N, H] in q's dtype.
     """
     B, T, N, H = q.shape
     K = k.shape[1]
     mask = attention_mask(q_segment, kv_segment, q_index, kv_index)[:, 0]  # [B, S]
-    query = q.reshape(B, K, N // K, 1, H).astype(jnp.float32)
-    scores = jnp.sum(query * k[:, :, None].astype(jnp.float32), axis=-1) * H**-0.5  # [B, K, G, S]
+    query = q.reshape(B, K, N // K, H, 1).astype(jnp.float32)
+    scores = jnp.sum(query * k[:, :, None].astype(jnp.float32), axis=-2) * H**-0.5  # [B, K, G, S]
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG_INF), axis=-1)
     out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, H]
     return out.reshape(B, T, N, H).astype(q.dtype)
@@ -289,8 +294,8 @@ def decode_one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index) -> jax.Ar
 
 def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index, kv_index, *,
                      block_size: int | None = None):
-    """One query per row over layer `layer` of a KV cache's [L, B, K, S, H] slots: `cached_attention`
-    for T = 1 that reads only the slots some row can see.
+    """One query per row over layer `layer` of a KV cache (keys [L, B, K, H, S], values [L, B, K, S, H]):
+    `cached_attention` for T = 1 that reads only the slots some row can see.
 
     The slots are read in blocks of `block_size` with an online softmax, up to the block holding the
     furthest row's slot, each block sliced straight out of the stacked cache: a decode step costs what
@@ -300,27 +305,28 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
     rescaled), and each row's products are its own, so a row's output does not depend on the other
     rows of its batch: the continuous sampler's samples stay independent of the pool. A cache of at
     most one block is read in one pass over the layer: `decode_one_pass` on CPU, `cached_attention`
-    elsewhere. A per-layer cache (the sampler's) comes as a stack of one layer ([1, B, K, S, H]).
+    elsewhere. A per-layer cache (the sampler's) comes as a stack of one layer ([1, B, K, ...]).
 
     The cache is read as stored (`kv_storage_dtype`): XLA:CPU slices a bf16 array by converting the
     slice's whole operand to fp32, and hoists that conversion of a loop-invariant operand out of the
     loop, which made an fp32 copy of the whole stacked pool (the 4B recipe's CPU plan: validation
     burst 17.73 -> 30.10 GiB); its uint16 bits are sliced as they are.
 
-    Args: q [B, 1, N, H]; cache_k, cache_v [L, B, K, S, H]; layer: [] int; q_segment [B, 1];
+    Args: q [B, 1, N, H]; cache_k [L, B, K, H, S]; cache_v [L, B, K, S, H]; layer: [] int; q_segment [B, 1];
       kv_segment [B, S]; q_index [1] or [B, 1] (each row's slot); kv_index [S] must be the slot
       numbers 0..S-1 (the loop stops after the block holding max(q_index)).
     Returns: [B, 1, N, H] in q's dtype.
     """
     B, T, N, H = q.shape
-    _, _, K, S, _ = cache_k.shape
+    _, _, K, S, _ = cache_v.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query per row, got {T}")
     block = min(block_size or decode_block_size(S, cache_k.shape[0]), S)
     if block == S:
         k, v = (from_kv(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False), q.dtype) for x in (cache_k, cache_v))
-        one_pass = decode_one_pass if target_platform() == "cpu" else cached_attention
-        return one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index)
+        if target_platform() == "cpu":
+            return decode_one_pass(q, k, v, q_segment, kv_segment, q_index, kv_index)
+        return cached_attention(q, k.swapaxes(-1, -2), v, q_segment, kv_segment, q_index, kv_index)
     G = N // K
     q_index = jnp.broadcast_to(q_index.reshape(-1, 1) if q_index.ndim == 2 else q_index[None], (B, 1))[:, 0]  # [B]
     query = q.reshape(B, K, G, H)
@@ -333,9 +339,9 @@ def decode_attention(q, cache_k, cache_v, layer, q_segment, kv_segment, q_index,
         index = jax.lax.dynamic_slice_in_dim(kv_index, start, block)  # [s]
         segment = jax.lax.dynamic_slice_in_dim(kv_segment, start, block, 1)  # [B, s]
         allowed = attention_mask(q_segment, segment, q_index[:, None], index)[:, 0] & (index >= i * block)  # [B, s]
-        keys, values = (from_kv(jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, B, K, block, H))[0], q.dtype)
-                        for x in (cache_k, cache_v))  # [B, K, s, H]
-        scores = jnp.einsum("BKGH,BKSH->BKGS", query, keys, preferred_element_type=jnp.float32) * H**-0.5
+        keys = from_kv(jax.lax.dynamic_slice(cache_k, (layer, 0, 0, 0, start), (1, B, K, H, block))[0], q.dtype)
+        values = from_kv(jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, B, K, block, H))[0], q.dtype)
+        scores = jnp.einsum("BKGH,BKHS->BKGS", query, keys, preferred_element_type=jnp.float32) * H**-0.5
         scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))  # [B, K, G]
         scale, probs = jnp.exp(top - new_top), jnp.exp(scores - new_top[..., None])

@@ -59,14 +59,17 @@ class KVCache:
     same slot) or one slot per row (the continuous sampler's pool, whose rows hold requests of
     different lengths; one new token per row per step).
 
-    Stacked ([L, B, K, S, H] arrays) or per layer (tuples of L [B, K, S, H] arrays), the layout of the
-    weights that write it: on CPU the sampler holds both per layer (`init_cache(per_layer=True)`,
-    `jax_sampler.per_layer_cache`), so that a decode step reads each layer's slots in place
-    (`layers.decode_block_size`)."""
+    Stacked ([L, B, K, H, S] keys and [L, B, K, S, H] values) or per layer (tuples of L [B, K, H, S] and
+    [B, K, S, H] arrays), the layout of the weights that write it: on CPU the sampler holds both per
+    layer (`init_cache(per_layer=True)`, `jax_sampler.per_layer_cache`), so that a decode step reads each
+    layer's slots in place (`layers.decode_block_size`)."""
 
-    # [L, B, K, S, H]: slots next to each other per head, as the decode step reads them; stored as
-    # `layers.kv_storage_dtype` says (bf16 values as uint16 bits on CPU), read with `layers.from_kv`.
-    k: jax.Array | tuple[jax.Array, ...]
+    # Keys [L, B, K, H, S], values [L, B, K, S, H]: each kv head's slots together, and each of the
+    # decode step's two products reduces over its operand's major axis (keys: over H, values: over S),
+    # the form XLA:CPU runs at memory speed (`layers.decode_one_pass`; keys stored [.., S, H] took
+    # ~1.8x as long to score, docs/sampler.md). Stored as `layers.kv_storage_dtype` says (bf16 values as
+    # uint16 bits on CPU), read with `layers.from_kv`.
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S], or L × [B, K, H, S]
     v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L × [B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
     index: jax.Array  # [] or [B] int32: the next slot to write
@@ -84,50 +87,51 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, per_layer: bool
     """An empty cache of `config.compute_dtype` keys and values, in their storage dtype; `per_layer`:
     one array per layer (for per-layer weights, `unstack_layers`) instead of one stack."""
     dtype = kv_storage_dtype(config.compute_dtype)
-    layer = (batch, config.num_key_value_heads, max_length, config.head_dim)
+    keys = (batch, config.num_key_value_heads, config.head_dim, max_length)  # [B, K, H, S]
+    values = (batch, config.num_key_value_heads, max_length, config.head_dim)  # [B, K, S, H]
     if per_layer:
-        k = tuple(jnp.zeros(layer, dtype) for _ in range(config.num_hidden_layers))
-        v = tuple(jnp.zeros(layer, dtype) for _ in range(config.num_hidden_layers))
+        k = tuple(jnp.zeros(keys, dtype) for _ in range(config.num_hidden_layers))
+        v = tuple(jnp.zeros(values, dtype) for _ in range(config.num_hidden_layers))
     else:
-        k, v = (jnp.zeros((config.num_hidden_layers,) + layer, dtype) for _ in range(2))
+        k, v = (jnp.zeros((config.num_hidden_layers,) + shape, dtype) for shape in (keys, values))
     return KVCache(k=k, v=v, segment_ids=jnp.zeros((batch, max_length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array,
                slots: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes row b's new key and value ([B, K, H]) at slot `slots[b]` of `layer` in the [L, B, K, S, H]
-    caches, in place. A slot past the end belongs to a finished row, whose cache is never read again:
-    its write lands on its own last slot.
+    """Writes row b's new key and value ([B, K, H]) at slot `slots[b]` of `layer` in the caches (keys
+    [L, B, K, H, S], values [L, B, K, S, H]), in place. A slot past the end belongs to a finished row,
+    whose cache is never read again: its write lands on its own last slot.
 
     One scatter per cache, except on CPU: XLA:CPU does not update a scatter's operand in place inside
     the decode loop (it kept two copies of the whole cache, measured with `plan`), so there the rows are
     written one `dynamic_update_slice` at a time in a loop, which it does update in place."""
-    slots = jnp.minimum(slots, cache_k.shape[3] - 1)
+    slots = jnp.minimum(slots, cache_v.shape[3] - 1)
     if target_platform() != "cpu":
         rows = jnp.arange(k.shape[0])
-        return (cache_k.at[layer, rows, :, slots, :].set(to_kv(k, cache_k.dtype)),
+        return (cache_k.at[layer, rows, :, :, slots].set(to_kv(k, cache_k.dtype)),
                 cache_v.at[layer, rows, :, slots, :].set(to_kv(v, cache_v.dtype)))
 
     def row(b, caches):
-        start = (layer, b, 0, slots[b], 0)
-        return tuple(jax.lax.dynamic_update_slice(
-            cache, to_kv(jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=False), cache.dtype)[None, None, :, None, :],
-            start) for cache, new in zip(caches, (k, v)))
+        cache_k, cache_v = caches
+        key, value = (to_kv(jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=False), cache_k.dtype) for new in (k, v))
+        return (jax.lax.dynamic_update_slice(cache_k, key[None, None, :, :, None], (layer, b, 0, 0, slots[b])),
+                jax.lax.dynamic_update_slice(cache_v, value[None, None, :, None, :], (layer, b, 0, slots[b], 0)))
 
     return jax.lax.fori_loop(0, k.shape[0], row, (cache_k, cache_v))
 
 
 def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array,
                   n: int) -> tuple[jax.Array, jax.Array]:
-    """Copies prompt a's keys and values ([L, A, K, T, H], stored as the pool's) into slots 0..T-1 of
-    rows rows[a·n .. a·n+n-1] of the [L, B, K, S, H] caches, in place (the continuous sampler's
+    """Copies prompt a's keys and values ([L, A, K, H, T] and [L, A, K, T, H], stored as the pool's) into
+    slots 0..T-1 of rows rows[a·n .. a·n+n-1] of the pool's caches (`KVCache`), in place (the continuous sampler's
     admission: a prompt's n samples share its prefill); a row index >= B writes nothing. Per-layer
     caches (tuples, `init_cache(per_layer=True)`) take per-layer prompt caches, written layer by layer.
 
     The form is chosen per platform, as in `write_rows`, because each compiler keeps a different one in
     place (measured with `plan`). XLA:GPU: one `dynamic_update_slice` at offset 0 of every row's first T
     slots, an admitted row taking its prompt's KV and the others keeping theirs (a [L, B, K, T, H]
-    temporary); a loop of per-row writes made it lay the loop's cache out rows-first and copy it whole.
+    temporary per cache); a loop of per-row writes made it lay the loop's cache out rows-first and copy it whole.
     XLA:CPU: that loop, one row at a time, which it updates in place; it copies the cache for the
     single write (its update reads the operand)."""
     if isinstance(cache_k, tuple):  # per-layer caches: each layer's as a stack of one
@@ -138,18 +142,18 @@ def write_prompts(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.A
     if (k.dtype, v.dtype) != (cache_k.dtype, cache_v.dtype):
         raise ValueError(f"the prompts' keys/values are stored as {k.dtype}/{v.dtype}, the pool's as "
                          f"{cache_k.dtype}/{cache_v.dtype}: expected both caches from `init_cache` of one config")
-    B, A, T = cache_k.shape[1], k.shape[1], k.shape[3]
+    B, A, T = cache_v.shape[1], v.shape[1], v.shape[3]
     if target_platform() != "cpu":
         source = jnp.full((B,), A * n, jnp.int32).at[rows].set(jnp.arange(A * n, dtype=jnp.int32), mode="drop")
         admitted = (source < A * n)[None, :, None, None, None]  # [1, B, 1, 1, 1]
         prompt_of = jnp.minimum(source, A * n - 1) // n  # [B]
 
-        def write(cache: jax.Array, new: jax.Array) -> jax.Array:
-            head = jax.lax.slice_in_dim(cache, 0, T, axis=3)  # [L, B, K, T, H]
+        def write(cache: jax.Array, new: jax.Array, slot_axis: int) -> jax.Array:
+            head = jax.lax.slice_in_dim(cache, 0, T, axis=slot_axis)  # [L, B, K, H, T] or [L, B, K, T, H]
             head = jnp.where(admitted, jnp.take(new, prompt_of, axis=1), head)
             return jax.lax.dynamic_update_slice(cache, head, (0, 0, 0, 0, 0))
 
-        return write(cache_k, k), write(cache_v, v)
+        return write(cache_k, k, 4), write(cache_v, v, 3)
 
     def copy(i, caches):  # prompt i // n into row rows[i]
         def write(caches):
@@ -198,17 +202,18 @@ class Attention(nn.Module):
             q_norm(jnp.zeros((1, 1, N, H))), k_norm(jnp.zeros((1, 1, K, H)))
         q, k, v = token_chunked(project, (x, positions), c.token_chunk_size)
         if cache_kv is not None:
-            # The whole [L, B, K, S, H] cache rides in the layer scan's carry: this layer writes only
+            # The whole stacked cache rides in the layer scan's carry: this layer writes only
             # its new keys/values in place and reads its own slice. (Scanning the cache as per-layer
             # inputs/outputs instead copied every layer's slice out and back each decode step: 60% of
             # a 64-row decode step on CPU, BENCHMARKS.md.)
-            # Its [L, B, K, S, H] layout lets the decode step's two attention matmuls read each
-            # head's slots in place (an [.., S, K, H] cache cost two transposing copies per layer).
+            # Its layout (`KVCache`) lets the decode step's two attention products read each head's
+            # slots in place (an [.., S, K, H] cache cost two transposing copies per layer).
             cache_k, cache_v = cache_kv
             if cache_index.ndim == 0:  # every row writes the same slots
-                start = (layer_index, 0, 0, cache_index, 0)
-                cache_k = jax.lax.dynamic_update_slice(cache_k, to_kv(k.swapaxes(1, 2), cache_k.dtype)[None], start)
-                cache_v = jax.lax.dynamic_update_slice(cache_v, to_kv(v.swapaxes(1, 2), cache_v.dtype)[None], start)
+                cache_k = jax.lax.dynamic_update_slice(cache_k, to_kv(k.transpose(0, 2, 3, 1), cache_k.dtype)[None],
+                                                       (layer_index, 0, 0, 0, cache_index))  # [B, K, H, T]
+                cache_v = jax.lax.dynamic_update_slice(cache_v, to_kv(v.swapaxes(1, 2), cache_v.dtype)[None],
+                                                       (layer_index, 0, 0, cache_index, 0))  # [B, K, T, H]
             else:  # one token per row, each at its own slot
                 cache_k, cache_v = write_rows(cache_k, cache_v, k[:, 0], v[:, 0], layer_index, cache_index)
             cache_kv = (cache_k, cache_v)
@@ -216,10 +221,10 @@ class Attention(nn.Module):
                 out = decode_attention(q, cache_k, cache_v, layer_index, q_segment, kv_segment, q_index, kv_index,
                                        block_size=c.decode_block_size or None)
             else:  # a prefill: the configured implementation over the slots, in [B, S, K, H]
-                k = from_kv(jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False), q.dtype)  # [B,K,S,H]
-                v = from_kv(jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False), q.dtype)
+                k = from_kv(jax.lax.dynamic_index_in_dim(cache_k, layer_index, 0, keepdims=False), q.dtype)  # [B,K,H,S]
+                v = from_kv(jax.lax.dynamic_index_in_dim(cache_v, layer_index, 0, keepdims=False), q.dtype)  # [B,K,S,H]
                 out = attend(c.attention, c.attention_block_size)(
-                    q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
+                    q, k.transpose(0, 3, 1, 2), v.swapaxes(1, 2), q_segment, kv_segment, q_index, kv_index)
         elif c.attention == "cudnn" and cudnn_packed_supported():  # Hopper on: the varlen kernel, no mask
             out = cudnn_packed_attention(q, k, v, q_segment, kv_segment, q_index, kv_index,
                                          max_segments=c.attention_max_segments)
@@ -257,7 +262,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """One pre-norm block; signature `(carry, *xs) -> (carry, ys)` so `nn.scan` can stack it.
 
-    The carry is (x [B, T, D], cache) with cache None or the whole stacked (k, v) [L, B, K, S, H];
+    The carry is (x [B, T, D], cache) with cache None or the whole stacked (k, v) (`KVCache`);
     `layer_index` (the scanned input) says which layer's slots this block writes and reads."""
 
     config: ModelConfig
@@ -442,7 +447,7 @@ class Qwen3(nn.Module):
             own = cache is not None and cache.per_layer
             layers_k, layers_v = (list(cache_kv[0]), list(cache_kv[1])) if own else (None, None)
             for index, layer_params in enumerate(per_layer):
-                # A per-layer cache: the layer's own [B, K, S, H] arrays, seen as a stack of one (a bitcast).
+                # A per-layer cache: the layer's own arrays, seen as a stack of one (a bitcast).
                 carry = (x, (layers_k[index][None], layers_v[index][None])) if own else (x, cache_kv)
                 (x, carried), _ = layer.apply({"params": layer_params}, carry, positions, segment_ids, kv_segment,
                                               q_index, kv_index, cache_index, jnp.int32(0 if own else index))

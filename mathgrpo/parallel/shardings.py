@@ -63,9 +63,9 @@ def cache_shardings(mesh: Mesh, layers: int | None = None) -> Any:
     from mathgrpo.model import KVCache
 
     if layers is None:
-        kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))  # [L, B, K, S, H]
+        kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))  # [L, B, K, H/S, S/H]
     else:
-        kv = (NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None)),) * layers  # L × [B, K, S, H]
+        kv = (NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None)),) * layers  # L × [B, K, ., .]
     return KVCache(k=kv, v=kv, segment_ids=NamedSharding(mesh, PartitionSpec(BATCH_AXES, None)),
                    index=replicated(mesh))
 

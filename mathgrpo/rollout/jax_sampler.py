@@ -94,7 +94,7 @@ from mathgrpo.rollout.sampling import sample
 class SamplingState:
     """Everything the decode loop carries. M = the call's max_tokens."""
 
-    cache: KVCache  # k, v [L, B, K, S, H] or per layer; index [] (static) or [B] (pool: = position)
+    cache: KVCache  # k [L, B, K, H, S], v [L, B, K, S, H], or per layer; index [] (static) or [B] (pool: = position)
     last_token: jax.Array  # [B] int32, the token fed to the next step
     position: jax.Array  # [B] int32, its position in its sequence
     done: jax.Array  # [B] bool, row has ended (or is padding / a free slot)
