@@ -723,7 +723,10 @@ def test_bad_prompts_raise(any_sampler):
                      finish_reasons=("stop", "length"))
 
 
-def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
+@pytest.mark.parametrize("offset", [None, (3.0, -2.0, 30.0), (100.0, -100.0, -5.0)])
+def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded(offset):
+    """Shifted by each row's max (None), by shifts off the log-normalizer by `offset` within
+    SHIFT_RANGE, or partly outside it (rows 0 and 1 redone shifted by their max)."""
     from mathgrpo.rollout.sampling import categorical
 
     inf = float("inf")
@@ -736,9 +739,11 @@ def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
     ])
     draws = 100_000
     keys = jax.random.split(jax.random.key(0), draws)
-    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows.T, block=4)[0]))(keys))  # [draws, 3]
-    _, lse = categorical(keys[0], rows.T, block=4)
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(rows, axis=-1)), rtol=1e-6)
+    expected_lse = jax.nn.logsumexp(rows, axis=-1)
+    shift = None if offset is None else expected_lse + jnp.asarray(offset)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, rows.T, block=4, shift=shift)[0]))(keys))
+    _, lse = categorical(keys[0], rows.T, block=4, shift=shift)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(expected_lse), rtol=1e-6)
     for r in range(rows.shape[0]):
         probs = np.asarray(jax.nn.softmax(rows[r]), np.float64)
         counts = np.bincount(samples[:, r], minlength=rows.shape[1])
@@ -752,8 +757,30 @@ def test_inverse_cdf_categorical_matches_softmax_and_never_draws_excluded():
             assert counts[support].sum() >= draws - 1
 
 
+def test_shifted_draw_of_a_column_depends_on_its_own_shift_alone():
+    """A column whose shift leaves SHIFT_RANGE is redone shifted by its max, and only that column: the
+    others keep their draws and normalizers bit for bit (a pool row's samples must not depend on its
+    neighbours), and the redone one draws what the max-shifted draw does."""
+    from mathgrpo.rollout.sampling import SHIFT_RANGE, categorical
+
+    logits = jax.random.normal(jax.random.key(3), (60, 3)) * 4.0  # [V, B]
+    lse = jax.nn.logsumexp(logits, axis=0)
+    near = lse + jnp.array([2.0, -1.5, 0.5])
+    far = near.at[2].set(lse[2] + 200.0)  # Σw = e^-200: below the range
+    assert float(jnp.sum(jnp.exp(logits[:, 2] - far[2]))) < SHIFT_RANGE[0]
+    draw = jax.jit(lambda key, shift: categorical(key, logits, block=6, shift=shift))
+    unshifted = jax.jit(lambda key: categorical(key, logits, block=6))
+    for key in jax.random.split(jax.random.key(4), 20):
+        (tokens_near, lse_near), (tokens_far, lse_far) = draw(key, near), draw(key, far)
+        np.testing.assert_array_equal(np.asarray(tokens_near[:2]), np.asarray(tokens_far[:2]))
+        np.testing.assert_array_equal(np.asarray(lse_near[:2]), np.asarray(lse_far[:2]))
+        tokens_max, lse_max = unshifted(key)
+        assert int(tokens_far[2]) == int(tokens_max[2])
+        np.testing.assert_allclose(float(lse_far[2]), float(lse_max[2]), rtol=1e-7)
+
+
 def test_bf16_sampler_runs_with_every_cpu_attention_and_agrees(params):
-    """bf16 compute on CPU: the prefill attends the cache's [B, K, S, H] slots through the configured
+    """bf16 compute on CPU: the prefill attends the cache's slots through the configured
     implementation and each decode step through `cached_attention` (a bf16 dot that XLA:CPU could not
     run once broke `generate` on bf16 checkpoints). Reference and blockwise prefill give one answer."""
     prompts = random_prompts([5, 11], seed=7)

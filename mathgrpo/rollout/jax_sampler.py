@@ -103,6 +103,7 @@ class SamplingState:
     lengths: jax.Array  # [B] int32, tokens counted per row (the stop token included)
     rng: jax.Array  # [B] PRNG keys, one stream per row: (seed, prompt index, sample index); token t folds in t
     limit: jax.Array  # [B] int32, the row's own max_tokens (<= M)
+    shift: jax.Array  # [B] fp32, the row's last draw's log-normalizer: its next draw's shift (sampling.categorical)
     step: jax.Array  # [] int32, decode steps taken in this loop
 
 
@@ -126,7 +127,8 @@ def state_shardings(mesh: Mesh, per_row_index: bool = False, layers: int | None 
     if per_row_index:
         cache = cache.replace(index=rows)
     return SamplingState(cache=cache, last_token=rows, position=rows, done=rows, tokens=columns,
-                         logprobs=columns, lengths=rows, rng=rows, limit=rows, step=parallel_shardings.replicated(mesh))
+                         logprobs=columns, lengths=rows, rng=rows, limit=rows, shift=rows,
+                         step=parallel_shardings.replicated(mesh))
 
 
 def _constrain(state: SamplingState, mesh: Mesh | None) -> SamplingState:
@@ -204,7 +206,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
                                 return_hidden=True)  # [B, T, D]
         logits = vocab_logits(config, params, hidden[:, -1])  # [V, B]: only the last prompt position
         keys = row_keys(seed_key, row_ids)  # [B]
-        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B], [B]
+        token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B] each
     real = prompt_segments[:, -1] != 0  # [B]
     state = SamplingState(
         cache=cache,
@@ -216,6 +218,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         lengths=real.astype(jnp.int32),
         rng=keys,
         limit=limits,
+        shift=shift,
         step=jnp.ones((), jnp.int32),
     )
     return _constrain(state, mesh)
@@ -233,7 +236,8 @@ def _one_token(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
     segments = jnp.ones_like(tokens)
     hidden, cache = forward(config, params, tokens, state.position[:, None], segments, cache, return_hidden=True)
     logits = vocab_logits(config, params, hidden[:, 0])  # [V, B]
-    token, logprob = sample(step_keys(state.rng, state.lengths), logits, sampling)  # [B], [B]
+    # Every row carries its own shift, done rows too (they repeat one step, so theirs stays valid).
+    token, logprob, shift = sample(step_keys(state.rng, state.lengths), logits, sampling, state.shift)  # [B] each
     live = ~state.done  # [B]
     rows = jnp.arange(token.shape[0])
     column = lambda buffer, value: buffer.at[rows, state.lengths].set(  # noqa: E731 (a full row: dropped)
@@ -247,6 +251,7 @@ def _one_token(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
         tokens=column(state.tokens, token),
         logprobs=column(state.logprobs, logprob),
         lengths=lengths,
+        shift=shift,
         step=state.step + 1,
     )
     return _constrain(state, mesh)
@@ -273,7 +278,8 @@ def empty_pool(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
     state = SamplingState(
         cache=cache.replace(index=rows), last_token=rows, position=rows, done=jnp.ones((slots,), bool),
         tokens=jnp.zeros((slots, M), jnp.int32), logprobs=jnp.zeros((slots, M), jnp.float32), lengths=rows,
-        rng=jax.random.split(jax.random.key(0), slots), limit=rows, step=jnp.zeros((), jnp.int32))
+        rng=jax.random.split(jax.random.key(0), slots), limit=rows, shift=jnp.zeros((slots,), jnp.float32),
+        step=jnp.zeros((), jnp.int32))
     return _constrain(state, mesh)
 
 
@@ -301,7 +307,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         logits = jnp.repeat(vocab_logits(config, params, last), n, axis=1)  # [V, A·n]: one head pass per prompt
         keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
-        token, logprob = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
+        token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
     rows = slots.reshape(A * n)
     pool_k, pool_v = write_prompts(state.cache.k, state.cache.v, prompt_cache.k, prompt_cache.v, rows, n)
     segment_rows = jnp.pad(jnp.repeat(segments, n, axis=0), ((0, 0), (0, S - T)))  # clears a previous request's
@@ -319,6 +325,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         lengths=put(state.lengths, jnp.ones((A * n,), jnp.int32)),
         rng=put(state.rng, keys),
         limit=put(state.limit, limit),
+        shift=put(state.shift, shift),
     )
     return _constrain(state, mesh)
 

@@ -18,7 +18,8 @@ is fastest on CPU: the head weights as the left operand, W [V, D] · hᵀ [D, B]
 (YNNPACK) packs its right operand on every call; as [B, D] · [D, V] that operand is the 311 MB head
 of the bench model, and a 64-row decode step's head plus draw took 32.8 ms instead of 31.5 (standard
 bench call 12.3 -> 11.9 s; BENCHMARKS.md, session 18). The draw reads the vocabulary in strided
-groups (`categorical`) so that every pass reduces over the leading axis.
+groups (`categorical`) so that every pass reduces over the leading axis, and with the sampler's
+carried shift it makes one pass for the group sums instead of two (max, then sums).
 """
 
 from __future__ import annotations
@@ -118,13 +119,24 @@ def vocab_block(vocab_size: int, target: int = 1024) -> int:
     return min(divisors, key=lambda d: abs(d - target)) if divisors else min(target, vocab_size)
 
 
-def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> tuple[jax.Array, jax.Array]:
+# `categorical`'s shifted draw keeps a column's Σw = Σ exp(logits − shift) inside this range; outside it
+# (the shift was off by more than ~41 nats) the column is redone shifted by its max. Within it no weight
+# overflows and the largest is at least 2^-60 / V: fp32 keeps every weight that can move the sums.
+SHIFT_RANGE = (2.0**-60, 2.0**60)
+
+
+def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None,
+                shift: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One draw per column from softmax(logits) ([V, B] fp32, -inf = excluded) by inverse CDF.
 
     `jax.random.categorical` draws a Gumbel per vocabulary entry (two logs each): on CPU that cost
     more per decode step than the whole LM head at V = 151,936 (BENCHMARKS.md). This uses ONE uniform
     per row and two passes over the logits: their max, then the totals of w = exp(logits − max) over
-    G = V / `block` groups (`block` default `vocab_block(V)`, a divisor of V). Group g holds the tokens
+    G = V / `block` groups (`block` default `vocab_block(V)`, a divisor of V). Given `shift` ([B], an
+    estimate of each column's log-normalizer: the sampler carries a row's previous one), w = exp(logits −
+    shift) and the pass for the max is skipped; a column whose Σw falls outside `SHIFT_RANGE` is redone
+    shifted by its max, in a branch that runs only when some column needs it and replaces only those
+    columns, so a column's draw depends on its own logits and shift alone. Group g holds the tokens
     g, g + G, g + 2G, ...: the logits reshape in place to [block, G, B] and both passes reduce over the
     leading axis, which XLA:CPU does at memory speed on vocab-major logits (contiguous groups, a reduce
     over the middle axis, took 5.0–6.6 ms instead of 2.4 at 64 rows). The group where u·Σw falls comes from
@@ -138,11 +150,25 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> 
     V, B = logits.shape
     block = block or vocab_block(V)
     groups = -(-V // block)
-    peak = jnp.max(logits, axis=0)  # [B]
     if V % block:  # no divisor near the target: a padded copy, excluded (-inf) entries at the end
         logits = jnp.pad(logits, ((0, groups * block - V), (0, 0)), constant_values=-jnp.inf)
     grid = logits.reshape(block, groups, B)  # grid[j, g] = token j·G + g
-    group_cdf = jnp.cumsum(jnp.sum(jnp.exp(grid - peak), axis=0), axis=0).T  # [B, G]
+
+    def group_totals(peak: jax.Array) -> jax.Array:  # [B, G]: the running totals of exp(grid − peak)
+        return jnp.cumsum(jnp.sum(jnp.exp(grid - peak), axis=0), axis=0).T
+
+    if shift is None:
+        peak = jnp.max(logits, axis=0)  # [B]
+        group_cdf = group_totals(peak)
+    else:
+        group_cdf = group_totals(shift)
+        off = ~((group_cdf[:, -1] >= SHIFT_RANGE[0]) & (group_cdf[:, -1] <= SHIFT_RANGE[1]))  # [B] (NaN: off)
+
+        def refit(group_cdf):
+            peak = jnp.where(off, jnp.max(logits, axis=0), shift)
+            return peak, jnp.where(off[:, None], group_totals(peak), group_cdf)
+
+        peak, group_cdf = jax.lax.cond(jnp.any(off), refit, lambda group_cdf: (shift, group_cdf), group_cdf)
     target = uniforms(rng, B)[:, None] * group_cdf[:, -1:]  # [B, 1] in [0, Σw)
     positive = group_cdf > jnp.concatenate([jnp.zeros((B, 1)), group_cdf[:, :-1]], axis=-1)
     chosen = jnp.sum(group_cdf <= target, axis=-1)  # [B] first group whose cdf exceeds the target
@@ -157,23 +183,27 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int | None = None) -> 
     return (jnp.minimum(index, last_inner) * groups + chosen).astype(jnp.int32), lse
 
 
-def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def sample(rng: jax.Array, logits: jax.Array, params: SamplingParams,
+           shift: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draws one token per row and returns it with its untruncated log-prob.
 
     Args:
       rng: a PRNG key, or one per row ([B]); used once (derive a fresh one per step at the call site).
       logits: [V, B] raw model logits, vocab-major (the module docstring).
       params: temperature, top_k, top_p are read (as Python values: static under jit).
-    Returns: (tokens [B] int32, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]
-      (greedy: at T = 1).
+      shift: [B] or None: `categorical`'s shift, the previous step's third output for the same rows.
+    Returns: (tokens [B] int32, logprobs [B] fp32, normalizer [B] fp32) with logprobs =
+      log_softmax(logits / T)[token] (greedy: at T = 1) and normalizer the log of the drawn
+      distribution's total (the next step's `shift`).
     """
     scaled = scale_logits(logits, params.temperature)  # [V, B]
     if params.greedy:
         tokens, lse = jnp.argmax(scaled, axis=0).astype(jnp.int32), jax.nn.logsumexp(scaled, axis=0)
+        normalizer = lse
     else:
         truncated = truncate(scaled, params.top_k, params.top_p)
-        tokens, lse = categorical(rng, truncated)  # [B] each
-        if truncated is not scaled:  # the log-prob's normalizer is over the full vocabulary
-            lse = jax.nn.logsumexp(scaled, axis=0)
+        tokens, normalizer = categorical(rng, truncated, shift=shift)  # [B] each
+        # The log-prob's normalizer is over the full vocabulary.
+        lse = normalizer if truncated is scaled else jax.nn.logsumexp(scaled, axis=0)
     token_logprobs = scaled[tokens, jnp.arange(tokens.shape[0])] - lse  # [B]: each column's token
-    return tokens, token_logprobs
+    return tokens, token_logprobs, normalizer
