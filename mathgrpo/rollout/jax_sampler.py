@@ -193,33 +193,41 @@ def vocab_logits(config: ModelConfig, held: Any, hidden: jax.Array, mesh: Mesh |
 
 def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, params: Any,
             prompt_tokens: jax.Array, prompt_segments: jax.Array, seed_key: jax.Array,
-            row_ids: jax.Array, limits: jax.Array) -> SamplingState:
-    """Static batch: runs the left-padded prompts through the model into a fresh cache and samples token 0.
+            row_ids: jax.Array, limits: jax.Array, source: jax.Array) -> SamplingState:
+    """Static batch: runs each distinct left-padded prompt through the model once, copies its cache and
+    its last position's logits into the rows that sample it, and samples token 0 of every row.
 
     Args:
-      prompt_tokens, prompt_segments: [B, P] int32; segment 1 on prompt tokens, 0 on left padding.
-        A row that is all padding is a batch-bucket filler: it starts done and counts no tokens.
+      prompt_tokens, prompt_segments: [U, P] int32, the distinct prompts; segment 1 on prompt tokens, 0
+        on left padding.
       seed_key: the call's PRNG key (SamplingParams.seed); row_ids: [B, 2] int32 (global prompt index,
         sample index) of each row, which with it key the row's stream (`row_keys`).
       limits: [B] int32, each row's max_tokens (<= sampling.max_tokens).
+      source: [B] int32, the prompt row each row samples (its n samples share the prompt's prefill, as
+        the continuous path's admissions do); -1: a batch-bucket filler, which starts done and counts no
+        tokens.
     Returns: the state after one generated token (step = 1).
     """
-    B, T = prompt_tokens.shape
+    T = prompt_tokens.shape[1]
+    B = source.shape[0]
     M = sampling.max_tokens
     with jax.named_scope("prefill"):
         # Born inside the jit (no host copy); per layer as `per_layer_cache` says.
-        cache = init_cache(config, B, T + M, per_layer_cache(mesh, isinstance(params["layers"], tuple)))
-        positions = positions_from_segments(prompt_segments)  # [B, T]
+        cache = init_cache(config, prompt_tokens.shape[0], T + M,
+                           per_layer_cache(mesh, isinstance(params["layers"], tuple)))
+        positions = positions_from_segments(prompt_segments)  # [U, T]
         hidden, cache = forward(config, params, prompt_tokens, positions, prompt_segments, cache,
-                                return_hidden=True)  # [B, T, D]
-        logits = vocab_logits(config, params, hidden[:, -1], mesh)  # [V, B]: only the last prompt position
+                                return_hidden=True)  # [U, T, D]
+        logits = vocab_logits(config, params, hidden[:, -1], mesh)  # [V, U]: one head pass per prompt
+        rows = jnp.maximum(source, 0)  # [B]
+        cache, logits = take_cache_rows(cache, rows), jnp.take(logits, rows, axis=1)  # B rows, [V, B]
         keys = row_keys(seed_key, row_ids)  # [B]
         token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B] each
-    real = prompt_segments[:, -1] != 0  # [B]
+    real = (source >= 0) & (prompt_segments[rows, -1] != 0)  # [B]
     state = SamplingState(
         cache=cache,
         last_token=token,
-        position=positions[:, -1] + 1,
+        position=positions[rows, -1] + 1,
         done=~real | _is_stop(token, sampling.stop_token_ids) | (limits <= 1),
         tokens=jnp.zeros((B, M), jnp.int32).at[:, 0].set(jnp.where(real, token, 0)),
         logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(jnp.where(real, logprob, 0.0)),
@@ -356,14 +364,18 @@ def gather_rows(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None
     """Continuous batching's tail: the pool rows `rows` ([W] indices) as a pool of W rows. Once no
     prompt waits, the live rows move to a smaller pool whose decode steps cost less."""
     del config, sampling
-    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
-    cache = state.cache
-    take_kv = (lambda x: tuple(map(take, x))) if cache.per_layer else (lambda x: jnp.take(x, rows, axis=1))  # noqa: E731
-    state = jax.tree.map(take, state.replace(cache=None, step=None)).replace(
-        cache=cache.replace(k=take_kv(cache.k), v=take_kv(cache.v), segment_ids=take(cache.segment_ids),
-                            index=take(cache.index)),
-        step=state.step)
+    state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state.replace(cache=None, step=None)).replace(
+        cache=take_cache_rows(state.cache, rows), step=state.step)
     return _constrain(state, mesh)
+
+
+def take_cache_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache's rows `rows` ([W] indices, repeats allowed) as a cache of W rows; a per-row `index` is
+    taken too, one slot for all rows kept."""
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    take_kv = (lambda x: tuple(map(take, x))) if cache.per_layer else (lambda x: jnp.take(x, rows, axis=1))  # noqa: E731
+    return cache.replace(k=take_kv(cache.k), v=take_kv(cache.v), segment_ids=take(cache.segment_ids),
+                         index=cache.index if cache.index.ndim == 0 else take(cache.index))
 
 
 FUNCTIONS = {"prefill": prefill, "decode": decode, "empty_pool": empty_pool, "admit": admit, "burst": burst,
@@ -498,7 +510,7 @@ def jit_shardings(mesh: Mesh | None, param_shardings: Any) -> dict[str, dict]:
     layers = len(held) if per_layer_cache(mesh, isinstance(held, tuple)) else None
     state, pool = state_shardings(mesh, layers=layers), state_shardings(mesh, per_row_index=True, layers=layers)
     weights = param_shardings
-    kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows), out_shardings=state)
+    kwargs["prefill"].update(in_shardings=(weights, prompts, prompts, one, prompts, rows, rows), out_shardings=state)
     kwargs["decode"].update(in_shardings=(weights, state), out_shardings=state)
     kwargs["empty_pool"].update(out_shardings=pool)
     kwargs["admit"].update(in_shardings=(weights, pool, prompts, one, one, one, one, one), out_shardings=pool)
@@ -723,24 +735,27 @@ class JaxSampler:
     def _generate_static(self, prompts: list[list[int]], params: SamplingParams, static: SamplingParams,
                          seed_key: jax.Array, first_prompt: int, limits: np.ndarray):
         M = params.max_tokens
-        rows = [prompt for prompt in prompts for _ in range(params.n)]  # prompt-major
-        R = len(rows)
+        R = len(prompts) * params.n  # rows, prompt-major: row r samples prompt r // n
         B, T = self.shapes(R, max(map(len, prompts)), M)
-        tokens = np.zeros((B, T), np.int32)  # [B, P]
-        segments = np.zeros((B, T), np.int32)  # [B, P]
-        for r, prompt in enumerate(rows):
-            tokens[r, T - len(prompt):] = prompt
-            segments[r, T - len(prompt):] = 1
-        row_ids = np.zeros((B, 2), np.int32)  # (prompt index, sample index); filler rows draw nothing used
-        row_ids[:R, 0] = first_prompt + np.repeat(np.arange(len(prompts)), params.n)
+        U = self.shapes(len(prompts), 1, M)[0]  # the distinct prompts' rows, bucketed like the batch's
+        tokens = np.zeros((U, T), np.int32)  # [U, P]
+        segments = np.zeros((U, T), np.int32)  # [U, P]
+        for i, prompt in enumerate(prompts):
+            tokens[i, T - len(prompt):] = prompt
+            segments[i, T - len(prompt):] = 1
+        source = np.full((B,), -1, np.int32)  # -1: a filler row, which draws nothing used
+        source[:R] = np.repeat(np.arange(len(prompts)), params.n)
+        row_ids = np.zeros((B, 2), np.int32)  # (prompt index, sample index)
+        row_ids[:R, 0] = first_prompt + source[:R]
         row_ids[:R, 1] = np.tile(np.arange(params.n), len(prompts))
         row_limits = np.full((B,), M, np.int32)
         row_limits[:R] = np.repeat(limits, params.n)
         if self.mesh is not None:
             tokens, segments, row_ids = jax.device_put((tokens, segments, row_ids), self.prompt_sharding)
-            row_limits = jax.device_put(row_limits, NamedSharding(self.mesh, P(parallel_mesh.BATCH_AXES)))
+            row_limits, source = jax.device_put((row_limits, source),
+                                                NamedSharding(self.mesh, P(parallel_mesh.BATCH_AXES)))
         state = self._prefill(self.config, static, self.mesh, self.params, tokens, segments, seed_key, row_ids,
-                              row_limits)
+                              row_limits, source)
         if M > 1:
             state = self._decode(self.config, static, self.mesh, self.params, state)
         out_tokens, out_logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
