@@ -223,7 +223,7 @@ def prefill(config: ModelConfig, sampling: SamplingParams, mesh: Mesh | None, pa
         cache, logits = take_cache_rows(cache, rows), jnp.take(logits, rows, axis=1)  # B rows, [V, B]
         keys = row_keys(seed_key, row_ids)  # [B]
         token, logprob, shift = sample(step_keys(keys, jnp.zeros((), jnp.int32)), logits, sampling)  # [B] each
-    real = (source >= 0) & (prompt_segments[rows, -1] != 0)  # [B]
+    real = source >= 0  # [B]: a real prompt's last (left-padded) position is a prompt token
     state = SamplingState(
         cache=cache,
         last_token=token,

@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
