@@ -25,7 +25,8 @@ seconds and page faults are in the JSON (`calls`), so a slow outlier can be told
   lengths): the continuous sampler (a pool of `long_tail_slots` rows) vs the static sampler (one batch
   of all requests, decoded until the longest ends) vs vLLM (max_num_seqs = the same pool).
 - sampler.fraction_of_matmul_bound: the standard workload's tokens/s over this machine's matmul-bound
-  decode limit, the matmul peak ÷ `decode_matmul_flops_per_token`.
+  decode limit, the matmul peak ÷ `decode_matmul_flops_per_token` (the peak measured interleaved with
+  the sampler's calls, as the train step's is with its steps).
 - reward: `reward.score_batch` on realistic responses to MATH-500 ground truths, with a RewardPool.
 - plan: the 4B recipe's per-device peak bytes and FLOPs (`python -m mathgrpo plan`, a subprocess).
 - recompiles_after_warmup: traces of the train step and sampler after the warm-up (must be 0).
@@ -389,10 +390,14 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
                 assert int(out.lengths.min()) == M, "a row stopped early: both sides must make M tokens"
 
             sides["vllm"] = measured(vllm_sample)
+        # The matmul peak again, between the sampler's calls: the bound below compares FLOP/s taken
+        # under the same load, as the train step's fraction does (the peak drifts over a run).
+        sides["matmul"] = matmul_timer(size.matmul_size)
         # The slow reference (HF generate, ~65 s a call at full size) once; ours and vLLM's the median
         # of sampler_repeats calls (one call each swung by ±8 % between runs of the same code).
-        timing = interleaved(sides, {"ours": size.sampler_repeats, "hf": 1, "vllm": size.sampler_repeats},
-                             warmup=1, extra=0)
+        timing = interleaved(sides, {"ours": size.sampler_repeats, "hf": 1, "vllm": size.sampler_repeats,
+                                     "matmul": size.sampler_repeats}, warmup=1, extra=0)
+        sampler_peak = 2 * size.matmul_size**3 / timing.pop("matmul")["median"]
         long_tail = bench_long_tail(config, params, size, seed, sampler, vllm)
         if vllm is not None:
             vllm.close()
@@ -402,10 +407,10 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
     sampler.generate(shorter, dataclasses.replace(sampling, seed=seed + 1))
     new_tokens = size.sampler_prompts * size.sampler_n * M
     ours, theirs = timing["ours"]["median"], timing["hf"]["median"]
-    # The matmul-bound decode limit: the matmul peak measured beside the train steps over the matmul
-    # FLOPs of a token at the workload's mean context (prompt + half the response).
+    # The matmul-bound decode limit: the matmul peak measured between the sampler's calls over the
+    # matmul FLOPs of a token at the workload's mean context (prompt + half the response).
     flops_per_token = decode_matmul_flops_per_token(config, size.sampler_prompt_length + (M - 1) / 2)
-    bound = results["train_step"]["matmul_flops_per_s"] / flops_per_token
+    bound = sampler_peak / flops_per_token
     results["sampler"] = {
         "sequences": size.sampler_prompts * size.sampler_n,
         "new_tokens_per_sequence": M,
@@ -414,6 +419,7 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
         "ratio_vs_hf_generate": theirs / ours,
         "vllm_tokens_per_s": new_tokens / timing["vllm"]["median"] if "vllm" in timing else None,
         "ratio_vs_vllm": timing["vllm"]["median"] / ours if "vllm" in timing else None,
+        "matmul_flops_per_s": sampler_peak,
         "matmul_flops_per_token": flops_per_token,
         "matmul_bound_tokens_per_s": bound,
         "fraction_of_matmul_bound": new_tokens / ours / bound,
