@@ -164,16 +164,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def interleaved(sides: dict, repeats: int | dict[str, int], warmup: int = WARMUP_CALLS,
-                extra: int = EXTRA_CALLS) -> dict[str, dict]:
+                extra: int = EXTRA_CALLS, settle=None) -> dict[str, dict]:
     """Each side's callable (returning seconds and page faults) run alternately after `warmup` calls
-    each, until each side has `repeats` (one count for all, or per side) timed calls that did not grow
-    its heap (HEAP_GROWTH_FAULTS), with at most `extra` more calls per side to get there. Per side: the
+    each (then `settle()`, if given), until each side has `repeats` (one count for all, or per side) timed
+    calls that did not grow its heap (HEAP_GROWTH_FAULTS), with at most `extra` more calls per side to
+    get there. Per side: the
     median seconds of those calls, their seconds and page faults, and the calls that grew the heap
     (seconds, page faults)."""
     wanted = repeats if isinstance(repeats, dict) else dict.fromkeys(sides, repeats)
     for _ in range(warmup):
         for run in sides.values():
             run()
+    if settle is not None:
+        settle()
     steady: dict[str, list] = {name: [] for name in sides}
     growth: dict[str, list] = {name: [] for name in sides}
     while True:
@@ -219,9 +222,12 @@ def matmul_flops_per_s(size: int, repeats: int = 5) -> float:
 
 
 def release_both(reference) -> None:
-    """Between phases: both processes keep their freed memory (host_memory), and at their high-water
-    marks together (ours ~11.5 GB, torch's ~13 GB after the train step) they overflowed a 23 GiB
-    machine; each hands its free pages back before the next phase's warm-up calls."""
+    """Between phases and after a phase's warm-up calls (`interleaved`'s settle): both processes keep
+    their freed memory (host_memory), and at their high-water marks together they overflowed a 23 GiB
+    machine (the torch worker was OOM-killed in the train phase: ours 10.6 GB, torch's 12.7). Each
+    hands its free pages back: what compiling and the first calls left behind, which the steps then
+    fragmented into heap growth. Settled after the warm-up, the train phase held 6.6 + 9.9 GB
+    (BENCHMARKS.md, session 21)."""
     import gc
 
     from mathgrpo.utils import host_memory
@@ -316,7 +322,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
         # The matmul peak is measured between the steps too, so the fraction of it compares FLOP/s
         # taken under the same load (the machine's speed drifts over a run by 10-20%).
         timing = interleaved({"ours": measured(ours_train), "torch": lambda: reference.call("train"),
-                              "matmul": matmul_timer(size.matmul_size)}, size.repeats)
+                              "matmul": matmul_timer(size.matmul_size)}, size.repeats,
+                             settle=lambda: release_both(reference))
         peak = 2 * size.matmul_size**3 / timing["matmul"]["median"]
         traces_after_warmup = {"train_step": step.jitted._cache_size()}
         # Same bucket, other response lengths: must reuse the compiled step.
@@ -355,7 +362,8 @@ def bench_model(size: BenchSize, seed: int, work_dir: str, threads: int) -> tupl
         # --- log-prob pass --------------------------------------------------------------------
         logprob_fn = train_step_lib.make_logprob_fn(config, algo)
         timing = interleaved({"ours": measured(lambda: jax.block_until_ready(logprob_fn(params, batch))),
-                              "torch": lambda: reference.call("logprob")}, size.repeats)
+                              "torch": lambda: reference.call("logprob")}, size.repeats,
+                             settle=lambda: release_both(reference))
         ours, theirs = timing["ours"]["median"], timing["torch"]["median"]
         results["logprob"] = {
             "tokens": tokens,

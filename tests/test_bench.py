@@ -207,6 +207,11 @@ def test_calls_that_grow_the_heap_are_replaced_and_kept_in_the_record():
     assert order == ["ours", "hf", "ours", "hf", "ours", "ours"]
     assert result["ours"]["seconds"] == [3.0, 5.0, 6.0] and result["hf"]["seconds"] == [4.0]
 
+    # settle runs once, after the warm-up calls and before the first timed one
+    order.clear()
+    interleaved(sides, repeats=1, warmup=2, extra=0, settle=lambda: order.append("settle"))
+    assert order == ["ours", "hf", "ours", "hf", "settle", "ours", "hf"]
+
 
 def test_decode_roofline_at_small_shapes(tmp_path):
     """`bench --decode` on CPU at a small model of the 4B's layout: every request makes its tokens, and the
