@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.bench_torch import measured, timed
@@ -164,13 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def interleaved(sides: dict, repeats: int | dict[str, int], warmup: int = WARMUP_CALLS,
-                extra: int = EXTRA_CALLS, settle=None) -> dict[str, dict]:
+                extra: int = EXTRA_CALLS, settle: Callable[[], None] | None = None) -> dict[str, dict]:
     """Each side's callable (returning seconds and page faults) run alternately after `warmup` calls
     each (then `settle()`, if given), until each side has `repeats` (one count for all, or per side) timed
     calls that did not grow its heap (HEAP_GROWTH_FAULTS), with at most `extra` more calls per side to
-    get there. Per side: the
-    median seconds of those calls, their seconds and page faults, and the calls that grew the heap
-    (seconds, page faults)."""
+    get there. Per side: the median seconds of those calls, their seconds and page faults, and the
+    calls that grew the heap (seconds, page faults)."""
     wanted = repeats if isinstance(repeats, dict) else dict.fromkeys(sides, repeats)
     for _ in range(warmup):
         for run in sides.values():
