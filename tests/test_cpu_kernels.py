@@ -62,7 +62,7 @@ def test_rows_dot_names_what_it_takes():
 @needs_kernel
 def test_the_samplers_head_runs_on_the_kernel_on_one_cpu_device():
     """vocab_logits of an fp32 model on one CPU device is the kernel's product (its custom call is in the
-    compiled decode step); a bf16 model takes XLA's dot."""
+    lowered head); a bf16 model takes XLA's dot."""
     config = ModelConfig(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, compute_dtype="float32",
                          tie_word_embeddings=False)

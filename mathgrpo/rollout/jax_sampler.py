@@ -180,13 +180,14 @@ def vocab_logits(config: ModelConfig, held: Any, hidden: jax.Array, mesh: Mesh |
     columns are independent by construction."""
     compute = jnp.dtype(config.compute_dtype)
     rows = cast_sharded(head_rows(config, held), compute, ("vocab", "embed"))
+    hidden = hidden.astype(compute)
     columns = hidden.shape[0]
     if (compute == jnp.float32 and (mesh is None or mesh.size == 1) and target_platform(mesh) == "cpu"
             and cpu_kernels.rows_dot_available()):
-        logits = cpu_kernels.rows_dot(rows, hidden.astype(compute))
+        logits = cpu_kernels.rows_dot(rows, hidden)
     else:
         hidden = jnp.pad(hidden, ((0, 1), (0, 0))) if columns == 1 else hidden
-        logits = jax.lax.dot_general(rows, hidden.astype(compute), (((1,), (1,)), ((), ())),
+        logits = jax.lax.dot_general(rows, hidden, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32)[:, :columns]
     return flax.linen.with_logical_constraint(logits, ("vocab", "batch"))
 
